@@ -1,0 +1,88 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "shmbroker",
+    products: [
+        .executable(name: "shmbrokerd", targets: ["shmbrokerd"]),
+        .executable(name: "shmbrokerctl", targets: ["shmbrokerctl"]),
+        .library(name: "ShmBrokerClient", targets: ["ShmBrokerClient"]),
+        .library(name: "ShmBrokerCore", targets: ["ShmBrokerCore"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
+    ],
+    targets: [
+        // Linux calls Swift cannot see (memfd, seals, CMSG, futex, ucred, epoll, signalfd).
+        .target(name: "CShmBrokerShim"),
+        .systemLibrary(
+            name: "CSystemd",
+            pkgConfig: "libsystemd",
+            providers: [.apt(["libsystemd-dev"])]
+        ),
+        // Typed syscalls: file descriptors, memfds, mappings, sockets with fd passing, epoll, futex.
+        .target(
+            name: "ShmBrokerPlatform",
+            dependencies: [
+                "CShmBrokerShim",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        // Segment memory layout, CRC-64/XZ, the lock-free publish/read protocol. No sockets, no policy.
+        .target(
+            name: "ShmBrokerCore",
+            dependencies: [
+                "ShmBrokerPlatform",
+                .product(name: "Atomics", package: "swift-atomics"),
+            ]
+        ),
+        // The control-channel wire codec shared by the daemon and every client.
+        .target(name: "ShmBrokerProtocol", dependencies: ["ShmBrokerCore"]),
+        // The daemon: config, access control, segment registry, event loop, systemd glue.
+        .target(
+            name: "ShmBrokerDaemon",
+            dependencies: [
+                "ShmBrokerCore", "ShmBrokerProtocol", "ShmBrokerPlatform", "CSystemd",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "shmbrokerd",
+            dependencies: [
+                "ShmBrokerDaemon",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .target(
+            name: "ShmBrokerClient",
+            dependencies: ["ShmBrokerCore", "ShmBrokerProtocol", "ShmBrokerPlatform"]
+        ),
+        .executableTarget(
+            name: "shmbrokerctl",
+            dependencies: [
+                "ShmBrokerClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // A helper executable the integration tests spawn as readers, writers and attackers.
+        .executableTarget(
+            name: "shmbroker-testkit",
+            dependencies: [
+                "ShmBrokerClient", "ShmBrokerPlatform", "ShmBrokerCore", "ShmBrokerProtocol",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Tests/ShmBrokerTestKit"
+        ),
+        .testTarget(name: "ShmBrokerCoreTests", dependencies: ["ShmBrokerCore", "ShmBrokerPlatform"]),
+        .testTarget(name: "ShmBrokerProtocolTests", dependencies: ["ShmBrokerProtocol"]),
+        .testTarget(name: "ShmBrokerDaemonTests", dependencies: ["ShmBrokerDaemon"]),
+        .testTarget(
+            name: "ShmBrokerIntegrationTests",
+            dependencies: ["ShmBrokerClient", "ShmBrokerPlatform", "ShmBrokerProtocol", "shmbroker-testkit"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,103 @@
+/// CRC-64/XZ (also called CRC-64/GO-ECMA): the ECMA-182 polynomial, reflected, initial value and
+/// final XOR all ones. Check value: `CRC64.checksum("123456789") == 0x995DC9BBDF1939FA`.
+///
+/// This is the checksum stored with every published version, so a reader in any language can
+/// verify content with a standard library routine (for example liblzma's `lzma_crc64`).
+public struct CRC64: Sendable {
+    /// The reflected ECMA-182 polynomial.
+    public static let reflectedPolynomial: UInt64 = 0xC96C_5795_D787_0F42
+
+    /// Eight 256-entry tables for slicing-by-8: table k maps a byte to its CRC after k more zero bytes.
+    @usableFromInline
+    static let tables: [[UInt64]] = {
+        var tables = [[UInt64]](repeating: [UInt64](repeating: 0, count: 256), count: 8)
+        for byte in 0..<256 {
+            var crc = UInt64(byte)
+            for _ in 0..<8 {
+                crc = (crc & 1) != 0 ? (crc >> 1) ^ reflectedPolynomial : crc >> 1
+            }
+            tables[0][byte] = crc
+        }
+        for byte in 0..<256 {
+            var crc = tables[0][byte]
+            for k in 1..<8 {
+                crc = tables[0][Int(crc & 0xFF)] ^ (crc >> 8)
+                tables[k][byte] = crc
+            }
+        }
+        return tables
+    }()
+
+    /// The running, non-finalised state (already XORed with the initial value).
+    @usableFromInline
+    var state: UInt64 = ~0
+
+    public init() {}
+
+    /// Feeds `bytes` into the checksum.
+    public mutating func update(_ bytes: UnsafeRawBufferPointer) {
+        state = CRC64.tables.withUnsafeBufferPointer { tables in
+            CRC64.slicingBy8(state: state, bytes: bytes, tables: tables)
+        }
+    }
+
+    /// The checksum of everything fed so far.
+    public var value: UInt64 { ~state }
+
+    /// The CRC-64/XZ of `bytes`.
+    public static func checksum(_ bytes: UnsafeRawBufferPointer) -> UInt64 {
+        var crc = CRC64()
+        crc.update(bytes)
+        return crc.value
+    }
+
+    /// The CRC-64/XZ of a byte collection.
+    public static func checksum<C: Collection>(_ bytes: C) -> UInt64 where C.Element == UInt8 {
+        if let result = bytes.withContiguousStorageIfAvailable({ checksum(UnsafeRawBufferPointer($0)) }) {
+            return result
+        }
+        return Array(bytes).withUnsafeBytes { checksum($0) }
+    }
+
+    /// The bit-at-a-time definition, kept as the reference that faster versions are tested against.
+    public static func referenceChecksum(_ bytes: UnsafeRawBufferPointer) -> UInt64 {
+        var crc: UInt64 = ~0
+        for byte in bytes {
+            crc ^= UInt64(byte)
+            for _ in 0..<8 {
+                crc = (crc & 1) != 0 ? (crc >> 1) ^ reflectedPolynomial : crc >> 1
+            }
+        }
+        return ~crc
+    }
+
+    @inline(__always)
+    static func slicingBy8(state: UInt64, bytes: UnsafeRawBufferPointer, tables: UnsafeBufferPointer<[UInt64]>) -> UInt64 {
+        var crc = state
+        var index = 0
+        let count = bytes.count
+        guard let base = bytes.baseAddress else { return crc }
+        tables[0].withUnsafeBufferPointer { t0 in
+        tables[1].withUnsafeBufferPointer { t1 in
+        tables[2].withUnsafeBufferPointer { t2 in
+        tables[3].withUnsafeBufferPointer { t3 in
+        tables[4].withUnsafeBufferPointer { t4 in
+        tables[5].withUnsafeBufferPointer { t5 in
+        tables[6].withUnsafeBufferPointer { t6 in
+        tables[7].withUnsafeBufferPointer { t7 in
+            while index + 8 <= count {
+                let word = UInt64(littleEndian: base.loadUnaligned(fromByteOffset: index, as: UInt64.self)) ^ crc
+                crc = t7[Int(word & 0xFF)] ^ t6[Int((word >> 8) & 0xFF)]
+                    ^ t5[Int((word >> 16) & 0xFF)] ^ t4[Int((word >> 24) & 0xFF)]
+                    ^ t3[Int((word >> 32) & 0xFF)] ^ t2[Int((word >> 40) & 0xFF)]
+                    ^ t1[Int((word >> 48) & 0xFF)] ^ t0[Int(word >> 56)]
+                index += 8
+            }
+            while index < count {
+                crc = t0[Int((crc ^ UInt64(base.load(fromByteOffset: index, as: UInt8.self))) & 0xFF)] ^ (crc >> 8)
+                index += 1
+            }
+        }}}}}}}}
+        return crc
+    }
+}

@@ -1,0 +1,79 @@
+/// The byte layout of a segment's shared memory, as specified in `docs/LAYOUT.md`.
+///
+/// All integers are little-endian. A segment is a 256-byte header followed by `slotCount` slots;
+/// version `v` is stored in slot `v % slotCount`. Every offset here is named once, so the document
+/// and the code cannot drift apart silently (the layout tests check them against each other).
+public struct SegmentLayout: Sendable, Equatable {
+    /// `"SHMBROKR"` as bytes, read as a little-endian `UInt64`.
+    public static let magic: UInt64 = 0x524B_4F52_424D_4853
+    /// Bumped on any incompatible change to this layout.
+    public static let layoutVersion: UInt32 = 1
+    /// Size of the segment header; the first slot starts here.
+    public static let headerSize = 256
+    /// Size of each slot's descriptor; the slot's data follows it.
+    public static let slotHeaderSize = 64
+    /// Slots and the data in them are aligned to cache lines.
+    public static let alignment = 64
+    /// Longest segment name, in UTF-8 bytes.
+    public static let maximumNameLength = 64
+    /// Fewest and most slots a segment may have.
+    public static let slotCountRange: ClosedRange<Int> = 2...16
+
+    /// Header field offsets.
+    public enum Header {
+        public static let magic = 0x00
+        public static let layoutVersion = 0x08
+        public static let headerSize = 0x0C
+        public static let capacity = 0x10
+        public static let slotCount = 0x18
+        public static let flags = 0x1C
+        public static let slotStride = 0x20
+        public static let createdAt = 0x28
+        public static let name = 0x40
+        public static let latestVersion = 0x80
+        public static let futexWord = 0x88
+    }
+
+    /// Slot descriptor field offsets, relative to the slot's start.
+    public enum Slot {
+        public static let sequence = 0x00
+        public static let length = 0x08
+        public static let crc64 = 0x10
+        public static let publishedAt = 0x18
+        public static let data = 0x40
+    }
+
+    /// Bits of the header's `flags` word.
+    public enum Flags {
+        /// The daemon no longer publishes to this segment (it was removed from the config).
+        public static let retired: UInt32 = 1
+    }
+
+    /// Most bytes one version may hold.
+    public let capacity: Int
+    /// Number of slots the writer rotates through.
+    public let slotCount: Int
+
+    /// Describes a segment layout.
+    /// - Parameters:
+    ///   - capacity: payload bytes per version, at least 1.
+    ///   - slotCount: number of rotating slots, within ``slotCountRange``.
+    public init(capacity: Int, slotCount: Int) {
+        precondition(capacity >= 1 && SegmentLayout.slotCountRange.contains(slotCount))
+        self.capacity = capacity
+        self.slotCount = slotCount
+    }
+
+    /// Bytes from one slot's start to the next's.
+    public var slotStride: Int {
+        SegmentLayout.slotHeaderSize + (capacity + SegmentLayout.alignment - 1) / SegmentLayout.alignment * SegmentLayout.alignment
+    }
+
+    /// The size of the whole segment file.
+    public var totalSize: Int { SegmentLayout.headerSize + slotCount * slotStride }
+
+    /// Offset of the slot that holds `version`.
+    public func slotOffset(forVersion version: UInt64) -> Int {
+        SegmentLayout.headerSize + Int(version % UInt64(slotCount)) * slotStride
+    }
+}

@@ -1,0 +1,172 @@
+import Atomics
+import ShmBrokerPlatform
+
+/// The single writer of a segment: formats it, publishes versions, retires it.
+///
+/// Publishing never waits for readers. Version `v` goes into slot `v % slotCount`, a slot no reader
+/// of the current version is using; the slot's `sequence` is cleared before its bytes change and
+/// set to `v` afterwards, so a reader that overlapped the write notices and retries (a seqlock per
+/// slot). Only then does `latestVersion` move to `v` and the futex word wake waiters.
+///
+/// Not thread-safe: exactly one thread of one process may publish to a segment.
+public final class SegmentWriter: @unchecked Sendable {
+    @usableFromInline let memory: SegmentMemory
+
+    /// The segment's layout.
+    public var layout: SegmentLayout { memory.layout }
+    /// The mapping this writer publishes into.
+    public var region: MappedRegion { memory.region }
+
+    /// Formats a fresh (zero-filled) writable mapping as an empty segment: version 0, never published.
+    ///
+    /// - Parameters:
+    ///   - region: a writable mapping of at least `layout.totalSize` bytes.
+    ///   - layout: capacity and slot count.
+    ///   - name: the segment name recorded in the header (at most 64 UTF-8 bytes).
+    public init(formatting region: MappedRegion, layout: SegmentLayout, name: String) {
+        precondition(region.isWritable && region.length >= layout.totalSize)
+        memory = SegmentMemory(region: region, layout: layout)
+        memory.store(SegmentLayout.layoutVersion, at: SegmentLayout.Header.layoutVersion)
+        memory.store(UInt32(SegmentLayout.headerSize), at: SegmentLayout.Header.headerSize)
+        memory.store(UInt64(layout.capacity), at: SegmentLayout.Header.capacity)
+        memory.store(UInt32(layout.slotCount), at: SegmentLayout.Header.slotCount)
+        memory.store(UInt32(0), at: SegmentLayout.Header.flags)
+        memory.store(UInt64(layout.slotStride), at: SegmentLayout.Header.slotStride)
+        memory.store(Clock.realtimeNanoseconds(), at: SegmentLayout.Header.createdAt)
+        let nameBytes = Array(name.utf8.prefix(SegmentLayout.maximumNameLength))
+        UnsafeMutableRawBufferPointer(start: region.base + SegmentLayout.Header.name, count: SegmentLayout.maximumNameLength)
+            .copyBytes(from: nameBytes + [UInt8](repeating: 0, count: SegmentLayout.maximumNameLength - nameBytes.count))
+        memory.latestVersion.store(0, ordering: .relaxed)
+        // The magic goes last: a half-formatted segment is never mistaken for a valid one.
+        atomicMemoryFence(ordering: .releasing)
+        memory.store(SegmentLayout.magic, at: SegmentLayout.Header.magic)
+    }
+
+    /// Takes over a segment written by an earlier writer process (after a restart), checking its
+    /// header and the CRC-64 of its current version. Publishing continues from that version.
+    ///
+    /// - Throws: ``SegmentError`` if the header is not valid or the current version fails its CRC.
+    public init(adopting region: MappedRegion) throws(SegmentError) {
+        precondition(region.isWritable)
+        let layout = try SegmentMemory.validate(region)
+        memory = SegmentMemory(region: region, layout: layout)
+        let version = memory.latestVersion.load(ordering: .acquiring)
+        if version > 0 {
+            let slot = layout.slotOffset(forVersion: version)
+            let sequence = memory.slotSequence(slot).load(ordering: .acquiring)
+            guard sequence == version else {
+                throw .inconsistentHeader("slot of version \(version) holds sequence \(sequence)")
+            }
+            let length = Int(memory.load(UInt64.self, at: slot + SegmentLayout.Slot.length))
+            guard length <= layout.capacity else {
+                throw .inconsistentHeader("version \(version) claims \(length) bytes, capacity is \(layout.capacity)")
+            }
+            let stored = memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64)
+            let computed = CRC64.checksum(UnsafeRawBufferPointer(start: memory.slotData(slot), count: length))
+            guard stored == computed else { throw .checksumMismatch(version: version, stored: stored, computed: computed) }
+        }
+        // A previous writer may have died while its retired flag was set; adoption revives it.
+        memory.atomic32(at: SegmentLayout.Header.flags).store(0, ordering: .releasing)
+    }
+
+    /// The name stored in the header.
+    public var name: String { memory.name }
+
+    /// The most recent version published (0: never published).
+    public var latestVersion: UInt64 { memory.latestVersion.load(ordering: .relaxed) }
+
+    /// The receipt of the latest version, if any.
+    public var latestReceipt: PublishReceipt? {
+        let version = latestVersion
+        guard version > 0 else { return nil }
+        let slot = layout.slotOffset(forVersion: version)
+        return PublishReceipt(
+            version: version,
+            length: Int(memory.load(UInt64.self, at: slot + SegmentLayout.Slot.length)),
+            crc64: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64),
+            publishedAtNanoseconds: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt))
+    }
+
+    /// Publishes `bytes` as the next version.
+    ///
+    /// - Throws: ``SegmentError/payloadTooLarge(length:capacity:)`` (nothing written) if it does not fit.
+    /// - Returns: the new version, its length and its CRC-64.
+    @discardableResult
+    public func publish(_ bytes: UnsafeRawBufferPointer) throws(SegmentError) -> PublishReceipt {
+        do {
+            return try publish(length: bytes.count) { (destination: UnsafeMutableRawBufferPointer) throws(Never) in
+                destination.copyMemory(from: bytes)
+            }
+        } catch {
+            switch error {
+            case .segment(let refusal): throw refusal
+            }
+        }
+    }
+
+    /// Publishes the next version by letting `fill` write exactly `length` bytes into its slot.
+    ///
+    /// If `fill` throws, the slot is left marked as being written and the latest version is
+    /// unchanged: readers keep reading the previous version, and the error is rethrown.
+    ///
+    /// - Parameters:
+    ///   - length: the payload's length; checked against the capacity before anything is touched.
+    ///   - fill: writes the payload into the buffer it is given (exactly `length` bytes long).
+    @discardableResult
+    public func publish<E: Error>(
+        length: Int, fill: (UnsafeMutableRawBufferPointer) throws(E) -> Void
+    ) throws(PublishFailure<E>) -> PublishReceipt {
+        guard length <= layout.capacity else {
+            throw .segment(.payloadTooLarge(length: length, capacity: layout.capacity))
+        }
+        let version = latestVersion &+ 1
+        let slot = layout.slotOffset(forVersion: version)
+        let sequence = memory.slotSequence(slot)
+        sequence.store(0, ordering: .relaxed)
+        atomicMemoryFence(ordering: .releasing)
+        let destination = UnsafeMutableRawBufferPointer(start: memory.slotData(slot), count: length)
+        do {
+            try fill(destination)
+        } catch {
+            throw .fill(error)
+        }
+        let crc = CRC64.checksum(UnsafeRawBufferPointer(destination))
+        let now = Clock.realtimeNanoseconds()
+        memory.store(UInt64(length), at: slot + SegmentLayout.Slot.length)
+        memory.store(crc, at: slot + SegmentLayout.Slot.crc64)
+        memory.store(now, at: slot + SegmentLayout.Slot.publishedAt)
+        sequence.store(version, ordering: .releasing)
+        memory.latestVersion.store(version, ordering: .releasing)
+        wakeWaiters()
+        return PublishReceipt(version: version, length: length, crc64: crc, publishedAtNanoseconds: now)
+    }
+
+    /// Marks the segment retired: readers' waits return and reads report ``SegmentError/retired``.
+    public func retire() {
+        memory.atomic32(at: SegmentLayout.Header.flags).store(SegmentLayout.Flags.retired, ordering: .releasing)
+        wakeWaiters()
+    }
+
+    private func wakeWaiters() {
+        memory.futexWord.wrappingIncrement(ordering: .releasing)
+        Futex.wakeAll(memory.futexAddress)
+    }
+}
+
+/// A failure of ``SegmentWriter/publish(length:fill:)``: the segment refused, or the fill threw.
+public enum PublishFailure<FillError: Error>: Error {
+    case segment(SegmentError)
+    case fill(FillError)
+}
+
+
+extension SegmentWriter {
+    /// Publishes `bytes`, a convenience for byte arrays.
+    @discardableResult
+    public func publish(_ bytes: [UInt8]) throws(SegmentError) -> PublishReceipt {
+        let outcome = bytes.withUnsafeBytes { buffer in
+            Result { () throws(SegmentError) in try publish(buffer) }
+        }
+        return try outcome.get()
+    }
+}

@@ -1,0 +1,133 @@
+import CShmBrokerShim
+import Glibc
+import SystemPackage
+
+/// An epoll instance whose registrations carry a 64-bit token chosen by the caller.
+public final class Epoll {
+    public let descriptor: FileDescriptor
+
+    /// Readiness bits, as in `EPOLLIN` and friends.
+    public struct Events: OptionSet, Sendable {
+        public let rawValue: UInt32
+        public init(rawValue: UInt32) { self.rawValue = rawValue }
+        public static let readable = Events(rawValue: EPOLLIN.rawValue)
+        public static let writable = Events(rawValue: EPOLLOUT.rawValue)
+        public static let error = Events(rawValue: EPOLLERR.rawValue)
+        public static let hangUp = Events(rawValue: EPOLLHUP.rawValue)
+        public static let readHangUp = Events(rawValue: EPOLLRDHUP.rawValue)
+    }
+
+    public init() throws(Errno) {
+        descriptor = FileDescriptor(rawValue: try retryingInterrupts { epoll_create1(Int32(EPOLL_CLOEXEC)) })
+    }
+
+    deinit { descriptor.closeQuietly() }
+
+    /// Starts watching `fd` for `events`, reporting them with `token`.
+    public func add(_ fd: FileDescriptor, events: Events, token: UInt64) throws(Errno) {
+        _ = try retryingInterrupts { shmb_epoll_ctl(descriptor.rawValue, EPOLL_CTL_ADD, fd.rawValue, events.rawValue, token) }
+    }
+
+    /// Changes the events watched on `fd`.
+    public func modify(_ fd: FileDescriptor, events: Events, token: UInt64) throws(Errno) {
+        _ = try retryingInterrupts { shmb_epoll_ctl(descriptor.rawValue, EPOLL_CTL_MOD, fd.rawValue, events.rawValue, token) }
+    }
+
+    /// Stops watching `fd` (errors ignored: the fd may already be closed).
+    public func remove(_ fd: FileDescriptor) {
+        _ = shmb_epoll_ctl(descriptor.rawValue, EPOLL_CTL_DEL, fd.rawValue, 0, 0)
+    }
+
+    /// Waits for events.
+    /// - Parameter timeoutMilliseconds: -1 waits indefinitely.
+    /// - Returns: the ready registrations as (token, events) pairs; empty on timeout or `EINTR`.
+    public func wait(timeoutMilliseconds: Int32, maximum: Int = 128) throws(Errno) -> [(token: UInt64, events: Events)] {
+        var tokens = [UInt64](repeating: 0, count: maximum)
+        var events = [UInt32](repeating: 0, count: maximum)
+        let n = tokens.withUnsafeMutableBufferPointer { t in
+            events.withUnsafeMutableBufferPointer { e in
+                shmb_epoll_wait(descriptor.rawValue, t.baseAddress, e.baseAddress, Int32(maximum), timeoutMilliseconds)
+            }
+        }
+        if n < 0 {
+            let code = Errno(rawValue: errno)
+            if code == .interrupted { return [] }
+            throw code
+        }
+        return (0..<Int(n)).map { (tokens[$0], Events(rawValue: events[$0])) }
+    }
+}
+
+/// A signalfd: signals delivered as readable events instead of asynchronous handlers.
+public final class SignalDescriptor {
+    public let descriptor: FileDescriptor
+
+    /// Blocks `signals` in the calling thread (and threads created afterwards) and opens a
+    /// signalfd for them. Call it before starting any other thread.
+    public init(signals: [Int32]) throws(Errno) {
+        let raw = try signals.withUnsafeBufferPointer { buffer throws(Errno) in
+            try retryingInterrupts { shmb_signalfd_create(buffer.baseAddress, Int32(buffer.count)) }
+        }
+        descriptor = FileDescriptor(rawValue: raw)
+    }
+
+    deinit { descriptor.closeQuietly() }
+
+    /// Drains pending signals, returning their numbers in arrival order.
+    public func drain() -> [Int32] {
+        var received: [Int32] = []
+        while true {
+            let signal = shmb_signalfd_read(descriptor.rawValue)
+            if signal <= 0 { return received }
+            received.append(signal)
+        }
+    }
+}
+
+/// A periodic monotonic timer as a readable descriptor.
+public final class PeriodicTimer {
+    public let descriptor: FileDescriptor
+
+    public init(intervalNanoseconds: UInt64) throws(Errno) {
+        descriptor = FileDescriptor(rawValue: try retryingInterrupts { shmb_timerfd_periodic(intervalNanoseconds) })
+    }
+
+    deinit { descriptor.closeQuietly() }
+
+    /// Reads and returns the number of expirations since the last call (0 if none).
+    public func acknowledge() -> Int64 { max(0, shmb_timerfd_read(descriptor.rawValue)) }
+}
+
+/// Process-shared futex operations on a 32-bit word that lives in a shared mapping.
+///
+/// Both sides use the non-private operations: a private wait is never woken by a shared wake.
+public enum Futex {
+    /// The outcome of a wait.
+    public enum WaitResult: Sendable {
+        /// Woken by a `wake` (or spuriously): re-check the condition.
+        case woken
+        /// The word no longer held the expected value when the wait began.
+        case valueChanged
+        /// The timeout elapsed.
+        case timedOut
+    }
+
+    /// Sleeps while `*word == expected`, at most `timeoutNanoseconds` (nil: no limit).
+    public static func wait(
+        on word: UnsafePointer<UInt32>, whileEqualTo expected: UInt32, timeoutNanoseconds: UInt64?
+    ) -> WaitResult {
+        let timeout = timeoutNanoseconds.map { Int64(clamping: $0) } ?? -1
+        switch shmb_futex_wait(word, expected, timeout) {
+        case 0: return .woken
+        case -EAGAIN: return .valueChanged
+        case -ETIMEDOUT: return .timedOut
+        default: return .woken  // EINTR and the like: the caller re-checks anyway.
+        }
+    }
+
+    /// Wakes every waiter on `word`.
+    @discardableResult
+    public static func wakeAll(_ word: UnsafePointer<UInt32>) -> Int32 {
+        shmb_futex_wake(word, Int32.max)
+    }
+}

@@ -1,0 +1,101 @@
+import CShmBrokerShim
+import Glibc
+import SystemPackage
+
+/// Anonymous memory files (`memfd_create`): the backing store of every segment.
+///
+/// A memfd leaves nothing on any file system, so a crash leaves nothing to clean up, and its size
+/// can be sealed so that no holder of the fd can shrink it under a mapping (which would SIGBUS).
+public enum MemoryFile {
+    /// Creates a close-on-exec, sealable memfd of `size` bytes and seals its size.
+    ///
+    /// - Parameters:
+    ///   - name: shown in `/proc/PID/fd` as `memfd:NAME`; for diagnostics only.
+    ///   - size: the file's size in bytes; fixed for its lifetime.
+    ///   - mode: permission bits applied with `fchmod`; `0o400` keeps readers of other uids from
+    ///     reopening the segment writable through `/proc/self/fd/N`.
+    public static func create(name: String, size: Int, mode: mode_t = 0o400) throws(Errno) -> FileDescriptor {
+        let raw = try retryingInterrupts { shmb_memfd_create(name) }
+        let fd = FileDescriptor(rawValue: raw)
+        do throws(Errno) {
+            _ = try retryingInterrupts { ftruncate(raw, off_t(size)) }
+            _ = try retryingInterrupts { shmb_seal_size(raw) }
+            _ = try retryingInterrupts { fchmod(raw, mode) }
+        } catch {
+            fd.closeQuietly()
+            throw error
+        }
+        return fd
+    }
+
+    /// Creates an unsealed memfd holding `bytes`: how a producer hands a large payload to the daemon.
+    public static func create(name: String, contents bytes: UnsafeRawBufferPointer) throws(Errno) -> FileDescriptor {
+        let raw = try retryingInterrupts { shmb_memfd_create(name) }
+        let fd = FileDescriptor(rawValue: raw)
+        do throws(Errno) {
+            try fd.writeFully(bytes)
+        } catch {
+            fd.closeQuietly()
+            throw error
+        }
+        return fd
+    }
+
+    /// Opens a second, read-only open file description of `fd` through `/proc/self/fd`.
+    ///
+    /// This is what readers receive: `mmap(PROT_WRITE)`, `write` and `ftruncate` all fail on it.
+    public static func readOnlyDuplicate(of fd: FileDescriptor) throws(Errno) -> FileDescriptor {
+        let path = "/proc/self/fd/\(fd.rawValue)"
+        let raw = try retryingInterrupts { open(path, O_RDONLY | O_CLOEXEC) }
+        return FileDescriptor(rawValue: raw)
+    }
+
+    /// The seals set on `fd` (`F_GET_SEALS`).
+    public static func seals(of fd: FileDescriptor) throws(Errno) -> Seals {
+        Seals(rawValue: try retryingInterrupts { shmb_get_seals(fd.rawValue) })
+    }
+
+    /// The `F_SEAL_*` bits of a memfd.
+    public struct Seals: OptionSet, Sendable {
+        public let rawValue: Int32
+        public init(rawValue: Int32) { self.rawValue = rawValue }
+        public static let seal = Seals(rawValue: shmb_seal_bit_seal())
+        public static let shrink = Seals(rawValue: shmb_seal_bit_shrink())
+        public static let grow = Seals(rawValue: shmb_seal_bit_grow())
+        public static let write = Seals(rawValue: shmb_seal_bit_write())
+        public static let futureWrite = Seals(rawValue: shmb_seal_bit_future_write())
+    }
+}
+
+/// A shared memory mapping, unmapped when the last reference goes away.
+///
+/// Marked `@unchecked Sendable` because the mapping itself is plain shared memory; the protocol
+/// layered on it (``ShmBrokerCore``) is what makes concurrent access correct.
+public final class MappedRegion: @unchecked Sendable {
+    /// The first byte of the mapping.
+    public let base: UnsafeMutableRawPointer
+    /// The mapping's length in bytes.
+    public let length: Int
+    /// Whether the mapping was made with `PROT_WRITE`.
+    public let isWritable: Bool
+
+    /// Maps `length` bytes of `fd` from offset 0 with `MAP_SHARED`.
+    ///
+    /// - Parameters:
+    ///   - fd: the file to map; it may be closed afterwards, the mapping stays valid.
+    ///   - length: bytes to map.
+    ///   - writable: `PROT_READ | PROT_WRITE` if true, else `PROT_READ` only.
+    public init(mapping fd: FileDescriptor, length: Int, writable: Bool) throws(Errno) {
+        let protection = writable ? (PROT_READ | PROT_WRITE) : PROT_READ
+        guard let address = mmap(nil, length, protection, MAP_SHARED, fd.rawValue, 0),
+              address != MAP_FAILED
+        else { throw Errno(rawValue: errno) }
+        self.base = address
+        self.length = length
+        self.isWritable = writable
+    }
+
+    deinit {
+        munmap(base, length)
+    }
+}

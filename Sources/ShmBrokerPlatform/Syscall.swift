@@ -1,0 +1,87 @@
+import CShmBrokerShim
+import Glibc
+import SystemPackage
+
+/// Runs a raw syscall wrapper that reports failure as `-1` plus `errno`, retrying on `EINTR`.
+///
+/// Every syscall in shmbroker goes through here (or ``retryingNegatedErrno(_:)``), so that
+/// interrupted calls are retried in exactly one place.
+@inlinable
+public func retryingInterrupts<T: FixedWidthInteger>(_ body: () -> T) throws(Errno) -> T {
+    while true {
+        let result = body()
+        if result != -1 { return result }
+        let code = Errno(rawValue: errno)
+        if code == .interrupted { continue }
+        throw code
+    }
+}
+
+/// Like ``retryingInterrupts(_:)`` for wrappers that return `-errno` instead of setting `errno`.
+@inlinable
+public func retryingNegatedErrno(_ body: () -> Int32) throws(Errno) -> Int32 {
+    while true {
+        let result = body()
+        if result >= 0 { return result }
+        let code = Errno(rawValue: -result)
+        if code == .interrupted { continue }
+        throw code
+    }
+}
+
+extension FileDescriptor {
+    /// Closes the descriptor, ignoring errors: for cleanup paths where nothing useful can be done.
+    public func closeQuietly() {
+        _ = try? close()
+    }
+
+    /// The descriptor's size in bytes (`fstat`'s `st_size`).
+    public func fileSize() throws(Errno) -> Int {
+        var info = Glibc.stat()
+        _ = try retryingInterrupts { Glibc.fstat(rawValue, &info) }
+        return Int(info.st_size)
+    }
+
+    /// Whether the descriptor refers to a regular file (memfds are regular files).
+    public func isRegularFile() throws(Errno) -> Bool {
+        var info = Glibc.stat()
+        _ = try retryingInterrupts { Glibc.fstat(rawValue, &info) }
+        return (info.st_mode & S_IFMT) == S_IFREG
+    }
+
+    /// Reads exactly `buffer.count` bytes starting at `offset`, or fewer if the file ends first.
+    /// - Returns: the number of bytes read.
+    public func readFully(into buffer: UnsafeMutableRawBufferPointer, atOffset offset: Int) throws(Errno) -> Int {
+        var done = 0
+        while done < buffer.count {
+            let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[done...])
+            let n = try retryingInterrupts { Glibc.pread(rawValue, chunk.baseAddress, chunk.count, off_t(offset + done)) }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    /// Writes all of `bytes`, looping over short writes.
+    public func writeFully(_ bytes: UnsafeRawBufferPointer) throws(Errno) {
+        var done = 0
+        while done < bytes.count {
+            let rest = UnsafeRawBufferPointer(rebasing: bytes[done...])
+            done += try retryingInterrupts { Glibc.write(rawValue, rest.baseAddress, rest.count) }
+        }
+    }
+}
+
+/// Clocks used for publish times and deadlines.
+public enum Clock {
+    /// Wall-clock time in nanoseconds since the Unix epoch (`CLOCK_REALTIME`).
+    public static func realtimeNanoseconds() -> UInt64 { shmb_realtime_ns() }
+    /// Monotonic time in nanoseconds (`CLOCK_MONOTONIC`), for intervals and deadlines.
+    public static func monotonicNanoseconds() -> UInt64 { shmb_monotonic_ns() }
+}
+
+/// Process-wide signal set-up.
+public enum ProcessSignals {
+    /// Makes writes to a closed socket fail with `EPIPE` instead of killing the process.
+    public static func ignoreBrokenPipe() { shmb_ignore_sigpipe() }
+}

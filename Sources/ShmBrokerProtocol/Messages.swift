@@ -1,0 +1,319 @@
+/// Constants of the control protocol (see `docs/PROTOCOL.md`).
+public enum ControlProtocol {
+    /// The protocol version spoken by this build; HELLO negotiates it.
+    public static let version: UInt32 = 1
+    /// Every frame starts with this many header bytes.
+    public static let headerSize = 12
+    /// The largest frame either side may send; longer ones are refused with `frame-too-large`.
+    public static let maximumFrameSize = 65_536
+    /// Most descriptors a frame may carry (PUBLISH with a memfd carries one; others none).
+    public static let maximumDescriptors = 1
+
+    /// The largest inline PUBLISH payload for a segment name of `nameLength` UTF-8 bytes.
+    public static func maximumInlinePayload(nameLength: Int) -> Int {
+        maximumFrameSize - headerSize - 2 - nameLength - 1
+    }
+}
+
+/// Message type codes: requests below 0x4000, events 0x4000–0x7FFF, replies from 0x8000.
+public enum MessageType: UInt16, Sendable {
+    case hello = 0x0001
+    case open = 0x0002
+    case subscribe = 0x0003
+    case unsubscribe = 0x0004
+    case publish = 0x0005
+    case status = 0x0006
+
+    case versionEvent = 0x4001
+    case retiredEvent = 0x4002
+
+    case ok = 0x8000
+    case helloOK = 0x8001
+    case opened = 0x8002
+    case subscribed = 0x8003
+    case published = 0x8005
+    case statusReport = 0x8006
+    case error = 0x80FF
+}
+
+/// A frame's fixed header.
+public struct FrameHeader: Sendable, Equatable {
+    public var type: UInt16
+    public var flags: UInt16
+    public var requestID: UInt32
+    public var bodyLength: UInt32
+
+    /// Parses and checks the header of a received frame of `frame.count` bytes.
+    public static func parse(_ frame: UnsafeRawBufferPointer) throws(ProtocolError) -> FrameHeader {
+        guard frame.count >= ControlProtocol.headerSize else {
+            throw .malformed("frame of \(frame.count) bytes is shorter than the \(ControlProtocol.headerSize)-byte header")
+        }
+        var reader = ByteReader(frame)
+        let header = FrameHeader(
+            type: try reader.read(UInt16.self, "type"), flags: try reader.read(UInt16.self, "flags"),
+            requestID: try reader.read(UInt32.self, "request id"), bodyLength: try reader.read(UInt32.self, "body length"))
+        guard Int(header.bodyLength) == frame.count - ControlProtocol.headerSize else {
+            throw .malformed("header says the body is \(header.bodyLength) bytes, the frame carries \(frame.count - ControlProtocol.headerSize)")
+        }
+        guard header.flags == 0 else { throw .malformed("flags must be 0, got \(header.flags)") }
+        return header
+    }
+}
+
+/// How a PUBLISH carries its payload.
+public enum PublishPayload: Sendable, Equatable {
+    /// The payload follows in the frame itself.
+    case inline([UInt8])
+    /// The payload is the first `length` bytes of a file (a memfd) attached to the frame.
+    case attachedFile(length: UInt64)
+}
+
+/// A request from a client to the daemon.
+public enum Request: Sendable, Equatable {
+    case hello(protocolVersion: UInt32, clientName: String)
+    case open(segment: String)
+    case subscribe(segment: String)
+    case unsubscribe(segment: String)
+    case publish(segment: String, payload: PublishPayload)
+    case status
+
+    public var type: MessageType {
+        switch self {
+        case .hello: return .hello
+        case .open: return .open
+        case .subscribe: return .subscribe
+        case .unsubscribe: return .unsubscribe
+        case .publish: return .publish
+        case .status: return .status
+        }
+    }
+
+    /// Encodes the request as one frame.
+    public func encode(requestID: UInt32) -> [UInt8] {
+        var body = ByteWriter()
+        switch self {
+        case let .hello(version, name):
+            body.write(version)
+            body.write(string: name)
+        case let .open(segment), let .subscribe(segment), let .unsubscribe(segment):
+            body.write(string: segment)
+        case let .publish(segment, payload):
+            body.write(string: segment)
+            switch payload {
+            case .inline(let bytes):
+                body.write(UInt8(0))
+                body.write(raw: bytes)
+            case .attachedFile(let length):
+                body.write(UInt8(1))
+                body.write(length)
+            }
+        case .status:
+            break
+        }
+        return Frame.encode(type: type, requestID: requestID, body: body.bytes)
+    }
+
+    /// Decodes a request body of the given type.
+    /// - Throws: `unknown-message-type` for a type that is not a request, `malformed-frame` for a
+    ///   body that does not have that request's shape.
+    public static func decode(type: UInt16, body: UnsafeRawBufferPointer) throws(ProtocolError) -> Request {
+        var reader = ByteReader(body)
+        let request: Request
+        switch MessageType(rawValue: type) {
+        case .hello:
+            request = .hello(protocolVersion: try reader.read(UInt32.self, "protocol version"),
+                             clientName: try reader.readString("client name"))
+        case .open:
+            request = .open(segment: try reader.readString("segment"))
+        case .subscribe:
+            request = .subscribe(segment: try reader.readString("segment"))
+        case .unsubscribe:
+            request = .unsubscribe(segment: try reader.readString("segment"))
+        case .publish:
+            let segment = try reader.readString("segment")
+            switch try reader.read(UInt8.self, "payload mode") {
+            case 0:
+                request = .publish(segment: segment, payload: .inline(Array(reader.readRest())))
+            case 1:
+                request = .publish(segment: segment, payload: .attachedFile(length: try reader.read(UInt64.self, "payload length")))
+            case let mode:
+                throw .malformed("payload mode must be 0 (inline) or 1 (attached file), got \(mode)")
+            }
+        case .status:
+            request = .status
+        default:
+            throw ProtocolError(.unknownMessageType, "unknown request type 0x\(String(type, radix: 16))")
+        }
+        try reader.expectEnd("\(request.type)")
+        return request
+    }
+}
+
+/// Layout parameters sent with an opened segment's descriptor.
+public struct OpenedSegment: Sendable, Equatable {
+    public var capacity: UInt64
+    public var slotCount: UInt32
+    public var layoutVersion: UInt32
+    public var mappingSize: UInt64
+    public var latestVersion: UInt64
+
+    public init(capacity: UInt64, slotCount: UInt32, layoutVersion: UInt32, mappingSize: UInt64, latestVersion: UInt64) {
+        self.capacity = capacity
+        self.slotCount = slotCount
+        self.layoutVersion = layoutVersion
+        self.mappingSize = mappingSize
+        self.latestVersion = latestVersion
+    }
+}
+
+/// A version announcement, as carried by PUBLISHED replies and VERSION events.
+public struct VersionInfo: Sendable, Equatable {
+    public var version: UInt64
+    public var length: UInt64
+    public var crc64: UInt64
+    public var publishedAtNanoseconds: UInt64
+
+    public init(version: UInt64, length: UInt64, crc64: UInt64, publishedAtNanoseconds: UInt64) {
+        self.version = version
+        self.length = length
+        self.crc64 = crc64
+        self.publishedAtNanoseconds = publishedAtNanoseconds
+    }
+
+    func write(to writer: inout ByteWriter) {
+        writer.write(version)
+        writer.write(length)
+        writer.write(crc64)
+        writer.write(publishedAtNanoseconds)
+    }
+
+    static func read(from reader: inout ByteReader) throws(ProtocolError) -> VersionInfo {
+        VersionInfo(version: try reader.read(UInt64.self, "version"), length: try reader.read(UInt64.self, "length"),
+                    crc64: try reader.read(UInt64.self, "crc64"),
+                    publishedAtNanoseconds: try reader.read(UInt64.self, "published at"))
+    }
+}
+
+/// A message from the daemon: a reply to a request (same request id) or an unsolicited event.
+public enum ServerMessage: Sendable, Equatable {
+    case ok
+    case helloOK(protocolVersion: UInt32, maximumFrameSize: UInt32, daemonVersion: String)
+    case opened(OpenedSegment)
+    case subscribed(latestVersion: UInt64)
+    case published(VersionInfo)
+    case statusReport(json: [UInt8])
+    case error(ProtocolError)
+    case versionEvent(segment: String, VersionInfo)
+    case retiredEvent(segment: String)
+
+    public var type: MessageType {
+        switch self {
+        case .ok: return .ok
+        case .helloOK: return .helloOK
+        case .opened: return .opened
+        case .subscribed: return .subscribed
+        case .published: return .published
+        case .statusReport: return .statusReport
+        case .error: return .error
+        case .versionEvent: return .versionEvent
+        case .retiredEvent: return .retiredEvent
+        }
+    }
+
+    /// Whether this is an event (request id 0) rather than a reply.
+    public var isEvent: Bool {
+        switch self {
+        case .versionEvent, .retiredEvent: return true
+        default: return false
+        }
+    }
+
+    public func encode(requestID: UInt32) -> [UInt8] {
+        var body = ByteWriter()
+        switch self {
+        case .ok:
+            break
+        case let .helloOK(version, maximumFrame, daemonVersion):
+            body.write(version)
+            body.write(maximumFrame)
+            body.write(string: daemonVersion)
+        case .opened(let segment):
+            body.write(segment.capacity)
+            body.write(segment.slotCount)
+            body.write(segment.layoutVersion)
+            body.write(segment.mappingSize)
+            body.write(segment.latestVersion)
+        case .subscribed(let latest):
+            body.write(latest)
+        case .published(let info):
+            info.write(to: &body)
+        case .statusReport(let json):
+            body.write(raw: json)
+        case .error(let error):
+            body.write(error.code.rawValue)
+            body.write(string: error.message)
+        case let .versionEvent(segment, info):
+            body.write(string: segment)
+            info.write(to: &body)
+        case .retiredEvent(let segment):
+            body.write(string: segment)
+        }
+        return Frame.encode(type: type, requestID: requestID, body: body.bytes)
+    }
+
+    public static func decode(type: UInt16, body: UnsafeRawBufferPointer) throws(ProtocolError) -> ServerMessage {
+        var reader = ByteReader(body)
+        let message: ServerMessage
+        switch MessageType(rawValue: type) {
+        case .ok:
+            message = .ok
+        case .helloOK:
+            message = .helloOK(protocolVersion: try reader.read(UInt32.self, "protocol version"),
+                               maximumFrameSize: try reader.read(UInt32.self, "maximum frame size"),
+                               daemonVersion: try reader.readString("daemon version"))
+        case .opened:
+            message = .opened(OpenedSegment(
+                capacity: try reader.read(UInt64.self, "capacity"), slotCount: try reader.read(UInt32.self, "slot count"),
+                layoutVersion: try reader.read(UInt32.self, "layout version"),
+                mappingSize: try reader.read(UInt64.self, "mapping size"),
+                latestVersion: try reader.read(UInt64.self, "latest version")))
+        case .subscribed:
+            message = .subscribed(latestVersion: try reader.read(UInt64.self, "latest version"))
+        case .published:
+            message = .published(try VersionInfo.read(from: &reader))
+        case .statusReport:
+            message = .statusReport(json: Array(reader.readRest()))
+        case .error:
+            let raw = try reader.read(UInt16.self, "error code")
+            let text = try reader.readString("error message")
+            message = .error(ProtocolError(ErrorCode(rawValue: raw) ?? .internalError, text))
+        case .versionEvent:
+            message = .versionEvent(segment: try reader.readString("segment"), try VersionInfo.read(from: &reader))
+        case .retiredEvent:
+            message = .retiredEvent(segment: try reader.readString("segment"))
+        default:
+            throw ProtocolError(.unknownMessageType, "unknown daemon message type 0x\(String(type, radix: 16))")
+        }
+        try reader.expectEnd("\(message.type)")
+        return message
+    }
+}
+
+/// Frame assembly shared by requests and daemon messages.
+public enum Frame {
+    /// Header plus body as one frame.
+    public static func encode(type: MessageType, requestID: UInt32, body: [UInt8]) -> [UInt8] {
+        var frame = ByteWriter(reservingCapacity: ControlProtocol.headerSize + body.count)
+        frame.write(type.rawValue)
+        frame.write(UInt16(0))
+        frame.write(requestID)
+        frame.write(UInt32(body.count))
+        frame.write(raw: body)
+        return frame.bytes
+    }
+
+    /// The body of a frame whose header has been parsed.
+    public static func body(of frame: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(rebasing: frame[ControlProtocol.headerSize...])
+    }
+}

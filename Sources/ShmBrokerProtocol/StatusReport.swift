@@ -1,0 +1,111 @@
+import Foundation
+
+/// The daemon's answer to STATUS, carried as JSON (its schema is in `docs/PROTOCOL.md`).
+public struct StatusReport: Codable, Sendable, Equatable {
+    public struct Daemon: Codable, Sendable, Equatable {
+        public var version: String
+        public var pid: Int32
+        public var startedAt: Double
+        public var configPath: String
+        public var socketPath: String
+        public var protocolVersion: UInt32
+
+        public init(version: String, pid: Int32, startedAt: Double, configPath: String, socketPath: String, protocolVersion: UInt32) {
+            self.version = version
+            self.pid = pid
+            self.startedAt = startedAt
+            self.configPath = configPath
+            self.socketPath = socketPath
+            self.protocolVersion = protocolVersion
+        }
+    }
+
+    public struct Segment: Codable, Sendable, Equatable {
+        public var name: String
+        public var capacity: UInt64
+        public var slots: UInt32
+        public var mappingSize: UInt64
+        /// Latest version (0: never published).
+        public var version: UInt64
+        public var length: UInt64
+        /// CRC-64/XZ of the latest version, as 16 lowercase hex digits.
+        public var crc64: String
+        /// Unix time of the latest publish in seconds, nil if never published.
+        public var lastPublishedAt: Double?
+        /// Connected clients that have opened the segment.
+        public var readers: Int
+        public var subscribers: Int
+
+        public init(name: String, capacity: UInt64, slots: UInt32, mappingSize: UInt64, version: UInt64, length: UInt64,
+                    crc64: String, lastPublishedAt: Double?, readers: Int, subscribers: Int) {
+            self.name = name
+            self.capacity = capacity
+            self.slots = slots
+            self.mappingSize = mappingSize
+            self.version = version
+            self.length = length
+            self.crc64 = crc64
+            self.lastPublishedAt = lastPublishedAt
+            self.readers = readers
+            self.subscribers = subscribers
+        }
+    }
+
+    public struct Client: Codable, Sendable, Equatable {
+        public var id: UInt64
+        public var name: String
+        public var pid: Int32
+        public var uid: UInt32
+        public var gid: UInt32
+        public var opened: [String]
+        public var subscriptions: [String]
+
+        public init(id: UInt64, name: String, pid: Int32, uid: UInt32, gid: UInt32, opened: [String], subscriptions: [String]) {
+            self.id = id
+            self.name = name
+            self.pid = pid
+            self.uid = uid
+            self.gid = gid
+            self.opened = opened
+            self.subscriptions = subscriptions
+        }
+    }
+
+    public struct Counters: Codable, Sendable, Equatable {
+        public var clientsAccepted: UInt64 = 0
+        public var clientsRefused: UInt64 = 0
+        public var publishes: UInt64 = 0
+        public var eventsSent: UInt64 = 0
+        public var eventsCoalesced: UInt64 = 0
+        public var slowSubscribersDisconnected: UInt64 = 0
+        public var malformedRequests: UInt64 = 0
+        public var errorReplies: UInt64 = 0
+        public var reloads: UInt64 = 0
+        public var failedReloads: UInt64 = 0
+
+        public init() {}
+    }
+
+    public var daemon: Daemon
+    public var segments: [Segment]
+    public var clients: [Client]
+    public var counters: Counters
+
+    public init(daemon: Daemon, segments: [Segment], clients: [Client], counters: Counters) {
+        self.daemon = daemon
+        self.segments = segments
+        self.clients = clients
+        self.counters = counters
+    }
+
+    /// Pretty, key-sorted JSON.
+    public func encoded() throws -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return Array(try encoder.encode(self))
+    }
+
+    public static func decode(_ json: [UInt8]) throws -> StatusReport {
+        try JSONDecoder().decode(StatusReport.self, from: Data(json))
+    }
+}
