@@ -1,0 +1,677 @@
+import Foundation
+import Logging
+import ShmBrokerCore
+import ShmBrokerPlatform
+import ShmBrokerProtocol
+import SystemPackage
+
+/// The daemon's single-threaded event loop: one epoll over the listening socket, every client
+/// socket, a signalfd (SIGTERM, SIGINT, SIGHUP) and a periodic timer (watchdog, stall checks).
+///
+/// Everything that touches segments or clients runs on this one thread, so nothing here needs a
+/// lock; readers never talk to this loop to read, only to open and subscribe.
+public final class BrokerServer {
+    /// The daemon's version string, reported by HELLO and STATUS.
+    public static let version = "0.1.0"
+
+    private enum Token {
+        static let listener: UInt64 = 1
+        static let signals: UInt64 = 2
+        static let timer: UInt64 = 3
+        static let firstClient: UInt64 = 16
+    }
+
+    private var configuration: BrokerConfiguration
+    private let configPath: String
+    private let logger: Logger
+    private let notifier: SystemdNotifier
+    private let signals: SignalDescriptor
+    private let epoll: Epoll
+    private var listener: FileDescriptor?
+    private var ownsSocketPath = false
+    private var timer: PeriodicTimer?
+    private var watchdogIntervalNanoseconds: UInt64?
+    private var lastWatchdogPing: UInt64 = 0
+
+    private var segments: [String: ManagedSegment] = [:]
+    private var segmentOrder: [String] = []
+    private var clients: [UInt64: ClientConnection] = [:]
+    private var nextClientID = Token.firstClient
+    private var counters = StatusReport.Counters()
+    private let startedAt = Date()
+    private let daemonUID = getuid()
+    private var running = true
+
+    /// One receive buffer for every client: the loop handles one frame at a time.
+    private let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(
+        byteCount: ControlProtocol.maximumFrameSize + 1, alignment: 16)
+
+    /// Prepares the server; nothing is created until ``start()``.
+    ///
+    /// - Parameters:
+    ///   - configuration: the validated configuration.
+    ///   - configPath: where it came from; SIGHUP re-reads this file.
+    ///   - signals: a signalfd for SIGTERM, SIGINT and SIGHUP, created before any thread started.
+    ///   - logger: where events go.
+    public init(configuration: BrokerConfiguration, configPath: String, signals: SignalDescriptor, logger: Logger,
+                notifier: SystemdNotifier = SystemdNotifier()) throws {
+        self.configuration = configuration
+        self.configPath = configPath
+        self.signals = signals
+        self.logger = logger
+        self.notifier = notifier
+        self.epoll = try Epoll()
+    }
+
+    deinit {
+        receiveBuffer.deallocate()
+    }
+
+    // MARK: Life cycle
+
+    /// Creates every segment, listens on the control socket, and reports READY=1: in that order,
+    /// so a reader that sees the daemon ready can open every configured segment.
+    public func start() throws {
+        for definition in configuration.segments {
+            try addSegment(ManagedSegment(creating: definition))
+        }
+        try listen()
+        try epoll.add(signals.descriptor, events: .readable, token: Token.signals)
+        watchdogIntervalNanoseconds = notifier.watchdogIntervalMicroseconds().map { $0 * 1000 }
+        var tick: UInt64 = 250_000_000
+        if let watchdog = watchdogIntervalNanoseconds { tick = min(tick, max(watchdog / 4, 1_000_000)) }
+        let timer = try PeriodicTimer(intervalNanoseconds: tick)
+        try epoll.add(timer.descriptor, events: .readable, token: Token.timer)
+        self.timer = timer
+        logger.info("ready", metadata: [
+            "segments": "\(segments.count)", "socket": "\(configuration.socket.path)",
+            "watchdog": "\(watchdogIntervalNanoseconds.map { "\($0 / 1_000_000)ms" } ?? "off")",
+        ])
+        notifier.ready(status: statusLine())
+    }
+
+    private func listen() throws {
+        let settings = configuration.socket
+        let directory = (settings.path as NSString).deletingLastPathComponent
+        if !FileManager.default.fileExists(atPath: directory) {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o755])
+        }
+        let fd: FileDescriptor
+        do {
+            fd = try SeqpacketSocket.listen(path: settings.path)
+        } catch Errno.addressInUse {
+            throw DaemonError.socketInUse(settings.path)
+        }
+        ownsSocketPath = true
+        if chmod(settings.path, mode_t(settings.mode)) != 0 {
+            logger.warning("cannot set socket mode", metadata: ["path": "\(settings.path)", "error": "\(Errno(rawValue: errno))"])
+        }
+        if settings.owner != nil || settings.group != nil {
+            if chown(settings.path, settings.owner ?? UInt32.max, settings.group ?? UInt32.max) != 0 {
+                throw DaemonError.socketOwnership(settings.path, Errno(rawValue: errno))
+            }
+        }
+        try epoll.add(fd, events: .readable, token: Token.listener)
+        listener = fd
+    }
+
+    /// Runs the loop until SIGTERM or SIGINT, then says STOPPING=1 and closes everything.
+    public func run() throws {
+        while running {
+            for (token, events) in try epoll.wait(timeoutMilliseconds: -1) {
+                switch token {
+                case Token.listener: acceptClients()
+                case Token.signals: handleSignals()
+                case Token.timer: handleTimer()
+                default: handleClient(token, events: events)
+                }
+            }
+        }
+        shutDown()
+    }
+
+    private func shutDown() {
+        notifier.stopping(status: "stopping: closing \(clients.count) clients")
+        logger.info("stopping", metadata: ["clients": "\(clients.count)", "publishes": "\(counters.publishes)"])
+        for client in clients.values { disconnect(client, reason: nil) }
+        if let listener {
+            epoll.remove(listener)
+            listener.closeQuietly()
+            if ownsSocketPath { unlink(configuration.socket.path) }
+        }
+        listener = nil
+    }
+
+    private func handleSignals() {
+        for signal in signals.drain() {
+            switch signal {
+            case SIGTERM, SIGINT:
+                logger.notice("received \(signal == SIGTERM ? "SIGTERM" : "SIGINT"), shutting down")
+                running = false
+            case SIGHUP:
+                reload()
+            default:
+                break
+            }
+        }
+    }
+
+    private func handleTimer() {
+        _ = timer?.acknowledge()
+        let now = Clock.monotonicNanoseconds()
+        if let interval = watchdogIntervalNanoseconds, now &- lastWatchdogPing >= interval / 2 {
+            // Sent from the loop itself: if the loop hangs, the pings stop and systemd steps in.
+            notifier.watchdogAlive()
+            lastWatchdogPing = now
+        }
+        let stallLimit = UInt64(configuration.limits.subscriberStallTimeoutSeconds * 1e9)
+        for client in Array(clients.values) {
+            if let since = client.stalledSince, now &- since >= stallLimit {
+                counters.slowSubscribersDisconnected += 1
+                disconnect(client, reason: "socket stayed full for \(configuration.limits.subscriberStallTimeoutSeconds)s")
+            }
+        }
+    }
+
+    // MARK: Segments
+
+    private func addSegment(_ segment: ManagedSegment) throws {
+        segments[segment.name] = segment
+        segmentOrder.append(segment.name)
+    }
+
+    private func retireSegment(named name: String) {
+        guard let segment = segments.removeValue(forKey: name) else { return }
+        segmentOrder.removeAll { $0 == name }
+        segment.retire()
+        let event = ServerMessage.retiredEvent(segment: name).encode(requestID: 0)
+        for id in segment.subscribers.union(segment.readers) {
+            guard let client = clients[id] else { continue }
+            client.subscriptions.remove(name)
+            client.opened.remove(name)
+            client.removePending(name)
+            send(event, to: client)
+        }
+    }
+
+    /// SIGHUP: re-reads the config. New segments appear, removed ones are retired, unchanged
+    /// ones keep their content and version; an invalid file leaves everything as it was.
+    private func reload() {
+        notifier.reloading(status: "reloading \(configPath)")
+        logger.notice("reloading configuration", metadata: ["path": "\(configPath)"])
+        let newConfiguration: BrokerConfiguration
+        do {
+            newConfiguration = try BrokerConfiguration.load(path: configPath)
+        } catch {
+            counters.failedReloads += 1
+            for problem in error.problems { logger.error("config rejected: \(problem)") }
+            logger.error("reload failed; keeping the running configuration", metadata: ["problems": "\(error.problems.count)"])
+            notifier.ready(status: "reload failed (\(error.problems.count) problems, see journal); " + statusLine())
+            return
+        }
+        if newConfiguration.socket != configuration.socket {
+            logger.warning("socket settings changed; they take effect on restart")
+        }
+        var created: [ManagedSegment] = []
+        do {
+            for definition in newConfiguration.segments {
+                if let existing = segments[definition.name], existing.definition.layout == definition.layout { continue }
+                created.append(try ManagedSegment(creating: definition))
+            }
+        } catch {
+            created.forEach { $0.retire() }
+            counters.failedReloads += 1
+            logger.error("reload failed creating a segment; keeping the running configuration", metadata: ["error": "\(error)"])
+            notifier.ready(status: "reload failed (\(error)); " + statusLine())
+            return
+        }
+        let wanted = Set(newConfiguration.segments.map(\.name))
+        for name in segmentOrder where !wanted.contains(name) {
+            logger.notice("segment removed", metadata: ["segment": "\(name)"])
+            retireSegment(named: name)
+        }
+        for segment in created {
+            if let old = segments[segment.name] {
+                carryOver(from: old, to: segment)
+                logger.notice("segment resized", metadata: ["segment": "\(segment.name)", "capacity": "\(segment.definition.capacity)"])
+                retireSegment(named: segment.name)
+            } else {
+                logger.notice("segment added", metadata: ["segment": "\(segment.name)", "capacity": "\(segment.definition.capacity)"])
+            }
+            try? addSegment(segment)
+        }
+        for definition in newConfiguration.segments {
+            segments[definition.name]?.updateAccess(from: definition)
+        }
+        segmentOrder = newConfiguration.segments.map(\.name)
+        configuration.limits = newConfiguration.limits
+        configuration.segments = newConfiguration.segments
+        counters.reloads += 1
+        notifier.ready(status: statusLine())
+        logger.notice("reloaded", metadata: ["segments": "\(segments.count)"])
+    }
+
+    /// A resized segment starts over, keeping the old content as its first version when it fits.
+    private func carryOver(from old: ManagedSegment, to new: ManagedSegment) {
+        let reader = try? SegmentReader(region: old.writer.region)
+        guard let snapshot = try? reader?.read(), snapshot.bytes.count <= new.definition.capacity else { return }
+        _ = try? new.writer.publish(snapshot.bytes)
+    }
+
+    private func statusLine() -> String {
+        "serving \(segments.count) segment\(segments.count == 1 ? "" : "s") to \(clients.count) client\(clients.count == 1 ? "" : "s"); \(counters.publishes) publishes"
+    }
+
+    // MARK: Clients
+
+    private func acceptClients() {
+        guard let listener else { return }
+        for _ in 0..<64 {
+            let accepted: FileDescriptor?
+            do {
+                accepted = try SeqpacketSocket.accept(listener)
+            } catch {
+                logger.warning("accept failed", metadata: ["error": "\(error)"])
+                return
+            }
+            guard let socket = accepted else { return }
+            guard clients.count < configuration.limits.maximumClients else {
+                counters.clientsRefused += 1
+                let refusal = ServerMessage.error(ProtocolError(.internalError, "too many clients (limit \(configuration.limits.maximumClients))"))
+                _ = refusal.encode(requestID: 0).withUnsafeBytes { try? SeqpacketSocket.send(socket, $0) }
+                socket.closeQuietly()
+                logger.warning("client refused: limit reached", metadata: ["limit": "\(configuration.limits.maximumClients)"])
+                continue
+            }
+            let credentials: PeerCredentials
+            do {
+                credentials = try SeqpacketSocket.peerCredentials(socket)
+            } catch {
+                socket.closeQuietly()
+                continue
+            }
+            let client = ClientConnection(id: nextClientID, socket: socket, credentials: credentials)
+            nextClientID += 1
+            do {
+                try epoll.add(socket, events: [.readable, .readHangUp], token: client.id)
+            } catch {
+                socket.closeQuietly()
+                continue
+            }
+            clients[client.id] = client
+            counters.clientsAccepted += 1
+            logger.debug("client connected", metadata: ["client": "\(client.id)", "pid": "\(credentials.pid)", "uid": "\(credentials.uid)"])
+        }
+    }
+
+    private func handleClient(_ id: UInt64, events: Epoll.Events) {
+        guard let client = clients[id] else { return }
+        if events.contains(.writable) {
+            flush(client)
+            guard clients[id] != nil else { return }
+        }
+        if events.contains(.readable) || events.contains(.hangUp) || events.contains(.readHangUp) {
+            readRequests(from: client)
+        }
+    }
+
+    private func readRequests(from client: ClientConnection) {
+        for _ in 0..<64 {
+            guard clients[client.id] != nil, !client.hasQueuedReplies else { return }
+            let received: ReceivedMessage?
+            do {
+                received = try SeqpacketSocket.receive(client.socket, into: receiveBuffer, maximumDescriptors: ControlProtocol.maximumDescriptors)
+            } catch {
+                disconnect(client, reason: "receive failed: \(error)")
+                return
+            }
+            guard let message = received else { return }
+            if message.byteCount == 0 && message.descriptors.isEmpty && !message.wasTruncated {
+                disconnect(client, reason: nil)
+                return
+            }
+            handleFrame(message, from: client)
+        }
+    }
+
+    private func reject(_ client: ClientConnection, requestID: UInt32, _ error: ProtocolError, descriptors: [FileDescriptor] = []) {
+        descriptors.forEach { $0.closeQuietly() }
+        if [.malformedFrame, .unknownMessageType, .frameTooLarge, .unexpectedDescriptor].contains(error.code) {
+            counters.malformedRequests += 1
+        }
+        counters.errorReplies += 1
+        logger.debug("request refused", metadata: ["client": "\(client.id)", "code": "\(error.code.name)", "message": "\(error.message)"])
+        send(ServerMessage.error(error).encode(requestID: requestID), to: client)
+    }
+
+    private func handleFrame(_ message: ReceivedMessage, from client: ClientConnection) {
+        let frame = UnsafeRawBufferPointer(rebasing: receiveBuffer[..<min(message.byteCount, ControlProtocol.maximumFrameSize)])
+        let requestID = frame.count >= 8 ? UInt32(littleEndian: frame.loadUnaligned(fromByteOffset: 4, as: UInt32.self)) : 0
+        if message.wasTruncated {
+            return reject(client, requestID: requestID, ProtocolError(.frameTooLarge,
+                "frame exceeds the maximum of \(ControlProtocol.maximumFrameSize) bytes; publish larger payloads as an attached memfd"),
+                descriptors: message.descriptors)
+        }
+        if message.descriptorsWereTruncated {
+            return reject(client, requestID: requestID, ProtocolError(.unexpectedDescriptor,
+                "at most \(ControlProtocol.maximumDescriptors) descriptor may accompany a frame"), descriptors: message.descriptors)
+        }
+        let request: Request
+        do {
+            let header = try FrameHeader.parse(frame)
+            request = try Request.decode(type: header.type, body: Frame.body(of: frame))
+        } catch {
+            return reject(client, requestID: requestID, error, descriptors: message.descriptors)
+        }
+        var descriptors = message.descriptors
+        if case .publish(_, .attachedFile) = request {
+            guard descriptors.count == 1 else {
+                return reject(client, requestID: requestID, ProtocolError(.missingDescriptor,
+                    "a PUBLISH with an attached file must carry exactly one descriptor, got \(descriptors.count)"), descriptors: descriptors)
+            }
+        } else if !descriptors.isEmpty {
+            return reject(client, requestID: requestID, ProtocolError(.unexpectedDescriptor,
+                "\(request.type) takes no descriptors, got \(descriptors.count); they were closed"), descriptors: descriptors)
+        }
+        if !client.greeted, request.type != .hello {
+            return reject(client, requestID: requestID, ProtocolError(.handshakeRequired, "send HELLO before \(request.type)"),
+                          descriptors: descriptors)
+        }
+        switch request {
+        case let .hello(version, name):
+            guard version == ControlProtocol.version else {
+                return reject(client, requestID: requestID, ProtocolError(.unsupportedProtocolVersion,
+                    "protocol version \(version) is not supported; this daemon speaks version \(ControlProtocol.version)"))
+            }
+            client.greeted = true
+            client.name = String(name.prefix(128))
+            send(ServerMessage.helloOK(protocolVersion: ControlProtocol.version,
+                                       maximumFrameSize: UInt32(ControlProtocol.maximumFrameSize),
+                                       daemonVersion: Self.version).encode(requestID: requestID), to: client)
+        case .open(let name):
+            handleOpen(name, requestID: requestID, client: client)
+        case .subscribe(let name):
+            guard let segment = lookUp(name, requestID: requestID, client: client, publishing: false) else { return }
+            segment.subscribers.insert(client.id)
+            client.subscriptions.insert(name)
+            send(ServerMessage.subscribed(latestVersion: segment.writer.latestVersion).encode(requestID: requestID), to: client)
+        case .unsubscribe(let name):
+            guard client.subscriptions.remove(name) != nil else {
+                return reject(client, requestID: requestID, ProtocolError(.notSubscribed, "not subscribed to \"\(name)\""))
+            }
+            segments[name]?.subscribers.remove(client.id)
+            client.removePending(name)
+            send(ServerMessage.ok.encode(requestID: requestID), to: client)
+        case let .publish(name, payload):
+            let attached = descriptors.popLast()
+            defer { attached?.closeQuietly() }
+            guard let segment = lookUp(name, requestID: requestID, client: client, publishing: true) else { return }
+            handlePublish(segment, payload: payload, attached: attached, requestID: requestID, client: client)
+        case .status:
+            handleStatus(requestID: requestID, client: client)
+        }
+    }
+
+    private func lookUp(_ name: String, requestID: UInt32, client: ClientConnection, publishing: Bool) -> ManagedSegment? {
+        guard BrokerConfiguration.isValidSegmentName(name) else {
+            reject(client, requestID: requestID, ProtocolError(.invalidSegmentName,
+                "\"\(name.prefix(80))\" is not a valid segment name (1 to 64 letters, digits, '.', '_' or '-')"))
+            return nil
+        }
+        guard let segment = segments[name] else {
+            reject(client, requestID: requestID, ProtocolError(.noSuchSegment, "no segment named \"\(name)\""))
+            return nil
+        }
+        let access = publishing ? segment.definition.publishers : segment.definition.readers
+        guard access.allows(client.credentials, daemonUID: daemonUID) else {
+            logger.notice("access denied", metadata: [
+                "segment": "\(name)", "uid": "\(client.credentials.uid)", "pid": "\(client.credentials.pid)",
+                "operation": "\(publishing ? "publish" : "read")",
+            ])
+            reject(client, requestID: requestID, ProtocolError(.permissionDenied,
+                "uid \(client.credentials.uid) may not \(publishing ? "publish to" : "read") segment \"\(name)\""))
+            return nil
+        }
+        return segment
+    }
+
+    private func handleOpen(_ name: String, requestID: UInt32, client: ClientConnection) {
+        guard let segment = lookUp(name, requestID: requestID, client: client, publishing: false) else { return }
+        let descriptor: FileDescriptor
+        do {
+            descriptor = try segment.readOnlyDescriptor()
+        } catch {
+            return reject(client, requestID: requestID, ProtocolError(.internalError, "cannot open a read-only descriptor: \(error)"))
+        }
+        let layout = segment.writer.layout
+        let reply = ServerMessage.opened(OpenedSegment(
+            capacity: UInt64(layout.capacity), slotCount: UInt32(layout.slotCount),
+            layoutVersion: SegmentLayout.layoutVersion, mappingSize: UInt64(layout.totalSize),
+            latestVersion: segment.writer.latestVersion))
+        segment.readers.insert(client.id)
+        client.opened.insert(name)
+        send(reply.encode(requestID: requestID), to: client, descriptors: [descriptor])
+    }
+
+    private func handlePublish(_ segment: ManagedSegment, payload: PublishPayload, attached: FileDescriptor?,
+                               requestID: UInt32, client: ClientConnection) {
+        let receipt: PublishReceipt
+        do {
+            switch payload {
+            case .inline(let bytes):
+                receipt = try segment.writer.publish(bytes)
+            case .attachedFile(let length):
+                guard let file = attached else { return }
+                receipt = try publish(from: file, length: length, into: segment)
+            }
+        } catch let error as ProtocolError {
+            return reject(client, requestID: requestID, error)
+        } catch {
+            return reject(client, requestID: requestID, ProtocolError(.internalError, "\(error)"))
+        }
+        counters.publishes += 1
+        send(ServerMessage.published(VersionInfo(receipt)).encode(requestID: requestID), to: client)
+        announce(segment)
+    }
+
+    /// Copies a payload from a producer's file with `pread`: a producer that truncates its file
+    /// mid-copy causes a short read (an error reply), never a SIGBUS in the daemon.
+    private func publish(from file: FileDescriptor, length: UInt64, into segment: ManagedSegment) throws -> PublishReceipt {
+        let capacity = segment.writer.layout.capacity
+        guard length <= UInt64(capacity) else {
+            throw ProtocolError(.payloadTooLarge, SegmentError.payloadTooLarge(length: Int(clamping: length), capacity: capacity).description)
+        }
+        guard (try? file.isRegularFile()) == true else {
+            throw ProtocolError(.badDescriptor, "the attached descriptor is not a regular file (use a memfd)")
+        }
+        do {
+            return try segment.writer.publish(length: Int(length)) { (buffer: UnsafeMutableRawBufferPointer) throws(ProtocolError) in
+                let read: Int
+                do {
+                    read = try file.readFully(into: buffer, atOffset: 0)
+                } catch {
+                    throw ProtocolError(.badDescriptor, "reading the attached file failed: \(error)")
+                }
+                guard read == buffer.count else {
+                    throw ProtocolError(.badDescriptor, "the attached file holds \(read) bytes, the request says \(buffer.count)")
+                }
+            }
+        } catch {
+            switch error {
+            case .segment(let refusal): throw ProtocolError(.payloadTooLarge, refusal.description)
+            case .fill(let failure): throw failure
+            }
+        }
+    }
+
+    /// Announces the segment's latest version to each subscriber, coalescing for slow ones.
+    /// Cost is proportional to this segment's subscribers only.
+    private func announce(_ segment: ManagedSegment) {
+        guard !segment.subscribers.isEmpty, let receipt = segment.writer.latestReceipt else { return }
+        var event: [UInt8]?
+        for id in segment.subscribers {
+            guard let client = clients[id] else { continue }
+            if client.hasBacklog {
+                if !client.markPending(segment.name) { counters.eventsCoalesced += 1 }
+                continue
+            }
+            if event == nil {
+                event = ServerMessage.versionEvent(segment: segment.name, VersionInfo(receipt)).encode(requestID: 0)
+            }
+            switch trySend(event!, to: client) {
+            case .sent: counters.eventsSent += 1
+            case .full:
+                client.markPending(segment.name)
+                waitForWritable(client)
+            case .failed: break
+            }
+        }
+    }
+
+    private func handleStatus(requestID: UInt32, client: ClientConnection) {
+        let report = StatusReport(
+            daemon: StatusReport.Daemon(version: Self.version, pid: getpid(), startedAt: startedAt.timeIntervalSince1970,
+                                        configPath: configPath, socketPath: configuration.socket.path,
+                                        protocolVersion: ControlProtocol.version),
+            segments: segmentOrder.compactMap { segments[$0] }.map { segment in
+                let receipt = segment.writer.latestReceipt
+                return StatusReport.Segment(
+                    name: segment.name, capacity: UInt64(segment.definition.capacity), slots: UInt32(segment.definition.slots),
+                    mappingSize: UInt64(segment.writer.layout.totalSize), version: receipt?.version ?? 0,
+                    length: UInt64(receipt?.length ?? 0), crc64: String(format: "%016llx", receipt?.crc64 ?? 0),
+                    lastPublishedAt: receipt.map { Double($0.publishedAtNanoseconds) / 1e9 },
+                    readers: segment.readers.count, subscribers: segment.subscribers.count)
+            },
+            clients: clients.values.sorted { $0.id < $1.id }.map {
+                StatusReport.Client(id: $0.id, name: $0.name, pid: $0.credentials.pid, uid: $0.credentials.uid,
+                                    gid: $0.credentials.gid, opened: $0.opened.sorted(), subscriptions: $0.subscriptions.sorted())
+            },
+            counters: counters)
+        do {
+            var json = try report.encoded()
+            let limit = ControlProtocol.maximumFrameSize - ControlProtocol.headerSize
+            if json.count > limit {
+                var trimmed = report
+                trimmed.clients = []
+                json = try trimmed.encoded()
+                if json.count > limit { json = Array(json.prefix(limit)) }
+            }
+            send(ServerMessage.statusReport(json: json).encode(requestID: requestID), to: client)
+        } catch {
+            reject(client, requestID: requestID, ProtocolError(.internalError, "cannot encode status: \(error)"))
+        }
+    }
+
+    // MARK: Sending
+
+    private enum SendOutcome { case sent, full, failed }
+
+    private func trySend(_ frame: [UInt8], to client: ClientConnection, descriptors: [FileDescriptor] = []) -> SendOutcome {
+        let outcome = frame.withUnsafeBytes { bytes in
+            Result { () throws(Errno) in try SeqpacketSocket.send(client.socket, bytes, descriptors: descriptors) }
+        }
+        switch outcome {
+        case .success(let sent):
+            return sent ? .sent : .full
+        case .failure(let error):
+            disconnect(client, reason: error == .brokenPipe || error == .connectionReset ? nil : "send failed: \(error)")
+            return .failed
+        }
+    }
+
+    /// Sends a reply (or a must-deliver event) in order; queues it if the socket is full.
+    /// Descriptors are closed once sent (the receiver has its own copies then).
+    private func send(_ frame: [UInt8], to client: ClientConnection, descriptors: [FileDescriptor] = []) {
+        if client.hasQueuedReplies {
+            client.enqueue(frame, descriptors: descriptors)
+            return
+        }
+        switch trySend(frame, to: client, descriptors: descriptors) {
+        case .sent:
+            descriptors.forEach { $0.closeQuietly() }
+        case .full:
+            client.enqueue(frame, descriptors: descriptors)
+            waitForWritable(client)
+        case .failed:
+            descriptors.forEach { $0.closeQuietly() }
+        }
+    }
+
+    private func waitForWritable(_ client: ClientConnection) {
+        if client.stalledSince == nil { client.stalledSince = Clock.monotonicNanoseconds() }
+        guard !client.watchingWritable else { return }
+        client.watchingWritable = true
+        // While replies are queued, stop reading requests: backpressure instead of buffering.
+        try? epoll.modify(client.socket, events: [.writable, .readHangUp], token: client.id)
+    }
+
+    /// Sends queued replies, then one coalesced event per pending segment (for its latest version).
+    private func flush(_ client: ClientConnection) {
+        var progressed = false
+        while let (frame, descriptors) = client.firstQueued {
+            switch trySend(frame, to: client, descriptors: descriptors) {
+            case .sent:
+                client.dequeueSent()
+                progressed = true
+            case .full:
+                if progressed { client.stalledSince = Clock.monotonicNanoseconds() }
+                return
+            case .failed:
+                return
+            }
+        }
+        while let name = client.popPending() {
+            guard let receipt = segments[name]?.writer.latestReceipt else { continue }
+            let event = ServerMessage.versionEvent(segment: name, VersionInfo(receipt)).encode(requestID: 0)
+            switch trySend(event, to: client) {
+            case .sent:
+                counters.eventsSent += 1
+                progressed = true
+            case .full:
+                client.pushBackPending(name)
+                if progressed { client.stalledSince = Clock.monotonicNanoseconds() }
+                return
+            case .failed:
+                return
+            }
+        }
+        client.stalledSince = nil
+        client.watchingWritable = false
+        try? epoll.modify(client.socket, events: [.readable, .readHangUp], token: client.id)
+        readRequests(from: client)
+    }
+
+    private func disconnect(_ client: ClientConnection, reason: String?) {
+        guard clients.removeValue(forKey: client.id) != nil else { return }
+        epoll.remove(client.socket)
+        for name in client.subscriptions { segments[name]?.subscribers.remove(client.id) }
+        for name in client.opened { segments[name]?.readers.remove(client.id) }
+        client.close()
+        if let reason {
+            logger.notice("client disconnected", metadata: ["client": "\(client.id)", "pid": "\(client.credentials.pid)", "reason": "\(reason)"])
+        } else {
+            logger.debug("client left", metadata: ["client": "\(client.id)"])
+        }
+    }
+}
+
+/// Failures that stop the daemon from starting.
+public enum DaemonError: Error, CustomStringConvertible {
+    case socketInUse(String)
+    case socketOwnership(String, Errno)
+
+    public var description: String {
+        switch self {
+        case .socketInUse(let path): return "another process is already serving \(path)"
+        case let .socketOwnership(path, error): return "cannot set the owner of \(path): \(error)"
+        }
+    }
+}
+
+extension VersionInfo {
+    init(_ receipt: PublishReceipt) {
+        self.init(version: receipt.version, length: UInt64(receipt.length), crc64: receipt.crc64,
+                  publishedAtNanoseconds: receipt.publishedAtNanoseconds)
+    }
+}

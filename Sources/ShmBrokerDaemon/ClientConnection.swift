@@ -1,0 +1,93 @@
+import ShmBrokerPlatform
+import ShmBrokerProtocol
+import SystemPackage
+
+/// One connected control-channel client, as the event loop tracks it.
+final class ClientConnection {
+    let id: UInt64
+    let socket: FileDescriptor
+    let credentials: PeerCredentials
+    var name = ""
+    var greeted = false
+    var opened: Set<String> = []
+    var subscriptions: Set<String> = []
+
+    /// Frames (with descriptors to pass) that could not be sent yet, oldest first. While any are
+    /// queued, the loop stops reading this client's requests: a client that does not read its
+    /// replies gets backpressure, not unbounded memory.
+    private(set) var outbound: [(frame: [UInt8], descriptors: [FileDescriptor])] = []
+    private var outboundHead = 0
+    /// Segments with a version event not yet delivered. Coalesced: one entry per segment, and
+    /// the event sent is always for the segment's latest version at sending time.
+    private(set) var pendingEvents: [String] = []
+    private var pendingEventSet: Set<String> = []
+    /// When the socket was first found full with nothing sent since (monotonic ns).
+    var stalledSince: UInt64?
+    /// Whether the loop currently watches this socket for writability.
+    var watchingWritable = false
+
+    init(id: UInt64, socket: FileDescriptor, credentials: PeerCredentials) {
+        self.id = id
+        self.socket = socket
+        self.credentials = credentials
+    }
+
+    var hasBacklog: Bool { outboundHead < outbound.count || !pendingEvents.isEmpty }
+    var hasQueuedReplies: Bool { outboundHead < outbound.count }
+    var queuedReplyCount: Int { outbound.count - outboundHead }
+
+    func enqueue(_ frame: [UInt8], descriptors: [FileDescriptor]) {
+        outbound.append((frame, descriptors))
+    }
+
+    /// The oldest queued frame, if any.
+    var firstQueued: (frame: [UInt8], descriptors: [FileDescriptor])? {
+        outboundHead < outbound.count ? outbound[outboundHead] : nil
+    }
+
+    /// Drops the oldest queued frame after it was sent, closing the descriptors it passed.
+    func dequeueSent() {
+        outbound[outboundHead].descriptors.forEach { $0.closeQuietly() }
+        outboundHead += 1
+        if outboundHead == outbound.count {
+            outbound.removeAll(keepingCapacity: true)
+            outboundHead = 0
+        }
+    }
+
+    /// Records that `segment` has a newer version to announce.
+    /// - Returns: false if an announcement was already pending (the event is coalesced).
+    @discardableResult
+    func markPending(_ segment: String) -> Bool {
+        guard pendingEventSet.insert(segment).inserted else { return false }
+        pendingEvents.append(segment)
+        return true
+    }
+
+    func removePending(_ segment: String) {
+        guard pendingEventSet.remove(segment) != nil else { return }
+        pendingEvents.removeAll { $0 == segment }
+    }
+
+    /// Removes and returns the oldest pending segment.
+    func popPending() -> String? {
+        guard !pendingEvents.isEmpty else { return nil }
+        let segment = pendingEvents.removeFirst()
+        pendingEventSet.remove(segment)
+        return segment
+    }
+
+    /// Puts a segment back at the front after a send found the socket full.
+    func pushBackPending(_ segment: String) {
+        guard pendingEventSet.insert(segment).inserted else { return }
+        pendingEvents.insert(segment, at: 0)
+    }
+
+    /// Closes the socket and every descriptor still queued.
+    func close() {
+        for entry in outbound[outboundHead...] { entry.descriptors.forEach { $0.closeQuietly() } }
+        outbound.removeAll()
+        outboundHead = 0
+        socket.closeQuietly()
+    }
+}

@@ -1,0 +1,393 @@
+import Foundation
+import ShmBrokerCore
+import ShmBrokerPlatform
+
+/// Who may do something with a segment: explicit uids and gids, or everyone.
+///
+/// Root and the daemon's own uid are always allowed (they can reach the memory regardless).
+public struct AccessList: Sendable, Equatable {
+    public var everyone: Bool
+    public var users: Set<UInt32>
+    public var groups: Set<UInt32>
+
+    public init(everyone: Bool = false, users: Set<UInt32> = [], groups: Set<UInt32> = []) {
+        self.everyone = everyone
+        self.users = users
+        self.groups = groups
+    }
+
+    /// Whether a peer with these credentials is allowed.
+    public func allows(_ peer: PeerCredentials, daemonUID: UInt32) -> Bool {
+        if everyone || peer.uid == 0 || peer.uid == daemonUID || users.contains(peer.uid) { return true }
+        if groups.contains(peer.gid) { return true }
+        return peer.groups.contains { groups.contains($0) }
+    }
+}
+
+/// One segment as the config describes it.
+public struct SegmentDefinition: Sendable, Equatable {
+    public var name: String
+    /// Payload capacity in bytes.
+    public var capacity: Int
+    public var slots: Int
+    public var readers: AccessList
+    public var publishers: AccessList
+
+    public var layout: SegmentLayout { SegmentLayout(capacity: capacity, slotCount: slots) }
+}
+
+/// Where and how the control socket listens.
+public struct SocketSettings: Sendable, Equatable {
+    public var path: String
+    public var mode: UInt32
+    public var owner: UInt32?
+    public var group: UInt32?
+}
+
+/// Resource limits of the control channel.
+public struct Limits: Sendable, Equatable {
+    public var maximumClients = 1024
+    /// How long a subscriber's socket may stay full before it is disconnected.
+    public var subscriberStallTimeoutSeconds = 10.0
+}
+
+/// A problem in a config file, located by its JSON path (such as `$.segments[2].size`).
+public struct ConfigurationProblem: Sendable, Equatable, CustomStringConvertible {
+    public var path: String
+    public var message: String
+    public var description: String { "\(path): \(message)" }
+}
+
+/// Every problem found in a config file.
+public struct ConfigurationError: Error, Sendable, CustomStringConvertible {
+    public var file: String
+    public var problems: [ConfigurationProblem]
+
+    public var description: String {
+        (["\(file): \(problems.count) problem\(problems.count == 1 ? "" : "s")"] + problems.map { "  \($0)" })
+            .joined(separator: "\n")
+    }
+}
+
+/// The daemon's configuration: control socket, limits and segments.
+public struct BrokerConfiguration: Sendable, Equatable {
+    /// Where the daemon looks when no `--config` is given.
+    public static let defaultPath = "/etc/shmbroker/shmbroker.json"
+    /// Slots per segment when the config does not say.
+    public static let defaultSlots = 3
+    /// Largest accepted segment capacity.
+    public static let maximumCapacity = 64 << 30
+
+    public var socket: SocketSettings
+    public var limits: Limits
+    public var segments: [SegmentDefinition]
+
+    /// Reads and validates a config file.
+    public static func load(path: String, environment: [String: String] = ProcessInfo.processInfo.environment) throws(ConfigurationError) -> BrokerConfiguration {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            let reason = FileManager.default.fileExists(atPath: path) ? "cannot be read" : "does not exist"
+            throw ConfigurationError(file: path, problems: [ConfigurationProblem(path: "$", message: "the file \(reason)")])
+        }
+        return try parse(Array(data), file: path, environment: environment)
+    }
+
+    /// Validates config text, collecting every problem rather than stopping at the first.
+    public static func parse(_ text: [UInt8], file: String, environment: [String: String]) throws(ConfigurationError) -> BrokerConfiguration {
+        let root: JSONValue
+        do {
+            root = try JSONValue.parse(text)
+        } catch {
+            throw ConfigurationError(file: file, problems: [ConfigurationProblem(path: "$", message: "invalid JSON at \(error)")])
+        }
+        var checker = Checker(environment: environment)
+        let configuration = checker.configuration(root)
+        if let configuration, checker.problems.isEmpty { return configuration }
+        throw ConfigurationError(file: file, problems: checker.problems)
+    }
+
+    /// Parses sizes such as `4096`, `"512B"`, `"64KiB"`, `"16MiB"`, `"1GiB"`, `"10MB"`.
+    public static func parseSize(_ text: String) -> Int? {
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        let digits = trimmed.prefix { $0.isASCII && $0.isNumber }
+        guard !digits.isEmpty, let number = Int(digits) else { return nil }
+        let unit = trimmed.dropFirst(digits.count).trimmingCharacters(in: .whitespaces)
+        let multipliers: [String: Int] = [
+            "": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30,
+            "kB": 1_000, "KB": 1_000, "MB": 1_000_000, "GB": 1_000_000_000,
+        ]
+        guard let multiplier = multipliers[unit] else { return nil }
+        let (product, overflow) = number.multipliedReportingOverflow(by: multiplier)
+        return overflow ? nil : product
+    }
+
+    /// Whether `name` is a valid segment name: 1–64 of letters, digits, `.`, `_`, `-`.
+    public static func isValidSegmentName(_ name: String) -> Bool {
+        !name.isEmpty && name.utf8.count <= SegmentLayout.maximumNameLength
+            && name.unicodeScalars.allSatisfy { $0.isASCII && (CharacterSet.alphanumerics.contains($0) || "._-".unicodeScalars.contains($0)) }
+    }
+}
+
+/// Walks the JSON tree, recording problems with their paths.
+private struct Checker {
+    let environment: [String: String]
+    var problems: [ConfigurationProblem] = []
+
+    mutating func problem(_ path: String, _ message: String) {
+        problems.append(ConfigurationProblem(path: path, message: message))
+    }
+
+    /// The members of an object, reporting unknown and duplicate keys.
+    mutating func members(_ value: JSONValue, at path: String, allowed: [String], required: [String] = []) -> [String: JSONValue]? {
+        guard case .object(let pairs) = value else {
+            problem(path, "expected an object, found \(value.typeName)")
+            return nil
+        }
+        var result: [String: JSONValue] = [:]
+        for (key, member) in pairs {
+            if !allowed.contains(key) {
+                problem("\(path).\(key)", "unknown key (allowed: \(allowed.joined(separator: ", ")))")
+            } else if result[key] != nil {
+                problem("\(path).\(key)", "duplicate key")
+            } else {
+                result[key] = member
+            }
+        }
+        for key in required where result[key] == nil {
+            problem("\(path).\(key)", "required key is missing")
+        }
+        return result
+    }
+
+    mutating func string(_ value: JSONValue, at path: String) -> String? {
+        guard case .string(let text) = value else {
+            problem(path, "expected a string, found \(value.typeName)")
+            return nil
+        }
+        return text
+    }
+
+    mutating func integer(_ value: JSONValue, at path: String, in range: ClosedRange<Int>) -> Int? {
+        guard case .number(let text) = value, let number = Int(text) else {
+            problem(path, "expected a whole number, found \(value.typeName == "a number" ? "a fraction" : value.typeName)")
+            return nil
+        }
+        guard range.contains(number) else {
+            problem(path, "\(number) is out of range \(range.lowerBound)...\(range.upperBound)")
+            return nil
+        }
+        return number
+    }
+
+    mutating func configuration(_ root: JSONValue) -> BrokerConfiguration? {
+        guard let top = members(root, at: "$", allowed: ["$schema", "socket", "limits", "segments"], required: ["socket", "segments"]) else {
+            return nil
+        }
+        let socket = top["socket"].flatMap { socketSettings($0, at: "$.socket") }
+        let limits = top["limits"].map { self.limits($0, at: "$.limits") } ?? Limits()
+        let segments = top["segments"].flatMap { segmentList($0, at: "$.segments") } ?? []
+        guard let socket else { return nil }
+        return BrokerConfiguration(socket: socket, limits: limits, segments: segments)
+    }
+
+    mutating func socketSettings(_ value: JSONValue, at path: String) -> SocketSettings? {
+        guard let fields = members(value, at: path, allowed: ["path", "mode", "user", "group"], required: ["path"]) else { return nil }
+        var settings = SocketSettings(path: "", mode: 0o660, owner: nil, group: nil)
+        if let raw = fields["path"].flatMap({ string($0, at: "\(path).path") }) {
+            if let expanded = expand(raw, at: "\(path).path") {
+                if !expanded.hasPrefix("/") {
+                    problem("\(path).path", "must be an absolute path, got '\(expanded)'")
+                } else if expanded.utf8.count > SeqpacketSocket.maximumPathLength {
+                    problem("\(path).path", "is \(expanded.utf8.count) bytes long; a Unix socket path holds at most \(SeqpacketSocket.maximumPathLength)")
+                } else {
+                    settings.path = expanded
+                }
+            }
+        }
+        if let raw = fields["mode"].flatMap({ string($0, at: "\(path).mode") }) {
+            if let mode = UInt32(raw, radix: 8), mode <= 0o777 {
+                settings.mode = mode
+            } else {
+                problem("\(path).mode", "expected an octal permission string such as \"0660\", got \"\(raw)\"")
+            }
+        }
+        if let user = fields["user"] { settings.owner = identity(user, at: "\(path).user", kind: .user) }
+        if let group = fields["group"] { settings.group = identity(group, at: "\(path).group", kind: .group) }
+        return settings.path.isEmpty ? nil : settings
+    }
+
+    mutating func limits(_ value: JSONValue, at path: String) -> Limits {
+        var limits = Limits()
+        guard let fields = members(value, at: path, allowed: ["maxClients", "subscriberStallTimeoutSeconds"]) else { return limits }
+        if let value = fields["maxClients"], let number = integer(value, at: "\(path).maxClients", in: 1...65_536) {
+            limits.maximumClients = number
+        }
+        if let value = fields["subscriberStallTimeoutSeconds"] {
+            if case .number(let text) = value, let seconds = Double(text), seconds > 0, seconds <= 3600 {
+                limits.subscriberStallTimeoutSeconds = seconds
+            } else {
+                problem("\(path).subscriberStallTimeoutSeconds", "expected a number of seconds in (0, 3600]")
+            }
+        }
+        return limits
+    }
+
+    mutating func segmentList(_ value: JSONValue, at path: String) -> [SegmentDefinition]? {
+        guard case .array(let elements) = value else {
+            problem(path, "expected an array, found \(value.typeName)")
+            return nil
+        }
+        var seen: [String: Int] = [:]
+        var result: [SegmentDefinition] = []
+        for (index, element) in elements.enumerated() {
+            let elementPath = "\(path)[\(index)]"
+            guard let definition = segment(element, at: elementPath) else { continue }
+            if let first = seen[definition.name] {
+                problem("\(elementPath).name", "duplicate segment name \"\(definition.name)\" (first defined at \(path)[\(first)])")
+                continue
+            }
+            seen[definition.name] = index
+            result.append(definition)
+        }
+        return result
+    }
+
+    mutating func segment(_ value: JSONValue, at path: String) -> SegmentDefinition? {
+        guard let fields = members(value, at: path, allowed: ["name", "size", "slots", "readers", "publishers", "description"],
+                                   required: ["name", "size"]) else { return nil }
+        let problemsBefore = problems.count
+        var name = ""
+        if let raw = fields["name"].flatMap({ string($0, at: "\(path).name") }) {
+            if BrokerConfiguration.isValidSegmentName(raw) {
+                name = raw
+            } else {
+                problem("\(path).name", "\"\(raw)\" is not a valid name: use 1 to 64 letters, digits, '.', '_' or '-'")
+            }
+        }
+        var capacity = 0
+        if let size = fields["size"] {
+            capacity = self.size(size, at: "\(path).size") ?? 0
+        }
+        var slots = BrokerConfiguration.defaultSlots
+        if let value = fields["slots"], let number = integer(value, at: "\(path).slots", in: SegmentLayout.slotCountRange) {
+            slots = number
+        }
+        if let description = fields["description"] { _ = string(description, at: "\(path).description") }
+        let readers = fields["readers"].map { accessList($0, at: "\(path).readers") } ?? AccessList()
+        let publishers = fields["publishers"].map { accessList($0, at: "\(path).publishers") } ?? AccessList()
+        guard problems.count == problemsBefore else { return nil }
+        return SegmentDefinition(name: name, capacity: capacity, slots: slots, readers: readers, publishers: publishers)
+    }
+
+    mutating func size(_ value: JSONValue, at path: String) -> Int? {
+        let parsed: Int?
+        switch value {
+        case .number(let text): parsed = Int(text)
+        case .string(let text): parsed = BrokerConfiguration.parseSize(text)
+        default: parsed = nil
+        }
+        guard let bytes = parsed else {
+            problem(path, "expected a byte count such as 4096 or a string such as \"64KiB\", \"16MiB\", \"1GiB\"; found \(value.typeName)\(describe(value))")
+            return nil
+        }
+        guard bytes >= 1, bytes <= BrokerConfiguration.maximumCapacity else {
+            problem(path, "size \(bytes) bytes is out of range 1 byte ... 64 GiB")
+            return nil
+        }
+        return bytes
+    }
+
+    func describe(_ value: JSONValue) -> String {
+        switch value {
+        case .string(let text): return " \"\(text)\""
+        case .number(let text): return " \(text)"
+        default: return ""
+        }
+    }
+
+    mutating func accessList(_ value: JSONValue, at path: String) -> AccessList {
+        var list = AccessList()
+        guard let fields = members(value, at: path, allowed: ["users", "groups"]) else { return list }
+        for (key, kind) in [("users", IdentityKind.user), ("groups", IdentityKind.group)] {
+            guard let entries = fields[key] else { continue }
+            guard case .array(let items) = entries else {
+                problem("\(path).\(key)", "expected an array of names or numeric ids, found \(entries.typeName)")
+                continue
+            }
+            for (index, item) in items.enumerated() {
+                if kind == .user, case .string("*") = item {
+                    list.everyone = true
+                    continue
+                }
+                guard let id = identity(item, at: "\(path).\(key)[\(index)]", kind: kind) else { continue }
+                if kind == .user { list.users.insert(id) } else { list.groups.insert(id) }
+            }
+        }
+        return list
+    }
+
+    enum IdentityKind { case user, group }
+
+    mutating func identity(_ value: JSONValue, at path: String, kind: IdentityKind) -> UInt32? {
+        switch value {
+        case .number(let text):
+            guard let id = UInt32(text) else {
+                problem(path, "\(text) is not a valid numeric \(kind == .user ? "uid" : "gid")")
+                return nil
+            }
+            return id
+        case .string(let name):
+            if let id = UInt32(name) { return id }
+            if let id = (kind == .user ? SystemAccounts.uid(ofUser: name) : SystemAccounts.gid(ofGroup: name)) { return id }
+            problem(path, "unknown \(kind == .user ? "user" : "group") \"\(name)\"")
+            return nil
+        default:
+            problem(path, "expected a \(kind == .user ? "user" : "group") name or numeric id, found \(value.typeName)")
+            return nil
+        }
+    }
+
+    /// Expands `${NAME}` and `${NAME:-default}` from the environment.
+    mutating func expand(_ text: String, at path: String) -> String? {
+        var result = ""
+        var rest = Substring(text)
+        while let start = rest.range(of: "${") {
+            result += rest[..<start.lowerBound]
+            guard let end = rest[start.upperBound...].firstIndex(of: "}") else {
+                problem(path, "unterminated '${' in \"\(text)\"")
+                return nil
+            }
+            let expression = rest[start.upperBound..<end]
+            let parts = expression.split(separator: ":-", maxSplits: 1, omittingEmptySubsequences: false)
+            let name = String(parts[0])
+            if let value = environment[name], !value.isEmpty {
+                result += value
+            } else if parts.count == 2 {
+                result += parts[1]
+            } else {
+                problem(path, "environment variable \(name) is not set (write ${\(name):-default} to give a fallback)")
+                return nil
+            }
+            rest = rest[rest.index(after: end)...]
+        }
+        return result + rest
+    }
+}
+
+/// User and group database look-ups (NSS), for names in the config.
+public enum SystemAccounts {
+    public static func uid(ofUser name: String) -> UInt32? {
+        var entry = passwd()
+        var result: UnsafeMutablePointer<passwd>?
+        var buffer = [CChar](repeating: 0, count: 16_384)
+        guard getpwnam_r(name, &entry, &buffer, buffer.count, &result) == 0, result != nil else { return nil }
+        return entry.pw_uid
+    }
+
+    public static func gid(ofGroup name: String) -> UInt32? {
+        var entry = group()
+        var result: UnsafeMutablePointer<group>?
+        var buffer = [CChar](repeating: 0, count: 65_536)
+        guard getgrnam_r(name, &entry, &buffer, buffer.count, &result) == 0, result != nil else { return nil }
+        return entry.gr_gid
+    }
+}

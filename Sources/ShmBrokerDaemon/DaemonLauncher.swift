@@ -1,0 +1,63 @@
+import Foundation
+import Logging
+import ShmBrokerPlatform
+
+/// What `shmbrokerd` does, kept in the library so the executable stays a thin argument parser.
+public enum DaemonLauncher {
+    /// Validates a config file, printing every problem. Returns the process exit code.
+    public static func checkConfig(path: String) -> Int32 {
+        do {
+            let configuration = try BrokerConfiguration.load(path: path)
+            print("\(path): OK (\(configuration.segments.count) segment\(configuration.segments.count == 1 ? "" : "s"), socket \(configuration.socket.path))")
+            return 0
+        } catch {
+            FileHandle.standardError.write(Data((error.description + "\n").utf8))
+            return 1
+        }
+    }
+
+    /// Runs the daemon in the foreground until SIGTERM or SIGINT. Returns the process exit code.
+    ///
+    /// - Parameters:
+    ///   - configPath: the config file; SIGHUP re-reads it.
+    ///   - logLevel: the lowest level logged.
+    public static func run(configPath: String, logLevel: Logger.Level) -> Int32 {
+        // Before anything can start a thread: signals must be blocked everywhere so that only the
+        // signalfd sees them.
+        let signals: SignalDescriptor
+        do {
+            signals = try SignalDescriptor(signals: [SIGTERM, SIGINT, SIGHUP])
+        } catch {
+            FileHandle.standardError.write(Data("<3>cannot create signalfd: \(error)\n".utf8))
+            return 1
+        }
+        ProcessSignals.ignoreBrokenPipe()
+        LoggingSystem.bootstrap { label in
+            var handler = JournalLogHandler(label: label)
+            handler.logLevel = logLevel
+            return handler
+        }
+        let logger = Logger(label: "shmbrokerd")
+        let notifier = SystemdNotifier()
+        let configuration: BrokerConfiguration
+        do {
+            configuration = try BrokerConfiguration.load(path: configPath)
+        } catch {
+            for problem in error.problems { logger.critical("config \(error.file): \(problem)") }
+            notifier.notify("STATUS=invalid configuration \(configPath)\nERRNO=22")
+            return 1
+        }
+        do {
+            let server = try BrokerServer(configuration: configuration, configPath: configPath, signals: signals, logger: logger,
+                                          notifier: notifier)
+            try server.start()
+            try server.run()
+            logger.info("stopped cleanly")
+            return 0
+        } catch {
+            logger.critical("fatal: \(error)")
+            notifier.notify("STATUS=failed: \(error)")
+            return 1
+        }
+    }
+}
