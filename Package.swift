@@ -39,13 +39,15 @@ let package = Package(
                 .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),
+        // The JSON config: parsing, validation with JSON paths, user and group look-ups.
+        .target(name: "ShmBrokerConfig", dependencies: ["ShmBrokerCore", "ShmBrokerPlatform"]),
         // The control-channel wire codec shared by the daemon and every client.
         .target(name: "ShmBrokerProtocol", dependencies: ["ShmBrokerCore"]),
         // The daemon: config, access control, segment registry, event loop, systemd glue.
         .target(
             name: "ShmBrokerDaemon",
             dependencies: [
-                "ShmBrokerCore", "ShmBrokerProtocol", "ShmBrokerPlatform", "CSystemd",
+                "ShmBrokerCore", "ShmBrokerProtocol", "ShmBrokerPlatform", "ShmBrokerConfig", "CSystemd",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -63,7 +65,7 @@ let package = Package(
         .executableTarget(
             name: "shmbrokerctl",
             dependencies: [
-                "ShmBrokerClient",
+                "ShmBrokerClient", "ShmBrokerConfig",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -78,7 +80,7 @@ let package = Package(
         ),
         .testTarget(name: "ShmBrokerCoreTests", dependencies: ["ShmBrokerCore", "ShmBrokerPlatform"]),
         .testTarget(name: "ShmBrokerProtocolTests", dependencies: ["ShmBrokerProtocol"]),
-        .testTarget(name: "ShmBrokerDaemonTests", dependencies: ["ShmBrokerDaemon"]),
+        .testTarget(name: "ShmBrokerConfigTests", dependencies: ["ShmBrokerConfig"]),
         .testTarget(
             name: "ShmBrokerIntegrationTests",
             dependencies: ["ShmBrokerClient", "ShmBrokerPlatform", "ShmBrokerProtocol", "shmbroker-testkit"]

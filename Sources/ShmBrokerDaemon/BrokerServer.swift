@@ -1,3 +1,4 @@
+import ShmBrokerConfig
 import Foundation
 import Logging
 import ShmBrokerCore

@@ -1,3 +1,4 @@
+import ShmBrokerConfig
 import Foundation
 import Logging
 import ShmBrokerPlatform
@@ -21,7 +22,8 @@ public enum DaemonLauncher {
     /// - Parameters:
     ///   - configPath: the config file; SIGHUP re-reads it.
     ///   - logLevel: the lowest level logged.
-    public static func run(configPath: String, logLevel: Logger.Level) -> Int32 {
+    public static func run(configPath relativeConfigPath: String, logLevel: Logger.Level) -> Int32 {
+        let configPath = URL(fileURLWithPath: relativeConfigPath).standardizedFileURL.path
         // Before anything can start a thread: signals must be blocked everywhere so that only the
         // signalfd sees them.
         let signals: SignalDescriptor

@@ -1,3 +1,4 @@
+import ShmBrokerConfig
 import ShmBrokerCore
 import ShmBrokerPlatform
 import SystemPackage

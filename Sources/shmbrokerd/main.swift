@@ -1,3 +1,4 @@
+import ShmBrokerConfig
 import ArgumentParser
 import Logging
 import ShmBrokerDaemon

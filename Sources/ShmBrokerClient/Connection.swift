@@ -1,0 +1,154 @@
+import Foundation
+import ShmBrokerPlatform
+import ShmBrokerProtocol
+import Synchronization
+import SystemPackage
+
+/// The client's socket plus a receive thread that routes replies to waiting requests (by request
+/// id) and events to subscriptions.
+final class Connection: Sendable {
+    struct Reply: Sendable {
+        var message: ServerMessage
+        var descriptors: [FileDescriptor]
+    }
+
+    private struct State {
+        var nextRequestID: UInt32 = 1
+        var waiting: [UInt32: CheckedContinuation<Reply, any Error>] = [:]
+        var subscribers: [String: AsyncStream<SegmentEvent>.Continuation] = [:]
+        var closed = false
+    }
+
+    private let socket: FileDescriptor
+    private let state = Mutex(State())
+
+    init(socket: FileDescriptor) {
+        self.socket = socket
+    }
+
+    /// Starts the receive thread; it ends when the socket closes.
+    func startReceiving() {
+        let thread = Thread { [self] in receiveLoop() }
+        thread.name = "shmbroker-client-receive"
+        thread.start()
+    }
+
+    /// Sends a request and waits for its reply; an ERROR reply throws ``ShmBrokerClientError/refused(_:)``.
+    func request(_ request: Request, descriptors: [FileDescriptor] = []) async throws(ShmBrokerClientError) -> Reply {
+        let reply: Reply
+        do {
+            reply = try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Reply, any Error>) in
+                let id: UInt32? = state.withLock { state in
+                    guard !state.closed else { return nil }
+                    let id = state.nextRequestID
+                    state.nextRequestID = id == UInt32.max ? 1 : id + 1
+                    state.waiting[id] = continuation
+                    return id
+                }
+                guard let id else {
+                    continuation.resume(throwing: ShmBrokerClientError.disconnected)
+                    return
+                }
+                let frame = request.encode(requestID: id)
+                let result = frame.withUnsafeBytes { bytes in
+                    Result { () throws(Errno) in try SeqpacketSocket.send(socket, bytes, descriptors: descriptors) }
+                }
+                if case .failure(let error) = result {
+                    if let waiter = state.withLock({ $0.waiting.removeValue(forKey: id) }) {
+                        waiter.resume(throwing: error == .messageTooLong
+                            ? ShmBrokerClientError.refused(ProtocolError(.frameTooLarge, "request of \(frame.count) bytes is too large to send"))
+                            : ShmBrokerClientError.disconnected)
+                    }
+                }
+            }
+        } catch let error as ShmBrokerClientError {
+            throw error
+        } catch {
+            throw .protocolViolation("\(error)")
+        }
+        if case .error(let refusal) = reply.message {
+            reply.descriptors.forEach { $0.closeQuietly() }
+            throw .refused(refusal)
+        }
+        return reply
+    }
+
+    func addSubscriber(_ segment: String, _ continuation: AsyncStream<SegmentEvent>.Continuation) {
+        let previous = state.withLock { state in
+            let previous = state.subscribers[segment]
+            state.subscribers[segment] = continuation
+            return previous
+        }
+        previous?.finish()
+    }
+
+    func removeSubscriber(_ segment: String) {
+        state.withLock { $0.subscribers.removeValue(forKey: segment) }?.finish()
+    }
+
+    /// Closes the connection: pending requests fail with ``ShmBrokerClientError/disconnected``.
+    func close() {
+        let wasOpen = state.withLock { state in
+            let wasOpen = !state.closed
+            state.closed = true
+            return wasOpen
+        }
+        // Wakes the receive thread, which then closes the descriptor and fails what is pending.
+        if wasOpen { _ = shutdown(socket.rawValue, Int32(SHUT_RDWR)) }
+    }
+
+    private func receiveLoop() {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: ControlProtocol.maximumFrameSize + 1, alignment: 16)
+        defer { buffer.deallocate() }
+        while true {
+            let message: ReceivedMessage?
+            do {
+                message = try SeqpacketSocket.receive(socket, into: buffer, maximumDescriptors: 4)
+            } catch {
+                break
+            }
+            guard let message, message.byteCount > 0 || !message.descriptors.isEmpty else { break }
+            route(UnsafeRawBufferPointer(rebasing: buffer[..<min(message.byteCount, ControlProtocol.maximumFrameSize)]),
+                  descriptors: message.descriptors)
+        }
+        let (waiting, subscribers) = state.withLock { state in
+            state.closed = true
+            defer {
+                state.waiting.removeAll()
+                state.subscribers.removeAll()
+            }
+            return (state.waiting, state.subscribers)
+        }
+        socket.closeQuietly()
+        waiting.values.forEach { $0.resume(throwing: ShmBrokerClientError.disconnected) }
+        subscribers.values.forEach { $0.finish() }
+    }
+
+    private func route(_ frame: UnsafeRawBufferPointer, descriptors: [FileDescriptor]) {
+        let header: FrameHeader
+        let message: ServerMessage
+        do {
+            header = try FrameHeader.parse(frame)
+            message = try ServerMessage.decode(type: header.type, body: Frame.body(of: frame))
+        } catch {
+            descriptors.forEach { $0.closeQuietly() }
+            return
+        }
+        switch message {
+        case let .versionEvent(segment, info):
+            _ = state.withLock { $0.subscribers[segment] }?.yield(.version(info))
+        case .retiredEvent(let segment):
+            if let continuation = state.withLock({ $0.subscribers.removeValue(forKey: segment) }) {
+                continuation.yield(.retired)
+                continuation.finish()
+            }
+        default:
+            if let waiter = state.withLock({ $0.waiting.removeValue(forKey: header.requestID) }) {
+                waiter.resume(returning: Reply(message: message, descriptors: descriptors))
+            } else {
+                // A connection-level error (request id 0) or a reply nobody waits for.
+                descriptors.forEach { $0.closeQuietly() }
+            }
+        }
+    }
+}
