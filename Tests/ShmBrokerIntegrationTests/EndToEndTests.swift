@@ -1,0 +1,163 @@
+import Foundation
+import Glibc
+import ShmBrokerClient
+import ShmBrokerProtocol
+import XCTest
+
+/// Publish, read and subscribe across real processes: the daemon, the CLI and library clients.
+final class EndToEndTests: XCTestCase {
+    func testPublishReadAndSubscribeAcrossProcesses() async throws {
+        let daemon = try TestDaemon(segments: [segment("state", size: "4KiB")])
+        defer { daemon.stop() }
+
+        // A watcher process subscribes before anything is published.
+        let watcher = try ChildProcess(Binaries.ctl, ["watch", "state", "--count", "2", "--json", "--socket", daemon.socketPath])
+        let client = try await daemon.connect()
+        try await waitUntil { try await client.status().segments.first?.subscribers == 1 }
+
+        // A reader process sees "never published" as its own exit status, not as empty content.
+        let empty = try runToCompletion(Binaries.ctl, ["read", "state", "--socket", daemon.socketPath])
+        XCTAssertEqual(empty.status, 3, empty.stderr)
+        XCTAssertTrue(empty.stderr.contains("nothing has been published"), empty.stderr)
+
+        // A producer process publishes from stdin; another reads it back.
+        let published = try runToCompletion(Binaries.ctl, ["publish", "state", "-", "--json", "--socket", daemon.socketPath], stdin: Data("first".utf8))
+        XCTAssertEqual(published.status, 0, published.stderr)
+        XCTAssertTrue(published.stdout.contains("\"version\":1"), published.stdout)
+        let second = try await client.publish("state", bytes: Array("second version".utf8))
+        XCTAssertEqual(second.version, 2)
+
+        let read = try runToCompletion(Binaries.ctl, ["read", "state", "--socket", daemon.socketPath])
+        XCTAssertEqual(read.status, 0, read.stderr)
+        XCTAssertEqual(read.stdout, "second version")
+
+        let watched = watcher.finish(timeout: 30)
+        XCTAssertEqual(watched.status, 0, watched.stderr)
+        let versions = watched.stdout.split(separator: "\n").compactMap { line -> Int? in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["version"] as? Int
+        }
+        XCTAssertEqual(versions, [1, 2])
+
+        // The library's mapping reads the same bytes with a verified CRC.
+        let handle = try await client.open("state")
+        let snapshot = try XCTUnwrap(try handle.read())
+        XCTAssertEqual(snapshot.version, 2)
+        XCTAssertEqual(snapshot.crc64, second.crc64)
+        XCTAssertEqual(String(decoding: snapshot.bytes, as: UTF8.self), "second version")
+
+        // An empty payload is a version of its own, distinct from "never published".
+        let emptyVersion = try await client.publish("state", bytes: [])
+        XCTAssertEqual(emptyVersion.version, 3)
+        let emptySnapshot = try XCTUnwrap(try handle.read())
+        XCTAssertEqual(emptySnapshot.version, 3)
+        XCTAssertEqual(emptySnapshot.bytes, [])
+        let emptyRead = try runToCompletion(Binaries.ctl, ["read", "state", "--socket", daemon.socketPath])
+        XCTAssertEqual(emptyRead.status, 0, emptyRead.stderr)
+        XCTAssertEqual(emptyRead.stdout, "")
+    }
+
+    func testLibrarySubscriptionDeliversEveryVersionToAPromptReader() async throws {
+        let daemon = try TestDaemon(segments: [segment("ticks", size: 64)])
+        defer { daemon.stop() }
+        let producer = try await daemon.connect()
+        let consumer = try await daemon.connect()
+        let subscription = try await consumer.subscribe("ticks")
+        XCTAssertEqual(subscription.initialVersion, 0)
+        let handle = try await consumer.open("ticks")
+        var iterator = subscription.makeAsyncIterator()
+        for index in 1...20 {
+            let receipt = try await producer.publish("ticks", bytes: Array("tick \(index)".utf8))
+            guard case .version(let info)? = await iterator.next() else { return XCTFail("subscription ended") }
+            XCTAssertEqual(info.version, receipt.version)
+            XCTAssertEqual(info.crc64, receipt.crc64)
+            XCTAssertEqual(try handle.read()?.bytes, Array("tick \(index)".utf8))
+        }
+    }
+
+    func testFutexWaiterInAnotherProcessWakesOnPublish() async throws {
+        let daemon = try TestDaemon(segments: [segment("signal", size: 128)])
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        try await client.publish("signal", bytes: Array("before".utf8))
+        let waiter = try ChildProcess(Binaries.testKit, ["wait-version", "--socket", daemon.socketPath, "--segment", "signal", "--timeout", "60"])
+        XCTAssertTrue(waiter.waitForStderr("waiting after 1"), waiter.stderrText)
+        try await client.publish("signal", bytes: Array("after".utf8))
+        let result = waiter.finish(timeout: 60)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let json = try result.json()
+        XCTAssertEqual(json["before"] as? Int, 1)
+        XCTAssertEqual(json["after"] as? Int, 2)
+        XCTAssertEqual(json["content"] as? String, "after")
+    }
+
+    func testLargePayloadTravelsAsAttachedMemfdAndOversizeIsRefusedWithCapacity() async throws {
+        let daemon = try TestDaemon(segments: [segment("blob", size: "1MiB")])
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        var generator = SystemRandomNumberGenerator()
+        let payload = (0..<(1 << 20)).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let receipt = try await client.publish("blob", bytes: payload)
+        XCTAssertEqual(receipt.length, UInt64(payload.count))
+
+        do {
+            try await client.publish("blob", bytes: payload + [0])
+            XCTFail("an oversize payload was accepted")
+        } catch {
+            XCTAssertEqual(error.code, .payloadTooLarge)
+            XCTAssertTrue("\(error)".contains("1048576"), "the error states the capacity: \(error)")
+        }
+        let handle = try await client.open("blob")
+        let snapshot = try XCTUnwrap(try handle.read())
+        XCTAssertEqual(snapshot.version, 1, "nothing was written by the refused publish")
+        XCTAssertEqual(snapshot.bytes, payload)
+
+        let file = daemon.directory + "/payload.bin"
+        try Data(payload.reversed()).write(to: URL(fileURLWithPath: file))
+        let cli = try runToCompletion(Binaries.ctl, ["publish", "blob", file, "--socket", daemon.socketPath])
+        XCTAssertEqual(cli.status, 0, cli.stderr)
+        let out = daemon.directory + "/out.bin"
+        let readBack = try runToCompletion(Binaries.ctl, ["read", "blob", "-o", out, "--socket", daemon.socketPath])
+        XCTAssertEqual(readBack.status, 0, readBack.stderr)
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: out)), Data(payload.reversed()))
+    }
+
+    func testStatusReportsSegmentsClientsAndCounters() async throws {
+        let daemon = try TestDaemon(segments: [segment("a", size: 100), segment("b", size: "2KiB", slots: 4)])
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        _ = try await client.open("a")
+        _ = try await client.subscribe("b")
+        try await client.publish("a", bytes: [1, 2, 3])
+        let report = try await client.status()
+        XCTAssertEqual(report.segments.map(\.name), ["a", "b"])
+        XCTAssertEqual(report.segments[0].version, 1)
+        XCTAssertEqual(report.segments[0].length, 3)
+        XCTAssertEqual(report.segments[0].readers, 1)
+        XCTAssertNotNil(report.segments[0].lastPublishedAt)
+        XCTAssertEqual(report.segments[1].capacity, 2048)
+        XCTAssertEqual(report.segments[1].slots, 4)
+        XCTAssertEqual(report.segments[1].subscribers, 1)
+        XCTAssertNil(report.segments[1].lastPublishedAt)
+        XCTAssertEqual(report.daemon.pid, daemon.pid)
+        XCTAssertEqual(report.counters.publishes, 1)
+
+        let cli = try runToCompletion(Binaries.ctl, ["status", "--json", "--socket", daemon.socketPath])
+        XCTAssertEqual(cli.status, 0, cli.stderr)
+        let json = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(cli.stdout.utf8)) as? [String: Any])
+        XCTAssertEqual((json["segments"] as? [[String: Any]])?.count, 2)
+        // The CLI finds the socket through the daemon's config, as the daemon does.
+        let viaConfig = try runToCompletion(Binaries.ctl, ["list", "--config", daemon.configPath])
+        XCTAssertEqual(viaConfig.status, 0, viaConfig.stderr)
+        XCTAssertTrue(viaConfig.stdout.contains("a ") && viaConfig.stdout.contains("b "), viaConfig.stdout)
+    }
+}
+
+/// Polls an async condition (for state another process changes), failing after `timeout`.
+func waitUntil(timeout: Double = 30, file: StaticString = #filePath, line: UInt = #line, _ condition: () async throws -> Bool) async throws {
+    let deadline = Date().addingTimeInterval(timeout)
+    while Date() < deadline {
+        if try await condition() { return }
+        try await Task.sleep(nanoseconds: 20_000_000)
+    }
+    XCTFail("condition not met within \(timeout)s", file: file, line: line)
+}

@@ -1,0 +1,179 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import ShmBrokerClient
+import ShmBrokerCore
+import ShmBrokerPlatform
+import ShmBrokerProtocol
+import SystemPackage
+
+// The processes the integration tests spawn: a writer of self-checking payloads, readers that
+// verify every read, and an attacker that tries to write segment memory it was given read-only.
+// Each prints one JSON object on stdout as its result.
+
+/// A payload that proves its own integrity: `[u64 seed][u64 length][bytes from seed]`.
+enum SelfCheckingPayload {
+    static func make(seed: UInt64, length: Int) -> [UInt8] {
+        precondition(length >= 16)
+        var bytes = [UInt8](repeating: 0, count: length)
+        bytes.withUnsafeMutableBytes { raw in
+            raw.storeBytes(of: seed.littleEndian, toByteOffset: 0, as: UInt64.self)
+            raw.storeBytes(of: UInt64(length).littleEndian, toByteOffset: 8, as: UInt64.self)
+            var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+            var offset = 16
+            while offset + 8 <= length {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17
+                raw.storeBytes(of: state, toByteOffset: offset, as: UInt64.self)
+                offset += 8
+            }
+            while offset < length { raw[offset] = UInt8(truncatingIfNeeded: seed); offset += 1 }
+        }
+        return bytes
+    }
+
+    /// The seed if `bytes` is exactly what `make` produces for it, else nil.
+    static func verify(_ bytes: [UInt8]) -> UInt64? {
+        guard bytes.count >= 16 else { return nil }
+        let seed = bytes.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
+        return make(seed: seed, length: bytes.count) == bytes ? seed : nil
+    }
+}
+
+func emit(_ object: [String: Any]) {
+    let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+    FileHandle.standardOutput.write(data + Data([0x0A]))
+}
+
+@main
+struct TestKit: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "shmbroker-testkit",
+        subcommands: [Writer.self, Reader.self, Attack.self, WaitVersion.self])
+}
+
+struct Writer: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Publish self-checking payloads as fast as possible.")
+    @Option var socket: String
+    @Option var segment: String
+    @Option var count: Int
+    @Option var size: Int
+
+    func run() async throws {
+        let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "testkit-writer")
+        let start = Clock.monotonicNanoseconds()
+        var last: UInt64 = 0
+        for index in 0..<count {
+            last = try await client.publish(segment, bytes: SelfCheckingPayload.make(seed: UInt64(index + 1), length: size)).version
+        }
+        let seconds = Double(Clock.monotonicNanoseconds() - start) / 1e9
+        emit(["published": count, "lastVersion": last, "seconds": seconds, "perSecond": Double(count) / seconds])
+    }
+}
+
+struct Reader: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Read continuously, verifying every read, until a version appears.")
+    @Option var socket: String
+    @Option var segment: String
+    @Option(help: "Stop after reading this version or a later one.") var untilVersion: UInt64
+    @Option(help: "Give up after this many seconds.") var timeout: Double = 120
+    @Flag(help: "Also subscribe (and never read the events): a stalled subscriber.") var subscribeAndStall = false
+
+    func run() async throws {
+        let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "testkit-reader")
+        let handle = try await client.open(segment)
+        var stalled: Subscription?
+        if subscribeAndStall { stalled = try await client.subscribe(segment) }
+        FileHandle.standardError.write(Data("reading\n".utf8))
+        let deadline = Clock.monotonicNanoseconds() + UInt64(timeout * 1e9)
+        var reads = 0, mismatches = 0, regressions = 0, crcFailures = 0, contended = 0, neverPublished = 0
+        var distinct = 0
+        var lastVersion: UInt64 = 0
+        while lastVersion < untilVersion && Clock.monotonicNanoseconds() < deadline {
+            do {
+                guard let snapshot = try handle.read() else { neverPublished += 1; continue }
+                reads += 1
+                if snapshot.version < lastVersion { regressions += 1 }
+                if snapshot.version != lastVersion { distinct += 1 }
+                lastVersion = snapshot.version
+                // The writer publishes seed k as version k (on a fresh segment).
+                if SelfCheckingPayload.verify(snapshot.bytes) != snapshot.version { mismatches += 1 }
+            } catch {
+                guard case .segment(let failure) = error else { throw error }
+                switch failure {
+                case .checksumMismatch: crcFailures += 1
+                case .contended: contended += 1
+                default: throw error
+                }
+            }
+        }
+        _ = stalled
+        emit(["reads": reads, "distinctVersions": distinct, "lastVersion": lastVersion, "mismatches": mismatches,
+              "regressions": regressions, "crcFailures": crcFailures, "contended": contended, "neverPublished": neverPublished])
+    }
+}
+
+struct WaitVersion: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Wait on the futex word for a version newer than the current one.")
+    @Option var socket: String
+    @Option var segment: String
+    @Option var timeout: Double = 60
+
+    func run() async throws {
+        let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "testkit-waiter")
+        let handle = try await client.open(segment)
+        let before = handle.latestVersion
+        FileHandle.standardError.write(Data("waiting after \(before)\n".utf8))
+        let after = handle.waitForVersion(after: before, timeoutNanoseconds: UInt64(timeout * 1e9))
+        let snapshot = try handle.read()
+        emit(["before": before, "after": after, "content": String(decoding: snapshot?.bytes ?? [], as: UTF8.self)])
+    }
+}
+
+struct Attack: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Try every way to write a segment received read-only.")
+    @Option var socket: String
+    @Option var segment: String
+
+    /// "errno N" for a failure (the test compares N with the expected constant), else "succeeded".
+    func outcome(_ result: Int32) -> String {
+        result == -1 ? "errno \(errno)" : "succeeded"
+    }
+
+    func run() async throws {
+        let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "testkit-attacker")
+        // Receive the raw descriptor the way any reader does: OPEN and take the SCM_RIGHTS fd.
+        let fd = try SeqpacketSocket.connect(path: socket)
+        func roundTrip(_ request: Request) throws -> (ServerMessage, [FileDescriptor]) {
+            _ = try request.encode(requestID: 1).withUnsafeBytes { try SeqpacketSocket.send(fd, $0) }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 70_000, alignment: 8)
+            defer { buffer.deallocate() }
+            let message = try SeqpacketSocket.receive(fd, into: buffer)!
+            let frame = UnsafeRawBufferPointer(rebasing: buffer[..<message.byteCount])
+            let header = try FrameHeader.parse(frame)
+            return (try ServerMessage.decode(type: header.type, body: Frame.body(of: frame)), message.descriptors)
+        }
+        _ = try roundTrip(.hello(protocolVersion: ControlProtocol.version, clientName: "attacker"))
+        let (reply, descriptors) = try roundTrip(.open(segment: segment))
+        guard case .opened(let info) = reply, let memory = descriptors.first else {
+            emit(["error": "open failed: \(reply)"])
+            throw ExitCode(1)
+        }
+        let raw = memory.rawValue
+        let size = Int(info.mappingSize)
+        var results: [String: String] = [:]
+        let writable = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, raw, 0)
+        results["mmapWritable"] = writable == MAP_FAILED ? "errno \(errno)" : "succeeded"
+        var byte: UInt8 = 0x41
+        results["write"] = outcome(Int32(pwrite(raw, &byte, 1, 300)))
+        results["ftruncate"] = outcome(ftruncate(raw, 0))
+        results["ftruncateGrow"] = outcome(ftruncate(raw, off_t(size * 2)))
+        results["reopenReadWrite"] = outcome(open("/proc/self/fd/\(raw)", O_RDWR))
+        results["fchmod"] = outcome(fchmod(raw, 0o666))
+        results["reopenAfterFchmod"] = outcome(open("/proc/self/fd/\(raw)", O_RDWR))
+        let readOnly = mmap(nil, size, PROT_READ, MAP_SHARED, raw, 0)!
+        results["mprotectWritable"] = outcome(mprotect(readOnly, size, PROT_READ | PROT_WRITE))
+        results["uid"] = "\(getuid())"
+        _ = client
+        emit(results)
+    }
+}
