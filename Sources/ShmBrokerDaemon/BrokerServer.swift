@@ -468,6 +468,8 @@ public final class BrokerServer {
             }
         } catch let error as ProtocolError {
             return reject(client, requestID: requestID, error)
+        } catch let error as SegmentError {
+            return reject(client, requestID: requestID, ProtocolError(.payloadTooLarge, error.description))
         } catch {
             return reject(client, requestID: requestID, ProtocolError(.internalError, "\(error)"))
         }
