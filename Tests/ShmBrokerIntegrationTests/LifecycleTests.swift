@@ -1,0 +1,122 @@
+import Foundation
+import Glibc
+import ShmBrokerClient
+import ShmBrokerProtocol
+import XCTest
+
+/// sd_notify ordering against a real NOTIFY_SOCKET listener, SIGTERM, and SIGHUP reloads.
+final class LifecycleTests: XCTestCase {
+    func testReadyOnlyAfterEverySegmentExistsAndStoppingOnSigterm() throws {
+        let names = (0..<300).map { "seg-\($0)" }
+        let daemon = try TestDaemon(segments: names.map { segment($0, size: "64KiB") }, withNotifySocket: true, waitUntilReady: false)
+        let notify = try XCTUnwrap(daemon.notify)
+        let ready = try XCTUnwrap(notify.waitFor("READY=1", timeout: 60), "no READY=1: \(daemon.child.stderrText)")
+        // At the moment READY=1 arrives, every segment's memfd already exists in the daemon...
+        let links = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(daemon.pid)/fd").compactMap {
+            try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(daemon.pid)/fd/\($0)")
+        }
+        let memfds = Set(links.filter { $0.hasPrefix("/memfd:shmbroker:") }.map { $0.dropFirst("/memfd:shmbroker:".count).split(separator: " ").first.map(String.init) ?? "" })
+        XCTAssertEqual(memfds, Set(names))
+        // ...and the control socket accepts connections.
+        let raw = try RawConnection(socketPath: daemon.socketPath)
+        try raw.hello()
+        XCTAssertTrue(ready.contains("STATUS=serving 300 segments"), ready)
+
+        daemon.child.signal(SIGTERM)
+        let stopping = notify.waitFor("STOPPING=1", timeout: 30)
+        XCTAssertNotNil(stopping)
+        let exit = daemon.child.finish(timeout: 30)
+        XCTAssertEqual(exit.status, 0, exit.stderr)
+        XCTAssertTrue(exit.stderr.contains("<6>stopped cleanly"), "journald priority prefixes on stderr: \(exit.stderr)")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: daemon.socketPath), "the socket file is removed on exit")
+    }
+
+    func testSighupAppliesANewConfigAndKeepsUnchangedSegments() async throws {
+        let daemon = try TestDaemon(segments: [segment("keep", size: 128), segment("drop", size: 128), segment("grow", size: 16)],
+                                    withNotifySocket: true)
+        defer { daemon.stop() }
+        let notify = try XCTUnwrap(daemon.notify)
+        let client = try await daemon.connect()
+        let kept = try await client.publish("keep", bytes: Array("survives reload".utf8))
+        try await client.publish("grow", bytes: Array("small".utf8))
+        let dropHandle = try await client.open("drop")
+        let dropEvents = try await client.subscribe("drop")
+
+        try daemon.rewriteConfig(segments: [segment("keep", size: 128, readers: [0]), segment("grow", size: 4096), segment("new", size: 64)])
+        daemon.child.signal(SIGHUP)
+        XCTAssertNotNil(notify.waitFor("RELOADING=1"))
+        let ready = try XCTUnwrap(notify.waitFor("READY=1"))
+        XCTAssertTrue(ready.contains("STATUS=serving 3 segments"), ready)
+
+        let report = try await client.status()
+        XCTAssertEqual(report.segments.map(\.name), ["keep", "grow", "new"])
+        XCTAssertEqual(report.counters.reloads, 1)
+        let keep = try await client.open("keep")
+        let snapshot = try XCTUnwrap(try keep.read())
+        XCTAssertEqual(snapshot.version, kept.version, "an unchanged segment keeps its version")
+        XCTAssertEqual(snapshot.bytes, Array("survives reload".utf8))
+        let grown = try await client.open("grow")
+        XCTAssertEqual(grown.capacity, 4096)
+        XCTAssertEqual(try grown.read()?.bytes, Array("small".utf8), "a resized segment carries its content over")
+        try await client.publish("new", bytes: [1])
+
+        XCTAssertTrue(dropHandle.isRetired, "readers of a removed segment see it retired in shared memory")
+        var iterator = dropEvents.makeAsyncIterator()
+        let event = await iterator.next()
+        XCTAssertEqual(event, .retired)
+        do {
+            _ = try await client.open("drop")
+            XCTFail("a removed segment can still be opened")
+        } catch {
+            XCTAssertEqual(error.code, .noSuchSegment)
+        }
+    }
+
+    func testInvalidConfigOnSighupIsRejectedAndTheOldOneKeepsRunning() async throws {
+        let daemon = try TestDaemon(segments: [segment("steady", size: 64)], withNotifySocket: true)
+        defer { daemon.stop() }
+        let notify = try XCTUnwrap(daemon.notify)
+        let client = try await daemon.connect()
+        try await client.publish("steady", bytes: Array("v1".utf8))
+
+        try Data(#"{"socket": {"path": "/tmp/x.sock"}, "segments": [{"name": "bad name!", "size": "lots"}], "extra": 1}"#.utf8)
+            .write(to: URL(fileURLWithPath: daemon.configPath))
+        daemon.child.signal(SIGHUP)
+        let ready = try XCTUnwrap(notify.waitFor("READY=1"))
+        XCTAssertTrue(ready.contains("reload failed"), ready)
+        XCTAssertTrue(daemon.child.stderrText.contains("$.segments[0].name"), "the journal names each problem: \(daemon.child.stderrText)")
+        XCTAssertTrue(daemon.child.stderrText.contains("$.extra"))
+
+        let report = try await client.status()
+        XCTAssertEqual(report.counters.failedReloads, 1)
+        XCTAssertEqual(report.segments.map(\.name), ["steady"])
+        let receipt = try await client.publish("steady", bytes: Array("v2".utf8))
+        XCTAssertEqual(receipt.version, 2)
+    }
+
+    func testCheckConfigReportsEveryProblemAndDoesNotStart() throws {
+        let directory = NSTemporaryDirectory() + "shmbroker-check-\(getpid())"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/bad.json"
+        try Data(#"""
+        {"socket": {"path": "/tmp/shmbroker-never.sock", "mode": "rw"},
+         "segments": [{"name": "a", "size": "1MiB"}, {"name": "a", "size": 10},
+                      {"name": "b", "size": "-3", "readers": {"users": ["no-such-user-xyz"]}}]}
+        """#.utf8).write(to: URL(fileURLWithPath: path))
+        let result = try runToCompletion(Binaries.daemon, ["--config", path, "--check-config"])
+        XCTAssertEqual(result.status, 1)
+        for expected in ["$.socket.mode", "$.segments[1].name: duplicate segment name \"a\"", "$.segments[2].size",
+                         "$.segments[2].readers.users[0]: unknown user \"no-such-user-xyz\""] {
+            XCTAssertTrue(result.stderr.contains(expected), "missing \(expected) in: \(result.stderr)")
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "/tmp/shmbroker-never.sock"))
+
+        let examples = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("config")
+        for name in ["example.json", "shmbroker.json"] {
+            let good = try runToCompletion(Binaries.daemon, ["--config", examples.appendingPathComponent(name).path, "--check-config"])
+            XCTAssertEqual(good.status, 0, "\(name): \(good.stderr)")
+        }
+    }
+}
