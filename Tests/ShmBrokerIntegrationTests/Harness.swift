@@ -82,6 +82,11 @@ final class ChildProcess: @unchecked Sendable {
 
     var stderrText: String { (try? String(contentsOf: stderrFile, encoding: .utf8)) ?? "" }
 
+    /// Complete lines written to stdout so far.
+    var stdoutLineCount: Int {
+        ((try? String(contentsOf: stdoutFile, encoding: .utf8)) ?? "").filter { $0 == "\n" }.count
+    }
+
     /// Waits for exit (killing the process after `timeout` seconds) and collects its output.
     func finish(timeout: Double = 120) -> ProcessResult {
         let deadline = Date().addingTimeInterval(timeout)
