@@ -180,7 +180,7 @@ final class TestDaemon {
     ///   - withNotifySocket: give the daemon a NOTIFY_SOCKET and wait for READY=1 there
     ///     (otherwise wait until the control socket accepts connections).
     init(segments: [[String: Any]], limits: [String: Any] = [:], withNotifySocket: Bool = false,
-         waitUntilReady: Bool = true) throws {
+         waitUntilReady: Bool = true, extraEnvironment: [String: String] = [:]) throws {
         let base = "/tmp/shmbroker-test-\(getpid())-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
         directory = base
@@ -192,6 +192,7 @@ final class TestDaemon {
         environment.removeValue(forKey: "NOTIFY_SOCKET")
         environment.removeValue(forKey: "WATCHDOG_USEC")
         if let notify { environment["NOTIFY_SOCKET"] = notify.path }
+        environment.merge(extraEnvironment) { $1 }
         child = try ChildProcess(Binaries.daemon, ["--config", configPath, "--log-level", "debug"], environment: environment)
         if waitUntilReady {
             if let notify {

@@ -31,6 +31,28 @@ final class LifecycleTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: daemon.socketPath), "the socket file is removed on exit")
     }
 
+    func testWatchdogPingsComeFromTheLiveEventLoop() throws {
+        let daemon = try TestDaemon(segments: [segment("w", size: 8)], withNotifySocket: true,
+                                    extraEnvironment: ["WATCHDOG_USEC": "400000"])
+        defer { daemon.stop() }
+        let notify = try XCTUnwrap(daemon.notify)
+        for _ in 0..<3 {
+            XCTAssertNotNil(notify.waitFor("WATCHDOG=1", timeout: 10), "a WATCHDOG=1 within the interval")
+        }
+        // Frozen, the loop sends nothing: the pings are proof of life, not a timer thread.
+        daemon.child.signal(SIGSTOP)
+        while notify.next(timeout: 0.05) != nil {}
+        XCTAssertNil(notify.waitFor("WATCHDOG=1", timeout: 1.0))
+        daemon.child.signal(SIGCONT)
+        XCTAssertNotNil(notify.waitFor("WATCHDOG=1", timeout: 10))
+    }
+
+    func testWithoutWatchdogUsecNoPingsAreSent() throws {
+        let daemon = try TestDaemon(segments: [segment("w", size: 8)], withNotifySocket: true)
+        defer { daemon.stop() }
+        XCTAssertNil(try XCTUnwrap(daemon.notify).waitFor("WATCHDOG=1", timeout: 1.0))
+    }
+
     func testSighupAppliesANewConfigAndKeepsUnchangedSegments() async throws {
         let daemon = try TestDaemon(segments: [segment("keep", size: 128), segment("drop", size: 128), segment("grow", size: 16)],
                                     withNotifySocket: true)
