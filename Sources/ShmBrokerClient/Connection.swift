@@ -4,8 +4,9 @@ import ShmBrokerProtocol
 import Synchronization
 import SystemPackage
 
-/// The client's socket plus a receive thread that routes replies to waiting requests (by request
-/// id) and events to subscriptions.
+/// One connection to the daemon: the socket plus a receive thread that routes replies to waiting
+/// requests (by request id) and events to a handler. ``ShmBrokerClient`` replaces it after a
+/// daemon restart.
 final class Connection: Sendable {
     struct Reply: Sendable {
         var message: ServerMessage
@@ -15,15 +16,23 @@ final class Connection: Sendable {
     private struct State {
         var nextRequestID: UInt32 = 1
         var waiting: [UInt32: CheckedContinuation<Reply, any Error>] = [:]
-        var subscribers: [String: AsyncStream<SegmentEvent>.Continuation] = [:]
         var closed = false
     }
 
     private let socket: FileDescriptor
     private let state = Mutex(State())
+    private let onEvent: @Sendable (ServerMessage) -> Void
+    private let onClose: @Sendable (Connection) -> Void
 
-    init(socket: FileDescriptor) {
+    /// - Parameters:
+    ///   - socket: a connected control socket; the connection owns it from now on.
+    ///   - onEvent: called on the receive thread for each VERSION or RETIRED event.
+    ///   - onClose: called once the connection is gone, whoever closed it.
+    init(socket: FileDescriptor, onEvent: @escaping @Sendable (ServerMessage) -> Void,
+         onClose: @escaping @Sendable (Connection) -> Void) {
         self.socket = socket
+        self.onEvent = onEvent
+        self.onClose = onClose
     }
 
     /// Starts the receive thread; it ends when the socket closes.
@@ -73,19 +82,6 @@ final class Connection: Sendable {
         return reply
     }
 
-    func addSubscriber(_ segment: String, _ continuation: AsyncStream<SegmentEvent>.Continuation) {
-        let previous = state.withLock { state in
-            let previous = state.subscribers[segment]
-            state.subscribers[segment] = continuation
-            return previous
-        }
-        previous?.finish()
-    }
-
-    func removeSubscriber(_ segment: String) {
-        state.withLock { $0.subscribers.removeValue(forKey: segment) }?.finish()
-    }
-
     /// Closes the connection: pending requests fail with ``ShmBrokerClientError/disconnected``.
     func close() {
         let wasOpen = state.withLock { state in
@@ -111,17 +107,14 @@ final class Connection: Sendable {
             route(UnsafeRawBufferPointer(rebasing: buffer[..<min(message.byteCount, ControlProtocol.maximumFrameSize)]),
                   descriptors: message.descriptors)
         }
-        let (waiting, subscribers) = state.withLock { state in
+        let waiting = state.withLock { state in
             state.closed = true
-            defer {
-                state.waiting.removeAll()
-                state.subscribers.removeAll()
-            }
-            return (state.waiting, state.subscribers)
+            defer { state.waiting.removeAll() }
+            return state.waiting
         }
         socket.closeQuietly()
         waiting.values.forEach { $0.resume(throwing: ShmBrokerClientError.disconnected) }
-        subscribers.values.forEach { $0.finish() }
+        onClose(self)
     }
 
     private func route(_ frame: UnsafeRawBufferPointer, descriptors: [FileDescriptor]) {
@@ -135,13 +128,9 @@ final class Connection: Sendable {
             return
         }
         switch message {
-        case let .versionEvent(segment, info):
-            _ = state.withLock { $0.subscribers[segment] }?.yield(.version(info))
-        case .retiredEvent(let segment):
-            if let continuation = state.withLock({ $0.subscribers.removeValue(forKey: segment) }) {
-                continuation.yield(.retired)
-                continuation.finish()
-            }
+        case .versionEvent, .retiredEvent:
+            descriptors.forEach { $0.closeQuietly() }
+            onEvent(message)
         default:
             if let waiter = state.withLock({ $0.waiting.removeValue(forKey: header.requestID) }) {
                 waiter.resume(returning: Reply(message: message, descriptors: descriptors))

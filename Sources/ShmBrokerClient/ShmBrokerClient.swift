@@ -17,21 +17,49 @@ import SystemPackage
 /// if let snapshot = try segment.read() { print(snapshot.version, snapshot.bytes.count) }
 /// ```
 public final class ShmBrokerClient: Sendable {
-    /// The path this client connected to.
+    /// How the client behaves when the daemon goes away.
+    public struct Options: Sendable {
+        /// Reconnect automatically after the daemon closes the connection (a restart, say), and
+        /// resubscribe every subscription; requests issued meanwhile wait for the new connection.
+        public var reconnects = true
+        /// Longest pause between two reconnection attempts.
+        public var maximumReconnectDelayNanoseconds: UInt64 = 1_000_000_000
+
+        public init(reconnects: Bool = true) {
+            self.reconnects = reconnects
+        }
+    }
+
+    /// The path this client connects to.
     public let socketPath: String
-    /// The daemon's version, from the handshake.
-    public let daemonVersion: String
+    /// The name the daemon shows for this client.
+    public let clientName: String
+    public let options: Options
 
-    private let connection: Connection
+    private struct SubscriptionEntry {
+        var continuation: AsyncStream<SegmentEvent>.Continuation
+        var lastVersion: UInt64
+    }
 
-    private init(socketPath: String, connection: Connection, daemonVersion: String) {
+    private struct State {
+        var connection: Connection?
+        var daemonVersion = ""
+        var subscriptions: [String: SubscriptionEntry] = [:]
+        var waitingForConnection: [CheckedContinuation<Connection, any Error>] = []
+        var reconnecting = false
+        var closed = false
+    }
+
+    private let state = Mutex(State())
+
+    private init(socketPath: String, clientName: String, options: Options) {
         self.socketPath = socketPath
-        self.connection = connection
-        self.daemonVersion = daemonVersion
+        self.clientName = clientName
+        self.options = options
     }
 
     deinit {
-        connection.close()
+        close()
     }
 
     /// Connects and performs the version handshake.
@@ -39,24 +67,185 @@ public final class ShmBrokerClient: Sendable {
     /// - Parameters:
     ///   - socketPath: the daemon's control socket.
     ///   - clientName: a name shown in the daemon's status, for diagnostics.
-    public static func connect(socketPath: String, clientName: String = ProcessInfo.processInfo.processName) async throws(ShmBrokerClientError) -> ShmBrokerClient {
+    ///   - options: reconnection behaviour.
+    public static func connect(socketPath: String, clientName: String = ProcessInfo.processInfo.processName,
+                               options: Options = Options()) async throws(ShmBrokerClientError) -> ShmBrokerClient {
+        ProcessSignals.ignoreBrokenPipe()
+        let client = ShmBrokerClient(socketPath: socketPath, clientName: clientName, options: options)
+        let (connection, version) = try await client.establish()
+        client.state.withLock {
+            $0.connection = connection
+            $0.daemonVersion = version
+        }
+        return client
+    }
+
+    /// The daemon's version, from the latest handshake.
+    public var daemonVersion: String { state.withLock { $0.daemonVersion } }
+
+    /// Opens a socket and performs HELLO.
+    private func establish() async throws(ShmBrokerClientError) -> (Connection, String) {
         let socket: FileDescriptor
         do {
             socket = try SeqpacketSocket.connect(path: socketPath)
-        } catch let error as Errno {
-            throw .connectionFailed(socketPath: socketPath, reason: "\(error)")
         } catch {
             throw .connectionFailed(socketPath: socketPath, reason: "\(error)")
         }
-        ProcessSignals.ignoreBrokenPipe()
-        let connection = Connection(socket: socket)
+        let connection = Connection(
+            socket: socket,
+            onEvent: { [weak self] message in self?.deliver(message) },
+            onClose: { [weak self] lost in self?.connectionLost(lost) })
         connection.startReceiving()
         let reply = try await connection.request(.hello(protocolVersion: ControlProtocol.version, clientName: clientName))
         guard case let .helloOK(version, _, daemonVersion) = reply.message, version == ControlProtocol.version else {
             connection.close()
             throw .protocolViolation("unexpected handshake reply \(reply.message.type)")
         }
-        return ShmBrokerClient(socketPath: socketPath, connection: connection, daemonVersion: daemonVersion)
+        return (connection, daemonVersion)
+    }
+
+    /// The live connection, waiting for a reconnection in progress.
+    private func currentConnection() async throws(ShmBrokerClientError) -> Connection {
+        if let ready = state.withLock({ $0.closed ? nil : $0.connection }) { return ready }
+        do {
+            return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Connection, any Error>) in
+                let outcome: Result<Connection, ShmBrokerClientError>? = state.withLock { state in
+                    if state.closed || (!state.reconnecting && state.connection == nil) { return .failure(.disconnected) }
+                    if let connection = state.connection { return .success(connection) }
+                    state.waitingForConnection.append(continuation)
+                    return nil
+                }
+                if let outcome { continuation.resume(with: outcome) }
+            }
+        } catch let error as ShmBrokerClientError {
+            throw error
+        } catch {
+            throw .disconnected
+        }
+    }
+
+    private func request(_ request: Request, descriptors: [FileDescriptor] = []) async throws(ShmBrokerClientError) -> Connection.Reply {
+        try await currentConnection().request(request, descriptors: descriptors)
+    }
+
+    /// Routes an event to its subscription; versions older than one already announced are dropped.
+    private func deliver(_ message: ServerMessage) {
+        switch message {
+        case let .versionEvent(segment, info):
+            let continuation: AsyncStream<SegmentEvent>.Continuation? = state.withLock { state in
+                guard var entry = state.subscriptions[segment], info.version > entry.lastVersion else { return nil }
+                entry.lastVersion = info.version
+                state.subscriptions[segment] = entry
+                return entry.continuation
+            }
+            continuation?.yield(.version(info))
+        case .retiredEvent(let segment):
+            if let entry = state.withLock({ $0.subscriptions.removeValue(forKey: segment) }) {
+                entry.continuation.yield(.retired)
+                entry.continuation.finish()
+            }
+        default:
+            break
+        }
+    }
+
+    /// The connection is gone: reconnect (and resubscribe) unless the client was closed.
+    private func connectionLost(_ lost: Connection) {
+        let shouldReconnect = state.withLock { state -> Bool in
+            guard state.connection === lost || state.connection == nil else { return false }
+            state.connection = nil
+            guard !state.closed, options.reconnects, !state.reconnecting else { return false }
+            state.reconnecting = true
+            return true
+        }
+        guard shouldReconnect else {
+            if !options.reconnects { finishEverything() }
+            return
+        }
+        // The task holds the client only while attempting, so a client dropped by its owner
+        // during a long outage is freed (and stops trying).
+        Task.detached { [weak self] in
+            var delay: UInt64 = 20_000_000
+            while true {
+                let maximumDelay: UInt64
+                do {
+                    guard let client = self, !client.state.withLock({ $0.closed }) else { return }
+                    if await client.attemptReconnection() { return }
+                    maximumDelay = client.options.maximumReconnectDelayNanoseconds
+                }
+                try? await Task.sleep(nanoseconds: delay)
+                delay = min(delay * 2, maximumDelay)
+            }
+        }
+    }
+
+    /// One reconnection attempt: connect, handshake, resubscribe, then release waiting requests.
+    private func attemptReconnection() async -> Bool {
+        do {
+            let (connection, version) = try await establish()
+            try await resubscribe(on: connection)
+            let waiters = state.withLock { state in
+                state.connection = connection
+                state.daemonVersion = version
+                state.reconnecting = false
+                defer { state.waitingForConnection.removeAll() }
+                return state.waitingForConnection
+            }
+            waiters.forEach { $0.resume(returning: connection) }
+            return true
+        } catch {
+            return false
+        }
+    }
+
+    /// Re-creates every subscription on a new connection, announcing the current version if it
+    /// differs from the last one the subscriber heard of (newer after a restart with the fd store;
+    /// possibly lower after a restart without it, when segments start afresh).
+    private func resubscribe(on connection: Connection) async throws(ShmBrokerClientError) {
+        for segment in state.withLock({ Array($0.subscriptions.keys) }) {
+            // While resynchronising, accept any event: versions may have restarted from 1.
+            let previous = state.withLock { state -> UInt64 in
+                let previous = state.subscriptions[segment]?.lastVersion ?? 0
+                state.subscriptions[segment]?.lastVersion = 0
+                return previous
+            }
+            let latest: VersionInfo
+            do throws(ShmBrokerClientError) {
+                let reply = try await connection.request(.subscribe(segment: segment))
+                guard case .subscribed(let info) = reply.message else {
+                    throw .protocolViolation("unexpected reply \(reply.message.type) to SUBSCRIBE")
+                }
+                latest = info
+            } catch {
+                guard case .refused = error else { throw error }
+                // Gone from the new daemon's config (or no longer permitted): the subscription ends.
+                deliver(.retiredEvent(segment: segment))
+                continue
+            }
+            let announce: AsyncStream<SegmentEvent>.Continuation? = state.withLock { state in
+                guard var entry = state.subscriptions[segment] else { return nil }
+                defer { state.subscriptions[segment] = entry }
+                if entry.lastVersion > 0 {
+                    entry.lastVersion = max(entry.lastVersion, latest.version)  // events already arrived
+                    return nil
+                }
+                entry.lastVersion = latest.version
+                return latest.version != previous && latest.version > 0 ? entry.continuation : nil
+            }
+            announce?.yield(.version(latest))
+        }
+    }
+
+    private func finishEverything() {
+        let (subscriptions, waiters) = state.withLock { state in
+            defer {
+                state.subscriptions.removeAll()
+                state.waitingForConnection.removeAll()
+            }
+            return (state.subscriptions, state.waitingForConnection)
+        }
+        subscriptions.values.forEach { $0.continuation.finish() }
+        waiters.forEach { $0.resume(throwing: ShmBrokerClientError.disconnected) }
     }
 
     /// Opens a segment for reading: receives a read-only descriptor and maps it.
@@ -64,7 +253,7 @@ public final class ShmBrokerClient: Sendable {
     /// - Parameter name: the segment's name from the daemon's config.
     /// - Returns: a handle whose reads go straight to shared memory, with no further requests.
     public func open(_ name: String) async throws(ShmBrokerClientError) -> SegmentHandle {
-        let reply = try await connection.request(.open(segment: name))
+        let reply = try await request(.open(segment: name))
         guard case .opened(let info) = reply.message, let descriptor = reply.descriptors.first else {
             reply.descriptors.forEach { $0.closeQuietly() }
             throw .protocolViolation("OPEN reply carried no segment descriptor")
@@ -93,7 +282,7 @@ public final class ShmBrokerClient: Sendable {
     public func publish(_ name: String, bytes: [UInt8]) async throws(ShmBrokerClientError) -> VersionInfo {
         let reply: Connection.Reply
         if bytes.count <= ControlProtocol.maximumInlinePayload(nameLength: name.utf8.count) {
-            reply = try await connection.request(.publish(segment: name, payload: .inline(bytes)))
+            reply = try await request(.publish(segment: name, payload: .inline(bytes)))
         } else {
             let file: FileDescriptor
             do {
@@ -106,8 +295,8 @@ public final class ShmBrokerClient: Sendable {
                 throw .protocolViolation("\(error)")
             }
             defer { file.closeQuietly() }
-            reply = try await connection.request(.publish(segment: name, payload: .attachedFile(length: UInt64(bytes.count))),
-                                                 descriptors: [file])
+            reply = try await request(.publish(segment: name, payload: .attachedFile(length: UInt64(bytes.count))),
+                                      descriptors: [file])
         }
         guard case .published(let info) = reply.message else {
             throw .protocolViolation("unexpected reply \(reply.message.type) to PUBLISH")
@@ -118,29 +307,46 @@ public final class ShmBrokerClient: Sendable {
     /// Subscribes to a segment's version events.
     ///
     /// Events are coalesced for a slow consumer: it may skip versions but always learns the
-    /// latest one. The sequence ends when the connection closes or the segment is retired.
+    /// latest one. If the daemon restarts, the client reconnects and resubscribes by itself and
+    /// announces any version published meanwhile. The sequence ends when the client is closed,
+    /// the segment is retired, or (with reconnection off) the connection drops.
     /// - Returns: the subscription, starting with the version current at subscription time.
     public func subscribe(_ name: String) async throws(ShmBrokerClientError) -> Subscription {
         let (stream, continuation) = AsyncStream<SegmentEvent>.makeStream(bufferingPolicy: .bufferingNewest(64))
-        connection.addSubscriber(name, continuation)
+        let previous = state.withLock { state in
+            let previous = state.subscriptions[name]
+            state.subscriptions[name] = SubscriptionEntry(continuation: continuation, lastVersion: 0)
+            return previous
+        }
+        previous?.continuation.finish()
         let reply: Connection.Reply
         do {
-            reply = try await connection.request(.subscribe(segment: name))
+            reply = try await request(.subscribe(segment: name))
         } catch {
-            connection.removeSubscriber(name)
+            removeSubscription(name)
             throw error
         }
         guard case .subscribed(let latest) = reply.message else {
-            connection.removeSubscriber(name)
+            removeSubscription(name)
             throw .protocolViolation("unexpected reply \(reply.message.type) to SUBSCRIBE")
         }
-        return Subscription(segment: name, initialVersion: latest, events: stream)
+        // Events (all newer than `latest`) may have been delivered already; keep the newest.
+        state.withLock { state in
+            guard var entry = state.subscriptions[name] else { return }
+            entry.lastVersion = max(entry.lastVersion, latest.version)
+            state.subscriptions[name] = entry
+        }
+        return Subscription(segment: name, initialVersion: latest.version, events: stream)
+    }
+
+    private func removeSubscription(_ name: String) {
+        state.withLock { $0.subscriptions.removeValue(forKey: name) }?.continuation.finish()
     }
 
     /// Stops version events for a segment; its subscription's sequence ends.
     public func unsubscribe(_ name: String) async throws(ShmBrokerClientError) {
-        _ = try await connection.request(.unsubscribe(segment: name))
-        connection.removeSubscriber(name)
+        _ = try await request(.unsubscribe(segment: name))
+        removeSubscription(name)
     }
 
     /// The daemon's status: segments, clients, counters.
@@ -155,7 +361,7 @@ public final class ShmBrokerClient: Sendable {
 
     /// The daemon's status as the JSON text it sent.
     public func statusJSON() async throws(ShmBrokerClientError) -> [UInt8] {
-        let reply = try await connection.request(.status)
+        let reply = try await request(.status)
         guard case .statusReport(let json) = reply.message else {
             throw .protocolViolation("unexpected reply \(reply.message.type) to STATUS")
         }
@@ -164,7 +370,12 @@ public final class ShmBrokerClient: Sendable {
 
     /// Closes the connection. Mapped segments stay readable; subscriptions end.
     public func close() {
-        connection.close()
+        let connection = state.withLock { state in
+            state.closed = true
+            return state.connection
+        }
+        connection?.close()
+        finishEverything()
     }
 }
 

@@ -30,6 +30,8 @@ public final class BrokerServer {
     private let epoll: Epoll
     private var listener: FileDescriptor?
     private var ownsSocketPath = false
+    private var inherited: InheritedDescriptors
+    private let allowDebugHang: Bool
     private var timer: PeriodicTimer?
     private var watchdogIntervalNanoseconds: UInt64?
     private var lastWatchdogPing: UInt64 = 0
@@ -54,9 +56,14 @@ public final class BrokerServer {
     ///   - configPath: where it came from; SIGHUP re-reads this file.
     ///   - signals: a signalfd for SIGTERM, SIGINT and SIGHUP, created before any thread started.
     ///   - logger: where events go.
+    ///   - inherited: descriptors from systemd: a listening socket and stored segment memfds.
+    ///   - allowDebugHang: let SIGUSR2 hang the event loop, to test the watchdog. Never in production.
     public init(configuration: BrokerConfiguration, configPath: String, signals: SignalDescriptor, logger: Logger,
-                notifier: SystemdNotifier = SystemdNotifier()) throws {
+                notifier: SystemdNotifier = SystemdNotifier(), inherited: InheritedDescriptors = InheritedDescriptors(),
+                allowDebugHang: Bool = false) throws {
         self.configuration = configuration
+        self.inherited = inherited
+        self.allowDebugHang = allowDebugHang
         self.configPath = configPath
         self.signals = signals
         self.logger = logger
@@ -74,8 +81,19 @@ public final class BrokerServer {
     /// so a reader that sees the daemon ready can open every configured segment.
     public func start() throws {
         for definition in configuration.segments {
-            try addSegment(ManagedSegment(creating: definition))
+            try addSegment(restoreOrCreate(definition))
         }
+        for (name, descriptor) in inherited.segments {
+            logger.notice("stored segment is no longer configured; dropping it", metadata: ["segment": "\(name)"])
+            notifier.removeStored(name: InheritedDescriptors.segmentNamePrefix + name)
+            descriptor.closeQuietly()
+        }
+        inherited.segments = [:]
+        for (descriptor, name) in inherited.unrecognised {
+            logger.warning("closing an unrecognised descriptor passed by systemd", metadata: ["name": "\(name)"])
+            descriptor.closeQuietly()
+        }
+        inherited.unrecognised = []
         try listen()
         try epoll.add(signals.descriptor, events: .readable, token: Token.signals)
         watchdogIntervalNanoseconds = notifier.watchdogIntervalMicroseconds().map { $0 * 1000 }
@@ -91,7 +109,45 @@ public final class BrokerServer {
         notifier.ready(status: statusLine())
     }
 
+    /// Takes a segment back from the fd store if an earlier run stored it, else creates it.
+    /// A stored segment that fails its checks is logged and recreated empty, never served.
+    private func restoreOrCreate(_ definition: SegmentDefinition) throws -> ManagedSegment {
+        guard let stored = inherited.segments.removeValue(forKey: definition.name) else {
+            let segment = try ManagedSegment(creating: definition)
+            notifier.store(segment.memoryFile, name: segment.storeName)
+            return segment
+        }
+        do {
+            let segment = try ManagedSegment(adopting: stored, definition: definition)
+            logger.info("segment restored from the fd store", metadata: [
+                "segment": "\(definition.name)", "version": "\(segment.writer.latestVersion)",
+            ])
+            return segment
+        } catch {
+            let replacement = try ManagedSegment(creating: definition)
+            if case ManagedSegment.AdoptionError.layoutChanged(_, _, let oldWriter) = error {
+                carryOver(from: oldWriter, to: replacement)
+                logger.notice("stored segment resized per the config", metadata: ["segment": "\(definition.name)", "detail": "\(error)"])
+            } else {
+                logger.error("stored segment failed its checks; recreated empty", metadata: [
+                    "segment": "\(definition.name)", "error": "\(error)",
+                ])
+            }
+            stored.closeQuietly()
+            notifier.removeStored(name: replacement.storeName)
+            notifier.store(replacement.memoryFile, name: replacement.storeName)
+            return replacement
+        }
+    }
+
     private func listen() throws {
+        if let adopted = inherited.listener {
+            inherited.listener = nil
+            try epoll.add(adopted, events: .readable, token: Token.listener)
+            listener = adopted
+            logger.info("using the listening socket passed by systemd")
+            return
+        }
         let settings = configuration.socket
         let directory = (settings.path as NSString).deletingLastPathComponent
         if !FileManager.default.fileExists(atPath: directory) {
@@ -152,6 +208,11 @@ public final class BrokerServer {
                 running = false
             case SIGHUP:
                 reload()
+            case SIGUSR2 where allowDebugHang:
+                logger.warning("SIGUSR2 with --debug-allow-hang: hanging the event loop to test the watchdog")
+                while true { sleep(3600) }
+            case SIGUSR2:
+                logger.notice("ignoring SIGUSR2 (only --debug-allow-hang makes it hang the loop)")
             default:
                 break
             }
@@ -186,6 +247,7 @@ public final class BrokerServer {
         guard let segment = segments.removeValue(forKey: name) else { return }
         segmentOrder.removeAll { $0 == name }
         segment.retire()
+        notifier.removeStored(name: segment.storeName)
         let event = ServerMessage.retiredEvent(segment: name).encode(requestID: 0)
         for id in segment.subscribers.union(segment.readers) {
             guard let client = clients[id] else { continue }
@@ -234,13 +296,14 @@ public final class BrokerServer {
         }
         for segment in created {
             if let old = segments[segment.name] {
-                carryOver(from: old, to: segment)
+                carryOver(from: old.writer, to: segment)
                 logger.notice("segment resized", metadata: ["segment": "\(segment.name)", "capacity": "\(segment.definition.capacity)"])
                 retireSegment(named: segment.name)
             } else {
                 logger.notice("segment added", metadata: ["segment": "\(segment.name)", "capacity": "\(segment.definition.capacity)"])
             }
             try? addSegment(segment)
+            notifier.store(segment.memoryFile, name: segment.storeName)
         }
         for definition in newConfiguration.segments {
             segments[definition.name]?.updateAccess(from: definition)
@@ -254,8 +317,8 @@ public final class BrokerServer {
     }
 
     /// A resized segment starts over, keeping the old content as its first version when it fits.
-    private func carryOver(from old: ManagedSegment, to new: ManagedSegment) {
-        let reader = try? SegmentReader(region: old.writer.region)
+    private func carryOver(from old: SegmentWriter, to new: ManagedSegment) {
+        let reader = try? SegmentReader(region: old.region)
         guard let snapshot = try? reader?.read(), snapshot.bytes.count <= new.definition.capacity else { return }
         _ = try? new.writer.publish(snapshot.bytes)
     }
@@ -396,7 +459,8 @@ public final class BrokerServer {
             guard let segment = lookUp(name, requestID: requestID, client: client, publishing: false) else { return }
             segment.subscribers.insert(client.id)
             client.subscriptions.insert(name)
-            send(ServerMessage.subscribed(latestVersion: segment.writer.latestVersion).encode(requestID: requestID), to: client)
+            let latest = segment.writer.latestReceipt.map(VersionInfo.init) ?? VersionInfo(version: 0, length: 0, crc64: 0, publishedAtNanoseconds: 0)
+            send(ServerMessage.subscribed(latest).encode(requestID: requestID), to: client)
         case .unsubscribe(let name):
             guard client.subscriptions.remove(name) != nil else {
                 return reject(client, requestID: requestID, ProtocolError(.notSubscribed, "not subscribed to \"\(name)\""))

@@ -22,13 +22,14 @@ public enum DaemonLauncher {
     /// - Parameters:
     ///   - configPath: the config file; SIGHUP re-reads it.
     ///   - logLevel: the lowest level logged.
-    public static func run(configPath relativeConfigPath: String, logLevel: Logger.Level) -> Int32 {
+    ///   - allowDebugHang: let SIGUSR2 hang the event loop (for watchdog tests only).
+    public static func run(configPath relativeConfigPath: String, logLevel: Logger.Level, allowDebugHang: Bool = false) -> Int32 {
         let configPath = URL(fileURLWithPath: relativeConfigPath).standardizedFileURL.path
         // Before anything can start a thread: signals must be blocked everywhere so that only the
         // signalfd sees them.
         let signals: SignalDescriptor
         do {
-            signals = try SignalDescriptor(signals: [SIGTERM, SIGINT, SIGHUP])
+            signals = try SignalDescriptor(signals: [SIGTERM, SIGINT, SIGHUP, SIGUSR2])
         } catch {
             FileHandle.standardError.write(Data("<3>cannot create signalfd: \(error)\n".utf8))
             return 1
@@ -51,7 +52,8 @@ public enum DaemonLauncher {
         }
         do {
             let server = try BrokerServer(configuration: configuration, configPath: configPath, signals: signals, logger: logger,
-                                          notifier: notifier)
+                                          notifier: notifier, inherited: InheritedDescriptors.takeFromSystemd(),
+                                          allowDebugHang: allowDebugHang)
             try server.start()
             try server.run()
             logger.info("stopped cleanly")

@@ -30,6 +30,39 @@ final class ManagedSegment {
         }
     }
 
+    /// Takes back a segment memfd from systemd's fd store, checking its header and the CRC of its
+    /// current version. Content and version carry on; existing reader mappings keep working.
+    ///
+    /// - Throws: ``SegmentError`` if the memory is not a valid segment, or ``AdoptionError`` if
+    ///   its layout differs from the definition (the caller then recreates it).
+    init(adopting memoryFile: FileDescriptor, definition: SegmentDefinition) throws {
+        let size = try memoryFile.fileSize()
+        let region = try MappedRegion(mapping: memoryFile, length: size, writable: true)
+        let writer = try SegmentWriter(adopting: region)
+        guard writer.layout == definition.layout else {
+            throw AdoptionError.layoutChanged(stored: writer.layout, configured: definition.layout, writer: writer)
+        }
+        self.definition = definition
+        self.memoryFile = memoryFile
+        self.writer = writer
+    }
+
+    /// Why a stored segment could not be taken over as it is.
+    enum AdoptionError: Error, CustomStringConvertible {
+        /// Valid, but the config now asks for another capacity or slot count.
+        case layoutChanged(stored: SegmentLayout, configured: SegmentLayout, writer: SegmentWriter)
+
+        var description: String {
+            switch self {
+            case let .layoutChanged(stored, configured, _):
+                return "stored layout (capacity \(stored.capacity), \(stored.slotCount) slots) differs from the config (capacity \(configured.capacity), \(configured.slotCount) slots)"
+            }
+        }
+    }
+
+    /// The name under which the memfd lives in systemd's fd store.
+    var storeName: String { InheritedDescriptors.segmentNamePrefix + name }
+
     /// Applies a changed access policy; content and version are untouched.
     func updateAccess(from newDefinition: SegmentDefinition) {
         precondition(newDefinition.layout == definition.layout && newDefinition.name == definition.name)

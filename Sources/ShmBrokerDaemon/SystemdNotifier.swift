@@ -1,6 +1,9 @@
 import CSystemd
+import Glibc
+import ShmBrokerPlatform
+import SystemPackage
 
-/// The daemon's side of the systemd notification protocol (`sd_notify`).
+/// The daemon's side of the systemd notification protocol (`sd_notify`) and of the fd store.
 ///
 /// Outside systemd (no `NOTIFY_SOCKET`) every call does nothing, so the daemon runs the same way
 /// in a terminal, under a test's notify listener, and under PID 1.
@@ -25,8 +28,70 @@ public struct SystemdNotifier: Sendable {
         return sd_watchdog_enabled(0, &usec) > 0 && usec > 0 ? usec : nil
     }
 
+    /// Hands a descriptor to systemd's fd store under `name`, so that it survives a restart.
+    /// - Returns: whether systemd received it (false outside systemd).
+    @discardableResult
+    public func store(_ descriptor: FileDescriptor, name: String) -> Bool {
+        var raw = descriptor.rawValue
+        return sd_pid_notify_with_fds(0, 0, "FDSTORE=1\nFDNAME=\(name)", &raw, 1) > 0
+    }
+
+    /// Drops every stored descriptor named `name` from the fd store.
+    @discardableResult
+    public func removeStored(name: String) -> Bool {
+        notify("FDSTOREREMOVE=1\nFDNAME=\(name)")
+    }
+
     /// STATUS= values are single lines; a newline would start a new assignment.
     static func oneLine(_ text: String) -> String {
         String(text.map { $0.isNewline ? " " : $0 })
+    }
+}
+
+/// Descriptors passed by systemd at start-up (`LISTEN_FDS`): the socket unit's listening socket and
+/// segment memfds that an earlier run of the daemon put in the fd store.
+public struct InheritedDescriptors {
+    /// The prefix of the fd-store name of each segment memfd: `segment-NAME`.
+    public static let segmentNamePrefix = "segment-"
+
+    /// A listening `SOCK_SEQPACKET` socket from the socket unit.
+    public var listener: FileDescriptor?
+    /// Stored segment memfds by segment name.
+    public var segments: [String: FileDescriptor] = [:]
+    /// Other descriptors, with their names: logged and closed by the daemon.
+    public var unrecognised: [(descriptor: FileDescriptor, name: String)] = []
+
+    public init() {}
+
+    /// Takes the descriptors systemd passed (and unsets `LISTEN_FDS` so children do not see them).
+    public static func takeFromSystemd() -> InheritedDescriptors {
+        var result = InheritedDescriptors()
+        var names: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?
+        let count = sd_listen_fds_with_names(1, &names)
+        defer {
+            if let names {
+                for index in 0..<Int(max(count, 0)) { free(names[index]) }
+                free(names)
+            }
+        }
+        guard count > 0 else { return result }
+        for index in 0..<Int(count) {
+            let raw = SD_LISTEN_FDS_START + Int32(index)
+            let descriptor = FileDescriptor(rawValue: raw)
+            let name = names?[index].map { String(cString: $0) } ?? ""
+            _ = fcntl(raw, F_SETFD, FD_CLOEXEC)
+            if sd_is_socket(raw, AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 1) > 0, result.listener == nil {
+                let flags = fcntl(raw, F_GETFL)
+                _ = fcntl(raw, F_SETFL, flags | O_NONBLOCK)
+                result.listener = descriptor
+            } else if name.hasPrefix(segmentNamePrefix), (try? descriptor.isRegularFile()) == true {
+                let segment = String(name.dropFirst(segmentNamePrefix.count))
+                if let duplicate = result.segments[segment] { result.unrecognised.append((duplicate, name)) }
+                result.segments[segment] = descriptor
+            } else {
+                result.unrecognised.append((descriptor, name))
+            }
+        }
+        return result
     }
 }

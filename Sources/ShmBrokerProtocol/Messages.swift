@@ -199,7 +199,8 @@ public enum ServerMessage: Sendable, Equatable {
     case ok
     case helloOK(protocolVersion: UInt32, maximumFrameSize: UInt32, daemonVersion: String)
     case opened(OpenedSegment)
-    case subscribed(latestVersion: UInt64)
+    /// The latest version at subscription time (all zero: never published).
+    case subscribed(VersionInfo)
     case published(VersionInfo)
     case statusReport(json: [UInt8])
     case error(ProtocolError)
@@ -243,8 +244,8 @@ public enum ServerMessage: Sendable, Equatable {
             body.write(segment.layoutVersion)
             body.write(segment.mappingSize)
             body.write(segment.latestVersion)
-        case .subscribed(let latest):
-            body.write(latest)
+        case .subscribed(let info):
+            info.write(to: &body)
         case .published(let info):
             info.write(to: &body)
         case .statusReport(let json):
@@ -278,7 +279,7 @@ public enum ServerMessage: Sendable, Equatable {
                 mappingSize: try reader.read(UInt64.self, "mapping size"),
                 latestVersion: try reader.read(UInt64.self, "latest version")))
         case .subscribed:
-            message = .subscribed(latestVersion: try reader.read(UInt64.self, "latest version"))
+            message = .subscribed(try VersionInfo.read(from: &reader))
         case .published:
             message = .published(try VersionInfo.read(from: &reader))
         case .statusReport:

@@ -19,6 +19,9 @@ struct ShmBrokerDaemonCommand: ParsableCommand {
     @Option(name: .long, help: "Lowest log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+    @Flag(name: .customLong("debug-allow-hang"), help: .hidden)
+    var debugAllowHang = false
+
     func validate() throws {
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("unknown log level '\(logLevel)'")
@@ -28,7 +31,8 @@ struct ShmBrokerDaemonCommand: ParsableCommand {
     func run() throws {
         let code = checkConfig
             ? DaemonLauncher.checkConfig(path: config)
-            : DaemonLauncher.run(configPath: config, logLevel: Logger.Level(rawValue: logLevel) ?? .info)
+            : DaemonLauncher.run(configPath: config, logLevel: Logger.Level(rawValue: logLevel) ?? .info,
+                                 allowDebugHang: debugAllowHang)
         throw ExitCode(code)
     }
 }

@@ -171,6 +171,7 @@ final class TestDaemon {
     let configPath: String
     let notify: NotifyListener?
     private(set) var child: ChildProcess
+    private let environment: [String: String]
 
     /// Writes a config with `segments` and starts the daemon.
     ///
@@ -193,6 +194,7 @@ final class TestDaemon {
         environment.removeValue(forKey: "WATCHDOG_USEC")
         if let notify { environment["NOTIFY_SOCKET"] = notify.path }
         environment.merge(extraEnvironment) { $1 }
+        self.environment = environment
         child = try ChildProcess(Binaries.daemon, ["--config", configPath, "--log-level", "debug"], environment: environment)
         if waitUntilReady {
             if let notify {
@@ -228,6 +230,14 @@ final class TestDaemon {
     }
 
     var pid: Int32 { child.pid }
+
+    /// Stops the daemon with SIGTERM and starts a new one on the same config and socket.
+    func restart() throws {
+        child.signal(SIGTERM)
+        _ = child.finish(timeout: 30)
+        child = try ChildProcess(Binaries.daemon, ["--config", configPath, "--log-level", "debug"], environment: environment)
+        try waitUntilAccepting()
+    }
 
     func connect() async throws -> ShmBrokerClient {
         try await ShmBrokerClient.connect(socketPath: socketPath, clientName: "integration-test")

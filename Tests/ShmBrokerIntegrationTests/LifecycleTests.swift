@@ -116,6 +116,37 @@ final class LifecycleTests: XCTestCase {
         XCTAssertEqual(receipt.version, 2)
     }
 
+    func testSubscriberReconnectsByItselfAcrossADaemonRestart() async throws {
+        let daemon = try TestDaemon(segments: [segment("feed", size: 64)])
+        defer { daemon.stop() }
+        let subscriber = try await daemon.connect()
+        let subscription = try await subscriber.subscribe("feed")
+        var events = subscription.makeAsyncIterator()
+        let producer = try await ShmBrokerClient.connect(socketPath: daemon.socketPath, options: .init(reconnects: false))
+        let before = try await producer.publish("feed", bytes: [1])
+        let first = await events.next()
+        XCTAssertEqual(first, .version(before))
+
+        try daemon.restart()
+        // Without systemd's fd store the new daemon starts its segments afresh; the subscriber's
+        // code does nothing, yet it hears about the new daemon's versions.
+        let fresh = try await daemon.connect()
+        try await waitUntil { try await fresh.status().segments.first?.subscribers == 1 }
+        let after = try await fresh.publish("feed", bytes: [2])
+        let second = await events.next()
+        XCTAssertEqual(second, .version(after))
+        let status = try await subscriber.status()
+        XCTAssertEqual(status.daemon.pid, daemon.pid, "requests go to the new daemon")
+
+        // A client that asked not to reconnect reports the loss instead.
+        do {
+            _ = try await producer.status()
+            XCTFail("a non-reconnecting client survived the restart")
+        } catch {
+            XCTAssertEqual(error, .disconnected)
+        }
+    }
+
     func testCheckConfigReportsEveryProblemAndDoesNotStart() throws {
         let directory = NSTemporaryDirectory() + "shmbroker-check-\(getpid())"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)

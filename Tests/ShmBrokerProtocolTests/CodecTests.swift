@@ -36,7 +36,7 @@ final class CodecTests: XCTestCase {
         try roundTrip(.ok)
         try roundTrip(.helloOK(protocolVersion: 1, maximumFrameSize: 65536, daemonVersion: "0.1.0"))
         try roundTrip(.opened(OpenedSegment(capacity: 10, slotCount: 3, layoutVersion: 1, mappingSize: 4096, latestVersion: 5)))
-        try roundTrip(.subscribed(latestVersion: 12))
+        try roundTrip(.subscribed(info))
         try roundTrip(.published(info))
         try roundTrip(.statusReport(json: Array("{}".utf8)))
         try roundTrip(.error(ProtocolError(.noSuchSegment, "no segment named \"q\"")))
