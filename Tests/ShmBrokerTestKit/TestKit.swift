@@ -48,7 +48,7 @@ func emit(_ object: [String: Any]) {
 struct TestKit: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "shmbroker-testkit",
-        subcommands: [Writer.self, Reader.self, Attack.self, WaitVersion.self])
+        subcommands: [Writer.self, Reader.self, Attack.self, WaitVersion.self, Producer.self, Follower.self])
 }
 
 struct Writer: AsyncParsableCommand {
@@ -176,4 +176,104 @@ struct Attack: AsyncParsableCommand {
         _ = client
         emit(results)
     }
+}
+
+/// Keeps publishing through daemon restarts until told to stop (SIGTERM or --seconds), checking
+/// that the version counter only ever moves up: a restart that lost the segment would reset it.
+struct Producer: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Publish continuously across daemon restarts.")
+    @Option var socket: String
+    @Option var segment: String
+    @Option var size: Int = 256
+    @Option var seconds: Double = 60
+    @Option(help: "Pause between publishes, in milliseconds.") var intervalMs: Double = 2
+    @Option(help: "Stop once this file exists.") var stopFile: String?
+
+    func run() async throws {
+        let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "testkit-producer")
+        FileHandle.standardError.write(Data("producing\n".utf8))
+        let deadline = Clock.monotonicNanoseconds() + UInt64(seconds * 1e9)
+        var published = 0, failures = 0, resets = 0
+        var highest: UInt64 = 0
+        var seed: UInt64 = 1
+        while Clock.monotonicNanoseconds() < deadline && !stopRequested(stopFile) {
+            do {
+                let receipt = try await client.publish(segment, bytes: SelfCheckingPayload.make(seed: seed, length: size))
+                if receipt.version <= highest { resets += 1 }
+                highest = max(highest, receipt.version)
+                published += 1
+            } catch {
+                failures += 1  // in flight when the daemon died; the client reconnects by itself
+            }
+            seed += 1
+            try? await Task.sleep(nanoseconds: UInt64(intervalMs * 1e6))
+        }
+        emit(["published": published, "failures": failures, "resets": resets, "highestVersion": highest])
+    }
+}
+
+/// Maps a segment once and reads it until told to stop, through daemon restarts: the mapping must
+/// keep showing new, intact versions. Also follows a subscription, which must survive restarts.
+struct Follower: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Read one mapping and one subscription across daemon restarts.")
+    @Option var socket: String
+    @Option var segment: String
+    @Option var seconds: Double = 60
+    @Option(help: "Stop once this file exists.") var stopFile: String?
+
+    func run() async throws {
+        let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "testkit-follower")
+        let handle = try await client.open(segment)
+        let subscription = try await client.subscribe(segment)
+        let events = EventCounter()
+        let listener = Task {
+            for await event in subscription {
+                if case .version(let info) = event { events.record(info.version) }
+            }
+        }
+        FileHandle.standardError.write(Data("following\n".utf8))
+        let deadline = Clock.monotonicNanoseconds() + UInt64(seconds * 1e9)
+        var reads = 0, corrupt = 0, regressions = 0, distinct = 0
+        var last: UInt64 = 0
+        let first = handle.latestVersion
+        while Clock.monotonicNanoseconds() < deadline && !stopRequested(stopFile) {
+            _ = handle.waitForVersion(after: last, timeoutNanoseconds: 50_000_000)
+            do {
+                guard let snapshot = try handle.read() else { continue }
+                reads += 1
+                if SelfCheckingPayload.verify(snapshot.bytes) == nil { corrupt += 1 }
+                if snapshot.version < last { regressions += 1 }
+                if snapshot.version != last { distinct += 1 }
+                last = snapshot.version
+            } catch {
+                corrupt += 1
+            }
+        }
+        listener.cancel()
+        emit(["reads": reads, "corrupt": corrupt, "regressions": regressions, "distinctVersions": distinct,
+              "firstVersion": first, "lastVersion": last, "events": events.count, "lastEventVersion": events.last])
+    }
+}
+
+/// Counts subscription events from the listening task.
+final class EventCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var _count = 0
+    private var _last: UInt64 = 0
+    func record(_ version: UInt64) { lock.withLock { _count += 1; _last = version } }
+    var count: Int { lock.withLock { _count } }
+    var last: UInt64 { lock.withLock { _last } }
+}
+
+/// SIGTERM, or the stop file appearing, asks long-running commands to finish and print their
+/// result. (A file works across `nsenter`, which does not forward signals.)
+nonisolated(unsafe) var terminationFlag: sig_atomic_t = 0
+func stopRequested(_ stopFile: String?) -> Bool {
+    if let stopFile, FileManager.default.fileExists(atPath: stopFile) { return true }
+    enum Once { nonisolated(unsafe) static var installed = false }
+    if !Once.installed {
+        Once.installed = true
+        signal(SIGTERM) { _ in terminationFlag = 1 }
+    }
+    return terminationFlag != 0
 }

@@ -1,0 +1,208 @@
+import Foundation
+import Glibc
+import XCTest
+
+/// shmbrokerd as a real systemd service: Type=notify start, socket activation, reload, restart,
+/// crash and watchdog recovery with no data lost, and a clean stop. Each test boots its own
+/// systemd in a PID namespace and powers it off at the end, pass or fail.
+final class SystemdServiceTests: XCTestCase {
+    static var segments: [[String: Any]] { [segment("state", size: "4KiB"), segment("bulk", size: "1MiB", slots: 2)] }
+
+    func withSandbox(serviceOverrides: [String] = [], _ body: (SystemdSandbox) throws -> Void) throws {
+        let sandbox = try SystemdSandbox(segments: Self.segments, serviceOverrides: serviceOverrides)
+        defer { sandbox.powerOff() }
+        do {
+            try body(sandbox)
+        } catch {
+            XCTFail("journal:\n\((try? sandbox.journal()) ?? "")")
+            throw error
+        }
+    }
+
+    func publish(_ sandbox: SystemdSandbox, _ segment: String, _ text: String) throws -> Int {
+        let result = try sandbox.inside(sandbox.ctlCommand(["publish", segment, "-", "--json"]), stdin: Data(text.utf8))
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let json = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
+        return json?["version"] as? Int ?? -1
+    }
+
+    func read(_ sandbox: SystemdSandbox, _ segment: String) throws -> ProcessResult {
+        try sandbox.inside(sandbox.ctlCommand(["read", segment, "--verbose"]))
+    }
+
+    func testStartWaitsForReadyShowsStatusAndServesReadersThroughTheSocketUnit() throws {
+        try withSandbox { sandbox in
+            XCTAssertEqual(try sandbox.systemctl("start", "shmbroker.socket").status, 0)
+            // Type=notify: `systemctl start` returns once READY=1 arrived, i.e. every segment exists.
+            let start = try sandbox.systemctl("start", "shmbroker.service")
+            XCTAssertEqual(start.status, 0, start.stderr)
+            XCTAssertEqual(try sandbox.property("ActiveState"), "active")
+            XCTAssertEqual(try sandbox.property("SubState"), "running")
+            XCTAssertEqual(try sandbox.property("StatusText").hasPrefix("serving 2 segments"), true)
+            let status = try sandbox.systemctl("status", "shmbroker.service", "--no-pager")
+            XCTAssertTrue(status.stdout.contains("Status: \"serving 2 segments"), status.stdout)
+            XCTAssertTrue(status.stdout.contains("active (running)"), status.stdout)
+
+            XCTAssertEqual(try publish(sandbox, "state", "through systemd"), 1)
+            let reader = try sandbox.inside(sandbox.ctlCommand(["read", "state"]), asNobody: true)
+            XCTAssertEqual(reader.status, 0, reader.stderr)
+            XCTAssertEqual(reader.stdout, "through systemd")
+            let journal = try sandbox.journal()
+            XCTAssertTrue(journal.contains("using the listening socket passed by systemd"), journal)
+            // The daemon runs as its own user, so segment memory belongs to it, not to readers.
+            let user = try sandbox.inside(["/bin/ps", "-o", "user=", "-p", "\(try sandbox.mainPID())"]).stdout
+            XCTAssertEqual(user.trimmingCharacters(in: .whitespacesAndNewlines), "shmbroker")
+        }
+    }
+
+    func testSocketActivationStartsTheDaemonAndQueuesClientsDuringARestart() throws {
+        try withSandbox { sandbox in
+            XCTAssertEqual(try sandbox.systemctl("start", "shmbroker.socket").status, 0)
+            XCTAssertEqual(try sandbox.property("ActiveState"), "inactive")
+            // The first client's connect starts the service; it is answered once the daemon is ready.
+            let status = try sandbox.inside(sandbox.ctlCommand(["status", "--json"]))
+            XCTAssertEqual(status.status, 0, status.stderr)
+            XCTAssertEqual(try sandbox.property("ActiveState"), "active")
+            let first = try sandbox.mainPID()
+            XCTAssertEqual(try publish(sandbox, "state", "before"), 1)
+
+            // Clients connecting while the service restarts are queued by PID 1, not refused.
+            XCTAssertEqual(try sandbox.systemctl("restart", "--no-block", "shmbroker.service").status, 0)
+            let clients = try (0..<5).map { _ in try sandbox.spawnInside(sandbox.ctlCommand(["read", "state"])) }
+            for client in clients {
+                let result = client.finish(timeout: 60)
+                XCTAssertEqual(result.status, 0, result.stderr)
+                XCTAssertEqual(result.stdout, "before")
+            }
+            XCTAssertNotEqual(try sandbox.waitForNewMainPID(other: first), first)
+        }
+    }
+
+    func testReloadAppliesAConfigChange() throws {
+        try withSandbox { sandbox in
+            XCTAssertEqual(try sandbox.systemctl("start", "shmbroker.socket", "shmbroker.service").status, 0)
+            XCTAssertEqual(try publish(sandbox, "state", "kept"), 1)
+            let pid = try sandbox.mainPID()
+            try TestDaemon.writeConfig(at: sandbox.configPath, socketPath: sandbox.socketPath,
+                                       segments: Self.segments + [segment("added", size: 64)])
+            let reload = try sandbox.systemctl("reload", "shmbroker.service")
+            XCTAssertEqual(reload.status, 0, reload.stderr)
+            XCTAssertEqual(try sandbox.mainPID(), pid, "a reload is not a restart")
+            XCTAssertEqual(try publish(sandbox, "added", "new segment"), 1)
+            XCTAssertEqual(try read(sandbox, "state").stdout, "kept")
+            XCTAssertTrue(try sandbox.journal().contains("segment added"))
+        }
+    }
+
+    /// Data survives `systemctl restart`, twenty `kill -9`s and a watchdog kill, with a producer,
+    /// a mapped reader and a subscriber running throughout.
+    func testRestartCrashesAndWatchdogKillLoseNoData() throws {
+        try withSandbox(serviceOverrides: ["WatchdogSec=2s"]) { sandbox in
+            XCTAssertEqual(try sandbox.systemctl("start", "shmbroker.socket", "shmbroker.service").status, 0)
+            let bulk = [UInt8]((0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7) })
+            let bulkFile = sandbox.state + "/bulk.bin"
+            try Data(bulk).write(to: URL(fileURLWithPath: bulkFile))
+            let bulkPublish = try sandbox.inside(sandbox.ctlCommand(["publish", "bulk", bulkFile]))
+            XCTAssertEqual(bulkPublish.status, 0, bulkPublish.stderr)
+
+            let stopFile = sandbox.state + "/stop"
+            let producer = try sandbox.spawnInside([sandbox.testKit, "producer", "--socket", sandbox.socketPath,
+                                                    "--segment", "state", "--seconds", "300", "--stop-file", stopFile])
+            XCTAssertTrue(producer.waitForStderr("producing"), producer.stderrText)
+            let follower = try sandbox.spawnInside([sandbox.testKit, "follower", "--socket", sandbox.socketPath,
+                                                    "--segment", "state", "--seconds", "300", "--stop-file", stopFile])
+            XCTAssertTrue(follower.waitForStderr("following"), follower.stderrText)
+            usleep(300_000)
+
+            func versionOf(_ segment: String) throws -> Int {
+                let result = try read(sandbox, segment)
+                XCTAssertEqual(result.status, 0, result.stderr)
+                let words = result.stderr.split(separator: " ")
+                return words.firstIndex(of: "version").flatMap { Int(words[$0 + 1].trimmingCharacters(in: .punctuationCharacters)) } ?? -1
+            }
+
+            var pid = try sandbox.mainPID()
+            var version = try versionOf("state")
+            XCTAssertGreaterThan(version, 0)
+
+            // 1. systemctl restart
+            XCTAssertEqual(try sandbox.systemctl("restart", "shmbroker.service").status, 0)
+            pid = try sandbox.waitForNewMainPID(other: pid)
+            XCTAssertGreaterThanOrEqual(try versionOf("state"), version, "restart kept the version counter")
+            version = try versionOf("state")
+
+            // 2. twenty kill -9s of the main process (Restart=on-failure)
+            for round in 0..<20 {
+                XCTAssertEqual(kill(try hostPID(sandbox, pid), SIGKILL), 0)
+                pid = try sandbox.waitForNewMainPID(other: pid)
+                let now = try versionOf("state")
+                XCTAssertGreaterThanOrEqual(now, version, "round \(round): version went back")
+                version = now
+            }
+
+            // 3. the event loop hangs: WATCHDOG=1 stops, systemd kills and restarts the daemon.
+            XCTAssertEqual(kill(try hostPID(sandbox, pid), SIGUSR2), 0)
+            pid = try sandbox.waitForNewMainPID(other: pid, timeout: 60)
+            XCTAssertTrue(try sandbox.journal().contains("hanging the event loop"))
+            let systemdLog = try sandbox.inside(["/usr/bin/journalctl", "--no-pager", "-o", "cat"]).stdout
+            XCTAssertTrue(systemdLog.contains("Watchdog timeout"), "systemd's own account of the kill: \(systemdLog.suffix(3000))")
+            XCTAssertFalse(systemdLog.contains("swift-backtrace"), "the Swift backtracer is off under MemoryDenyWriteExecute=: \(systemdLog.suffix(2500))")
+            XCTAssertGreaterThanOrEqual(try versionOf("state"), version)
+
+            // Large content survived every restart byte for byte.
+            let out = sandbox.state + "/bulk.out"
+            XCTAssertEqual(try sandbox.inside(sandbox.ctlCommand(["read", "bulk", "-o", out])).status, 0)
+            XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: out)), Data(bulk))
+            XCTAssertTrue(try sandbox.journal().contains("segment restored from the fd store"))
+
+            usleep(500_000)
+            _ = FileManager.default.createFile(atPath: stopFile, contents: nil)
+            let produced = try producer.finish(timeout: 30).json()
+            let followed = try follower.finish(timeout: 30).json()
+            XCTAssertEqual(produced["resets"] as? Int, 0, "the version counter never restarted: \(produced)")
+            XCTAssertGreaterThan(produced["published"] as? Int ?? 0, 100, "\(produced)")
+            XCTAssertEqual(followed["corrupt"] as? Int, 0, "\(followed)")
+            XCTAssertEqual(followed["regressions"] as? Int, 0, "\(followed)")
+            let highest = produced["highestVersion"] as? Int ?? 0
+            XCTAssertEqual(followed["lastVersion"] as? Int, highest, "the original mapping saw the final version: \(followed)")
+            XCTAssertGreaterThan(followed["firstVersion"] as? Int ?? Int.max, 0)
+            XCTAssertEqual(followed["lastEventVersion"] as? Int, highest, "the subscription followed through every restart: \(followed)")
+        }
+    }
+
+    func testStopLeavesNothingBehind() throws {
+        try withSandbox { sandbox in
+            XCTAssertEqual(try sandbox.systemctl("start", "shmbroker.socket", "shmbroker.service").status, 0)
+            XCTAssertEqual(try publish(sandbox, "state", "x"), 1)
+            XCTAssertEqual(try sandbox.systemctl("stop", "shmbroker.service", "shmbroker.socket").status, 0)
+            XCTAssertEqual(try sandbox.property("ActiveState"), "inactive")
+            XCTAssertEqual(try sandbox.property("MainPID"), "0")
+            XCTAssertEqual(try sandbox.property("Result"), "success", "SIGTERM gave a clean exit 0")
+            let leftovers = try sandbox.inside(["/usr/bin/pgrep", "-u", "shmbroker"])
+            XCTAssertEqual(leftovers.stdout, "", "no process of the daemon's user remains")
+            XCTAssertNotEqual(try sandbox.inside(["/usr/bin/test", "-e", sandbox.socketPath]).status, 0, "socket file removed")
+            // `systemctl stop` flushes the fd store: a fresh start begins empty.
+            XCTAssertEqual(try sandbox.systemctl("start", "shmbroker.socket", "shmbroker.service").status, 0)
+            XCTAssertEqual(try read(sandbox, "state").status, 3, "never published after a stop and start")
+        }
+    }
+
+    /// The main PID as seen from the host (systemd reports it in its own PID namespace).
+    /// (`NSpid:` in the host's /proc lists a process's pid in each namespace, outermost first.)
+    func hostPID(_ sandbox: SystemdSandbox, _ namespacePID: Int32) throws -> Int32 {
+        for entry in try FileManager.default.contentsOfDirectory(atPath: "/proc") {
+            guard let pid = Int32(entry),
+                  let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+                  let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") }) else { continue }
+            let ids = line.split(whereSeparator: { $0 == "\t" || $0 == " " }).dropFirst().compactMap { Int32($0) }
+            if ids.count >= 2, ids.last == namespacePID, isInSandbox(pid, sandbox) { return pid }
+        }
+        throw TestFailure("no host pid for namespace pid \(namespacePID)")
+    }
+
+    func isInSandbox(_ pid: Int32, _ sandbox: SystemdSandbox) -> Bool {
+        let mine = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/pid")
+        let theirs = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(sandbox.systemdPID)/ns/pid")
+        return mine != nil && mine == theirs
+    }
+}
