@@ -1,0 +1,46 @@
+#!/bin/sh
+# Builds release binaries and installs shmbroker as a systemd service. Run as root from the checkout:
+#
+#     systemd/install.sh              # binaries in /usr/local/bin
+#     PREFIX=/opt/shmbroker systemd/install.sh
+#
+# Installs: $PREFIX/bin/{shmbrokerd,shmbrokerctl}, /etc/systemd/system/shmbroker.{service,socket},
+# /etc/sysusers.d/shmbroker.conf (and creates the user), /etc/shmbroker/shmbroker.json (kept if it
+# exists), the JSON schema and the docs under $PREFIX/share. Then: systemctl enable --now shmbroker.socket
+set -eu
+PREFIX=${PREFIX:-/usr/local}
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "install.sh: run as root (it writes to $PREFIX, /etc/systemd/system and /etc)" >&2
+    exit 1
+fi
+if ! pkg-config --exists libsystemd 2>/dev/null; then
+    apt-get update -qq && apt-get install -y libsystemd-dev pkg-config
+fi
+
+# Static Swift runtime: the service then needs nothing from the toolchain at run time.
+swift build -c release --static-swift-stdlib --product shmbrokerd
+swift build -c release --static-swift-stdlib --product shmbrokerctl
+BIN=$(swift build -c release --static-swift-stdlib --show-bin-path)
+
+install -d -m 0755 "$PREFIX/bin" "$PREFIX/share/shmbroker" "$PREFIX/share/doc/shmbroker" /etc/shmbroker /etc/sysusers.d
+install -m 0755 "$BIN/shmbrokerd" "$BIN/shmbrokerctl" "$PREFIX/bin/"
+sed "s|/usr/local/bin/shmbrokerd|$PREFIX/bin/shmbrokerd|; s|/usr/local/share|$PREFIX/share|" \
+    systemd/shmbroker.service > /etc/systemd/system/shmbroker.service
+chmod 0644 /etc/systemd/system/shmbroker.service
+install -m 0644 systemd/shmbroker.socket /etc/systemd/system/shmbroker.socket
+install -m 0644 systemd/shmbroker.sysusers.conf /etc/sysusers.d/shmbroker.conf
+install -m 0644 config/shmbroker.schema.json "$PREFIX/share/shmbroker/"
+install -m 0644 README.md docs/LAYOUT.md docs/PROTOCOL.md "$PREFIX/share/doc/shmbroker/"
+if [ -e /etc/shmbroker/shmbroker.json ]; then
+    echo "keeping the existing /etc/shmbroker/shmbroker.json"
+else
+    sed "s|/usr/local/share|$PREFIX/share|" config/shmbroker.json > /etc/shmbroker/shmbroker.json
+    chmod 0644 /etc/shmbroker/shmbroker.json
+fi
+"$PREFIX/bin/shmbrokerd" --check-config --config /etc/shmbroker/shmbroker.json
+
+if command -v systemd-sysusers >/dev/null; then systemd-sysusers /etc/sysusers.d/shmbroker.conf; fi
+if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+echo "installed; enable with: systemctl enable --now shmbroker.socket"
