@@ -18,6 +18,8 @@ let package = Package(
     targets: [
         // Linux calls Swift cannot see (memfd, seals, CMSG, futex, ucred, epoll, signalfd).
         .target(name: "CShmBrokerShim"),
+        // CRC-64 folding with carry-less multiplication (x86-64 intrinsics Swift cannot express).
+        .target(name: "CShmBrokerCRC"),
         .systemLibrary(
             name: "CSystemd",
             pkgConfig: "libsystemd",
@@ -35,7 +37,7 @@ let package = Package(
         .target(
             name: "ShmBrokerCore",
             dependencies: [
-                "ShmBrokerPlatform",
+                "ShmBrokerPlatform", "CShmBrokerCRC",
                 .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),

@@ -1,9 +1,21 @@
+import CShmBrokerCRC
+
 /// CRC-64/XZ (also called CRC-64/GO-ECMA): the ECMA-182 polynomial, reflected, initial value and
 /// final XOR all ones. Check value: `CRC64.checksum("123456789") == 0x995DC9BBDF1939FA`.
 ///
 /// This is the checksum stored with every published version, so a reader in any language can
 /// verify content with a standard library routine (for example liblzma's `lzma_crc64`).
+///
+/// On CPUs with carry-less multiplication (PCLMULQDQ, checked once at run time) inputs of 64 bytes
+/// or more are folded 128 bytes at a time in `CShmBrokerCRC`; elsewhere a portable slicing-by-8
+/// table does the work. Both give identical results (the tests compare them).
 public struct CRC64: Sendable {
+    /// Whether the carry-less-multiply implementation is in use on this CPU.
+    public static let isHardwareAccelerated = shmb_crc64_hardware_available() != 0
+
+    /// Below this many bytes the table is as fast as folding.
+    static let foldingThreshold = 64
+
     /// The reflected ECMA-182 polynomial.
     public static let reflectedPolynomial: UInt64 = 0xC96C_5795_D787_0F42
 
@@ -36,9 +48,34 @@ public struct CRC64: Sendable {
 
     /// Feeds `bytes` into the checksum.
     public mutating func update(_ bytes: UnsafeRawBufferPointer) {
+        if CRC64.isHardwareAccelerated && bytes.count >= CRC64.foldingThreshold {
+            state = shmb_crc64_update_clmul(state, bytes.baseAddress, bytes.count)
+        } else {
+            updatePortably(bytes)
+        }
+    }
+
+    /// Feeds `bytes` through the portable table implementation, whatever the CPU.
+    public mutating func updatePortably(_ bytes: UnsafeRawBufferPointer) {
         state = CRC64.tables.withUnsafeBufferPointer { tables in
             CRC64.slicingBy8(state: state, bytes: bytes, tables: tables)
         }
+    }
+
+    /// Copies `source` to `destination` and returns the CRC-64/XZ of the bytes, in one pass over
+    /// memory where the CPU allows (a reader's verified copy-out).
+    /// - Parameters:
+    ///   - source: the bytes to copy and check.
+    ///   - destination: at least `source.count` writable bytes, not overlapping `source`.
+    public static func copyAndChecksum(from source: UnsafeRawBufferPointer, to destination: UnsafeMutableRawPointer) -> UInt64 {
+        guard let base = source.baseAddress else { return 0 }
+        if isHardwareAccelerated && source.count >= foldingThreshold {
+            return ~shmb_crc64_copy_clmul(~0, destination, base, source.count)
+        }
+        destination.copyMemory(from: base, byteCount: source.count)
+        var crc = CRC64()
+        crc.updatePortably(UnsafeRawBufferPointer(start: destination, count: source.count))
+        return crc.value
     }
 
     /// The checksum of everything fed so far.

@@ -51,14 +51,17 @@ public final class SegmentReader: @unchecked Sendable {
         let storedCRC = memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64)
         let publishedAt = memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt)
         guard length <= layout.capacity else { return .retry }
+        var computed: UInt64 = 0
+        // Copy-out and CRC in one pass; the CRC covers exactly the bytes copied.
         let bytes = [UInt8](unsafeUninitializedCapacity: length) { buffer, count in
-            UnsafeMutableRawBufferPointer(buffer).copyMemory(
-                from: UnsafeRawBufferPointer(start: memory.slotData(slot), count: length))
+            if let destination = buffer.baseAddress, length > 0 {
+                computed = CRC64.copyAndChecksum(from: UnsafeRawBufferPointer(start: memory.slotData(slot), count: length),
+                                                 to: destination)
+            }
             count = length
         }
         atomicMemoryFence(ordering: .acquiring)
         guard sequence.load(ordering: .relaxed) == version else { return .retry }
-        let computed = bytes.withUnsafeBytes { CRC64.checksum($0) }
         guard computed == storedCRC else {
             throw .checksumMismatch(version: version, stored: storedCRC, computed: computed)
         }
@@ -78,6 +81,63 @@ public final class SegmentReader: @unchecked Sendable {
             }
         }
         throw .contended(attempts: maximumAttempts)
+    }
+
+    /// A version read in place, without copying: valid only while ``isStillCurrent`` holds.
+    public struct BorrowedVersion {
+        public let version: UInt64
+        /// The content inside the shared mapping. The writer may reuse this slot after
+        /// `slotCount - 1` further publishes; anything derived from it counts only if the borrow
+        /// was still valid afterwards (``SegmentReader/withLatestVersion(verifyingChecksum:maximumAttempts:_:)``
+        /// checks that for you).
+        public let bytes: UnsafeRawBufferPointer
+        public let crc64: UInt64
+        public let publishedAtNanoseconds: UInt64
+        let sequence: UnsafeAtomic<UInt64>
+
+        /// Whether the slot still holds this version.
+        public var isStillCurrent: Bool {
+            atomicMemoryFence(ordering: .acquiring)
+            return sequence.load(ordering: .relaxed) == version
+        }
+    }
+
+    /// Runs `body` on the latest version in place (zero-copy), and returns its result only if the
+    /// version stayed intact throughout; otherwise runs it again on the newer version.
+    ///
+    /// - Parameters:
+    ///   - verifyingChecksum: check the CRC-64 of the bytes in place before calling `body`.
+    ///   - maximumAttempts: attempts before ``SegmentError/contended(attempts:)``.
+    ///   - body: reads the borrowed bytes; it may run more than once, so it should have no side
+    ///     effects beyond its result, and must not keep the pointer.
+    /// - Returns: `body`'s result, or nil if nothing was ever published.
+    public func withLatestVersion<R>(
+        verifyingChecksum: Bool = true, maximumAttempts: Int = 10_000, _ body: (BorrowedVersion) throws -> R
+    ) throws -> R? {
+        for _ in 0..<maximumAttempts {
+            let version = memory.latestVersion.load(ordering: .acquiring)
+            if version == 0 { return nil }
+            let slot = layout.slotOffset(forVersion: version)
+            let sequence = memory.slotSequence(slot)
+            guard sequence.load(ordering: .acquiring) == version else { continue }
+            let length = Int(memory.load(UInt64.self, at: slot + SegmentLayout.Slot.length))
+            guard length <= layout.capacity else { continue }
+            let borrowed = BorrowedVersion(
+                version: version, bytes: UnsafeRawBufferPointer(start: memory.slotData(slot), count: length),
+                crc64: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64),
+                publishedAtNanoseconds: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt),
+                sequence: sequence)
+            if verifyingChecksum {
+                let computed = CRC64.checksum(borrowed.bytes)
+                guard borrowed.isStillCurrent else { continue }
+                guard computed == borrowed.crc64 else {
+                    throw SegmentError.checksumMismatch(version: version, stored: borrowed.crc64, computed: computed)
+                }
+            }
+            let result = try body(borrowed)
+            if borrowed.isStillCurrent { return result }
+        }
+        throw SegmentError.contended(attempts: maximumAttempts)
     }
 
     /// Blocks the calling thread until a version newer than `version` exists, the segment is

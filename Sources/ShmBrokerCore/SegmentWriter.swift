@@ -93,15 +93,13 @@ public final class SegmentWriter: @unchecked Sendable {
     /// - Returns: the new version, its length and its CRC-64.
     @discardableResult
     public func publish(_ bytes: UnsafeRawBufferPointer) throws(SegmentError) -> PublishReceipt {
-        do {
-            return try publish(length: bytes.count) { (destination: UnsafeMutableRawBufferPointer) throws(Never) in
-                destination.copyMemory(from: bytes)
-            }
-        } catch {
-            switch error {
-            case .segment(let refusal): throw refusal
-            }
+        guard bytes.count <= layout.capacity else {
+            throw .payloadTooLarge(length: bytes.count, capacity: layout.capacity)
         }
+        let (version, slot) = beginWrite()
+        // Copy and checksum in one pass over memory.
+        let crc = CRC64.copyAndChecksum(from: bytes, to: memory.slotData(slot))
+        return commit(version: version, slot: slot, length: bytes.count, crc: crc)
     }
 
     /// Publishes the next version by letting `fill` write exactly `length` bytes into its slot.
@@ -119,23 +117,32 @@ public final class SegmentWriter: @unchecked Sendable {
         guard length <= layout.capacity else {
             throw .segment(.payloadTooLarge(length: length, capacity: layout.capacity))
         }
-        let version = latestVersion &+ 1
-        let slot = layout.slotOffset(forVersion: version)
-        let sequence = memory.slotSequence(slot)
-        sequence.store(0, ordering: .relaxed)
-        atomicMemoryFence(ordering: .releasing)
+        let (version, slot) = beginWrite()
         let destination = UnsafeMutableRawBufferPointer(start: memory.slotData(slot), count: length)
         do {
             try fill(destination)
         } catch {
             throw .fill(error)
         }
-        let crc = CRC64.checksum(UnsafeRawBufferPointer(destination))
+        return commit(version: version, slot: slot, length: length, crc: CRC64.checksum(UnsafeRawBufferPointer(destination)))
+    }
+
+    /// Claims the slot of the next version: its sequence is cleared before any byte changes.
+    private func beginWrite() -> (version: UInt64, slot: Int) {
+        let version = latestVersion &+ 1
+        let slot = layout.slotOffset(forVersion: version)
+        memory.slotSequence(slot).store(0, ordering: .relaxed)
+        atomicMemoryFence(ordering: .releasing)
+        return (version, slot)
+    }
+
+    /// Records the slot's metadata, then makes the version visible and wakes waiters.
+    private func commit(version: UInt64, slot: Int, length: Int, crc: UInt64) -> PublishReceipt {
         let now = Clock.realtimeNanoseconds()
         memory.store(UInt64(length), at: slot + SegmentLayout.Slot.length)
         memory.store(crc, at: slot + SegmentLayout.Slot.crc64)
         memory.store(now, at: slot + SegmentLayout.Slot.publishedAt)
-        sequence.store(version, ordering: .releasing)
+        memory.slotSequence(slot).store(version, ordering: .releasing)
         memory.latestVersion.store(version, ordering: .releasing)
         wakeWaiters()
         return PublishReceipt(version: version, length: length, crc64: crc, publishedAtNanoseconds: now)

@@ -11,17 +11,38 @@ final class CRC64Tests: XCTestCase {
         XCTAssertEqual(CRC64.checksum([UInt8]()), 0)
     }
 
-    func testSlicingMatchesReferenceOverLengthsAndAlignments() {
+    /// Every implementation (folding where the CPU has it, the portable table, the fused copy)
+    /// against the bit-at-a-time definition, over many lengths and unaligned starts.
+    func testImplementationsMatchTheReferenceOverLengthsAndAlignments() {
         var generator = SystemRandomNumberGenerator()
         let buffer = (0..<4200).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let lengths = Array(0...300) + [511, 512, 513, 1000, 1023, 1024, 1025, 4096] + (0..<20).map { _ in Int.random(in: 0...4000) }
+        var destination = [UInt8](repeating: 0, count: 4200)
         buffer.withUnsafeBytes { all in
-            for start in 0..<9 {
-                for length in Array(0...80) + [511, 1000, 4096] {
+            for start in 0..<17 {
+                for length in lengths where start + length <= all.count {
                     let slice = UnsafeRawBufferPointer(rebasing: all[start..<start + length])
-                    XCTAssertEqual(CRC64.checksum(slice), CRC64.referenceChecksum(slice), "start \(start) length \(length)")
+                    let expected = CRC64.referenceChecksum(slice)
+                    XCTAssertEqual(CRC64.checksum(slice), expected, "start \(start) length \(length)")
+                    var portable = CRC64()
+                    portable.updatePortably(slice)
+                    XCTAssertEqual(portable.value, expected, "portable, start \(start) length \(length)")
+                    let copied = destination.withUnsafeMutableBytes { CRC64.copyAndChecksum(from: slice, to: $0.baseAddress! + 3) }
+                    XCTAssertEqual(copied, expected, "fused copy, start \(start) length \(length)")
+                    XCTAssertEqual(Array(destination[3..<3 + length]), Array(slice), "fused copy bytes")
                 }
             }
         }
+    }
+
+    func testLargeInputsAgreeAcrossImplementations() {
+        let big = (0..<(3 << 20) + 77).map { UInt8(truncatingIfNeeded: $0 &* 2_654_435_761 >> 13) }
+        big.withUnsafeBytes { bytes in
+            var portable = CRC64()
+            portable.updatePortably(bytes)
+            XCTAssertEqual(CRC64.checksum(bytes), portable.value)
+        }
+        print("CRC-64 hardware acceleration: \(CRC64.isHardwareAccelerated)")
     }
 
     func testIncrementalUpdatesEqualOneShot() {

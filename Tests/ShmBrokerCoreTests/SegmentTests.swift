@@ -63,6 +63,32 @@ final class SegmentTests: XCTestCase {
         XCTAssertEqual(segment.reader.name, "unit")
     }
 
+    func testZeroCopyBorrowSeesTheLatestVersionAndNoticesReuse() throws {
+        let segment = try makeSegment(capacity: 64, slots: 2)
+        defer { segment.file.closeQuietly() }
+        XCTAssertNil(try segment.reader.withLatestVersion { $0.version })
+        try segment.writer.publish(Array("in place".utf8))
+        let seen = try segment.reader.withLatestVersion { borrowed -> (UInt64, [UInt8]) in
+            (borrowed.version, Array(borrowed.bytes))
+        }
+        XCTAssertEqual(seen?.0, 1)
+        XCTAssertEqual(seen?.1, Array("in place".utf8))
+
+        // A body during which the writer laps the slot is discarded and rerun on the newer version.
+        var runs = 0
+        let result = try segment.reader.withLatestVersion { borrowed -> UInt64 in
+            runs += 1
+            if runs == 1 {
+                _ = try? segment.writer.publish(Array("two".utf8))
+                _ = try? segment.writer.publish(Array("three".utf8))  // reuses version 1's slot
+                XCTAssertFalse(borrowed.isStillCurrent)
+            }
+            return borrowed.version
+        }
+        XCTAssertEqual(runs, 2)
+        XCTAssertEqual(result, 3)
+    }
+
     func testOversizePayloadIsRefusedAndNothingChanges() throws {
         let segment = try makeSegment(capacity: 8)
         defer { segment.file.closeQuietly() }
