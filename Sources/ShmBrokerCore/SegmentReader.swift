@@ -42,6 +42,53 @@ public final class SegmentReader: @unchecked Sendable {
     /// - Throws: ``SegmentError/checksumMismatch(version:stored:computed:)`` if a stable copy
     ///   fails its CRC (corruption, not a race).
     public func readOnce() throws(SegmentError) -> Attempt {
+        var copied: [UInt8] = []
+        let outcome = try copyLatest { (length, copy) throws(Never) in
+            copied = [UInt8](unsafeUninitializedCapacity: length) { buffer, count in
+                if length > 0 { copy(UnsafeMutableRawBufferPointer(buffer)) }
+                count = length
+            }
+        }
+        switch outcome {
+        case .neverPublished: return .neverPublished
+        case .retry: return .retry
+        case .copied(let info):
+            return .snapshot(SegmentSnapshot(version: info.version, bytes: copied, crc64: info.crc64,
+                                             publishedAtNanoseconds: info.publishedAtNanoseconds))
+        }
+    }
+
+    /// Metadata of a version copied into a caller's buffer.
+    public struct CopiedVersion: Sendable, Equatable {
+        public var version: UInt64
+        public var length: Int
+        public var crc64: UInt64
+        public var publishedAtNanoseconds: UInt64
+    }
+
+    /// The result of one attempt to copy into a caller's buffer.
+    public enum CopyAttempt: Sendable, Equatable {
+        case copied(CopiedVersion)
+        case neverPublished
+        case retry
+    }
+
+    /// Tries once to copy the latest version into `buffer` (reusable, no allocation), verified.
+    ///
+    /// - Throws: ``SegmentError/payloadTooLarge(length:capacity:)`` if `buffer` is shorter than
+    ///   the version (its `capacity` names the length needed), or a CRC mismatch.
+    public func readOnce(into buffer: UnsafeMutableRawBufferPointer) throws(SegmentError) -> CopyAttempt {
+        try copyLatest { length, copy throws(SegmentError) in
+            guard length <= buffer.count else { throw .payloadTooLarge(length: length, capacity: buffer.count) }
+            if length > 0 { copy(buffer) }
+        }
+    }
+
+    /// The seqlock read shared by every copying read: `provide` receives the length and a function
+    /// that copies (and checksums) the content into the buffer it is given.
+    private func copyLatest<E: Error>(
+        _ provide: (Int, (UnsafeMutableRawBufferPointer) -> Void) throws(E) -> Void
+    ) throws(SegmentError) -> CopyAttempt {
         let version = memory.latestVersion.load(ordering: .acquiring)
         if version == 0 { return .neverPublished }
         let slot = layout.slotOffset(forVersion: version)
@@ -51,21 +98,24 @@ public final class SegmentReader: @unchecked Sendable {
         let storedCRC = memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64)
         let publishedAt = memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt)
         guard length <= layout.capacity else { return .retry }
-        var computed: UInt64 = 0
         // Copy-out and CRC in one pass; the CRC covers exactly the bytes copied.
-        let bytes = [UInt8](unsafeUninitializedCapacity: length) { buffer, count in
-            if let destination = buffer.baseAddress, length > 0 {
-                computed = CRC64.copyAndChecksum(from: UnsafeRawBufferPointer(start: memory.slotData(slot), count: length),
-                                                 to: destination)
+        var computed: UInt64 = 0
+        let source = UnsafeRawBufferPointer(start: memory.slotData(slot), count: length)
+        do {
+            try provide(length) { destination in
+                computed = CRC64.copyAndChecksum(from: source, to: destination.baseAddress!)
             }
-            count = length
+        } catch let error as SegmentError {
+            throw error
+        } catch {
+            return .retry
         }
         atomicMemoryFence(ordering: .acquiring)
         guard sequence.load(ordering: .relaxed) == version else { return .retry }
         guard computed == storedCRC else {
             throw .checksumMismatch(version: version, stored: storedCRC, computed: computed)
         }
-        return .snapshot(SegmentSnapshot(version: version, bytes: bytes, crc64: storedCRC, publishedAtNanoseconds: publishedAt))
+        return .copied(CopiedVersion(version: version, length: length, crc64: storedCRC, publishedAtNanoseconds: publishedAt))
     }
 
     /// Reads the latest version, retrying while the writer races the copy.

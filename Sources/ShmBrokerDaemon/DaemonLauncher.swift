@@ -17,6 +17,15 @@ public enum DaemonLauncher {
         }
     }
 
+    /// One descriptor per client and per segment: lift the soft limit to the hard one
+    /// (`LimitNOFILE=` in the unit sets the hard limit).
+    static func raiseDescriptorLimit() {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+        limit.rlim_cur = limit.rlim_max
+        _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+    }
+
     /// Runs the daemon in the foreground until SIGTERM or SIGINT. Returns the process exit code.
     ///
     /// - Parameters:
@@ -35,6 +44,7 @@ public enum DaemonLauncher {
             return 1
         }
         ProcessSignals.ignoreBrokenPipe()
+        raiseDescriptorLimit()
         LoggingSystem.bootstrap { label in
             var handler = JournalLogHandler(label: label)
             handler.logLevel = logLevel

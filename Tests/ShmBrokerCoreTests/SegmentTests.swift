@@ -89,6 +89,26 @@ final class SegmentTests: XCTestCase {
         XCTAssertEqual(result, 3)
     }
 
+    func testReadIntoACallersBufferVerifiesAndRefusesAShortBuffer() throws {
+        let segment = try makeSegment(capacity: 256)
+        defer { segment.file.closeQuietly() }
+        var buffer = [UInt8](repeating: 0, count: 256)
+        XCTAssertEqual(try buffer.withUnsafeMutableBytes { try segment.reader.readOnce(into: $0) }, .neverPublished)
+        let payload = (0..<200).map { UInt8($0) }
+        let receipt = try segment.writer.publish(payload)
+        guard case .copied(let info) = try buffer.withUnsafeMutableBytes({ try segment.reader.readOnce(into: $0) }) else {
+            return XCTFail("no copy")
+        }
+        XCTAssertEqual(info.version, 1)
+        XCTAssertEqual(info.length, 200)
+        XCTAssertEqual(info.crc64, receipt.crc64)
+        XCTAssertEqual(Array(buffer[..<200]), payload)
+        var small = [UInt8](repeating: 0, count: 100)
+        XCTAssertThrowsError(try small.withUnsafeMutableBytes { try segment.reader.readOnce(into: $0) }) { error in
+            XCTAssertEqual(error as? SegmentError, .payloadTooLarge(length: 200, capacity: 100))
+        }
+    }
+
     func testOversizePayloadIsRefusedAndNothingChanges() throws {
         let segment = try makeSegment(capacity: 8)
         defer { segment.file.closeQuietly() }
