@@ -14,6 +14,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
     ],
     targets: [
         // Linux calls Swift cannot see (memfd, seals, CMSG, futex, ucred, epoll, signalfd).
@@ -69,6 +70,16 @@ let package = Package(
             dependencies: [
                 "ShmBrokerClient", "ShmBrokerConfig",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // The benchmark suite: `swift run -c release shmbroker-bench` (not part of `swift test`).
+        .executableTarget(
+            name: "shmbroker-bench",
+            dependencies: [
+                "ShmBrokerClient", "ShmBrokerCore", "ShmBrokerPlatform", "ShmBrokerProtocol",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
         // A helper executable the integration tests spawn as readers, writers and attackers.

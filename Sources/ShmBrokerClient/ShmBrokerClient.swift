@@ -42,6 +42,9 @@ public final class ShmBrokerClient: Sendable {
     }
 
     private struct State {
+        /// Memfds that carried earlier large payloads, kept so the next one reuses their pages
+        /// instead of allocating (and zeroing) fresh memory for every publish.
+        var stagingFiles: [FileDescriptor] = []
         var connection: Connection?
         var daemonVersion = ""
         var subscriptions: [String: SubscriptionEntry] = [:]
@@ -284,24 +287,54 @@ public final class ShmBrokerClient: Sendable {
         if bytes.count <= ControlProtocol.maximumInlinePayload(nameLength: name.utf8.count) {
             reply = try await request(.publish(segment: name, payload: .inline(bytes)))
         } else {
-            let file: FileDescriptor
+            let file = try stagingFile(holding: bytes)
             do {
-                file = try bytes.withUnsafeBytes { buffer throws(Errno) in
-                    try MemoryFile.create(name: "shmbroker-publish:\(name)", contents: buffer)
-                }
-            } catch let error as Errno {
-                throw .system(operation: "memfd for payload", errno: error)
+                reply = try await request(.publish(segment: name, payload: .attachedFile(length: UInt64(bytes.count))),
+                                          descriptors: [file])
             } catch {
-                throw .protocolViolation("\(error)")
+                // The daemon may not be done with it (a lost connection): never reuse it.
+                file.closeQuietly()
+                throw error
             }
-            defer { file.closeQuietly() }
-            reply = try await request(.publish(segment: name, payload: .attachedFile(length: UInt64(bytes.count))),
-                                      descriptors: [file])
+            releaseStagingFile(file)
         }
         guard case .published(let info) = reply.message else {
             throw .protocolViolation("unexpected reply \(reply.message.type) to PUBLISH")
         }
         return info
+    }
+
+    /// A memfd holding `bytes` from offset 0, reused from earlier publishes when possible. Bytes
+    /// beyond `bytes.count` may be left from an earlier, longer payload; the request's length
+    /// tells the daemon where the payload ends.
+    private func stagingFile(holding bytes: [UInt8]) throws(ShmBrokerClientError) -> FileDescriptor {
+        let file: FileDescriptor
+        if let reused = state.withLock({ $0.stagingFiles.popLast() }) {
+            file = reused
+        } else {
+            do {
+                file = try MemoryFile.createScratch(name: "shmbroker-publish")
+            } catch {
+                throw .system(operation: "memfd for payload", errno: error)
+            }
+        }
+        let written = bytes.withUnsafeBytes { buffer in
+            Result { () throws(Errno) in try file.writeFully(buffer, atOffset: 0) }
+        }
+        if case .failure(let error) = written {
+            file.closeQuietly()
+            throw .system(operation: "writing the payload memfd", errno: error)
+        }
+        return file
+    }
+
+    private func releaseStagingFile(_ file: FileDescriptor) {
+        let kept = state.withLock { state -> Bool in
+            guard !state.closed, state.stagingFiles.count < 4 else { return false }
+            state.stagingFiles.append(file)
+            return true
+        }
+        if !kept { file.closeQuietly() }
     }
 
     /// Subscribes to a segment's version events.
@@ -370,10 +403,12 @@ public final class ShmBrokerClient: Sendable {
 
     /// Closes the connection. Mapped segments stay readable; subscriptions end.
     public func close() {
-        let connection = state.withLock { state in
+        let (connection, staging) = state.withLock { state in
             state.closed = true
-            return state.connection
+            defer { state.stagingFiles.removeAll() }
+            return (state.connection, state.stagingFiles)
         }
+        staging.forEach { $0.closeQuietly() }
         connection?.close()
         finishEverything()
     }

@@ -28,10 +28,14 @@ public enum MemoryFile {
         return fd
     }
 
+    /// Creates an empty, unsealed memfd that grows as it is written: a producer's staging file.
+    public static func createScratch(name: String) throws(Errno) -> FileDescriptor {
+        FileDescriptor(rawValue: try retryingInterrupts { shmb_memfd_create(name) })
+    }
+
     /// Creates an unsealed memfd holding `bytes`: how a producer hands a large payload to the daemon.
     public static func create(name: String, contents bytes: UnsafeRawBufferPointer) throws(Errno) -> FileDescriptor {
-        let raw = try retryingInterrupts { shmb_memfd_create(name) }
-        let fd = FileDescriptor(rawValue: raw)
+        let fd = try createScratch(name: name)
         do throws(Errno) {
             try fd.writeFully(bytes)
         } catch {

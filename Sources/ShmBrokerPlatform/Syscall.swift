@@ -62,12 +62,12 @@ extension FileDescriptor {
         return done
     }
 
-    /// Writes all of `bytes`, looping over short writes.
-    public func writeFully(_ bytes: UnsafeRawBufferPointer) throws(Errno) {
+    /// Writes all of `bytes` from `offset` on (`pwrite`), looping over short writes.
+    public func writeFully(_ bytes: UnsafeRawBufferPointer, atOffset offset: Int = 0) throws(Errno) {
         var done = 0
         while done < bytes.count {
             let rest = UnsafeRawBufferPointer(rebasing: bytes[done...])
-            done += try retryingInterrupts { Glibc.write(rawValue, rest.baseAddress, rest.count) }
+            done += try retryingInterrupts { Glibc.pwrite(rawValue, rest.baseAddress, rest.count, off_t(offset + done)) }
         }
     }
 }

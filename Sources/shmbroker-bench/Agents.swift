@@ -1,0 +1,188 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import ShmBrokerClient
+import ShmBrokerCore
+import ShmBrokerPlatform
+import SystemPackage
+
+// Processes the benchmark spawns as readers: each prints one JSON line with what it measured.
+// Timestamps are CLOCK_MONOTONIC nanoseconds, comparable across processes on one machine.
+
+/// The first 16 bytes of every benchmark payload: when the producer started sending it, and its round.
+enum Stamp {
+    static func write(_ buffer: inout [UInt8], sentAt: UInt64, round: UInt64) {
+        buffer.withUnsafeMutableBytes {
+            $0.storeBytes(of: sentAt, toByteOffset: 0, as: UInt64.self)
+            $0.storeBytes(of: round, toByteOffset: 8, as: UInt64.self)
+        }
+    }
+
+    static func read(_ buffer: UnsafeRawBufferPointer) -> (sentAt: UInt64, round: UInt64) {
+        (buffer.loadUnaligned(fromByteOffset: 0, as: UInt64.self), buffer.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+    }
+}
+
+func emitJSON(_ object: [String: Any]) {
+    let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+    FileHandle.standardOutput.write(data + Data([0x0A]))
+}
+
+func announceReady() { FileHandle.standardError.write(Data("ready\n".utf8)) }
+
+struct Agent: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Reader processes spawned by the benchmark.", shouldDisplay: false,
+        subcommands: [SegmentLatency.self, SocketLatency.self, SegmentDrain.self, SocketDrain.self])
+}
+
+/// Waits on the segment's futex, reads each new version verified, records its one-way latency.
+struct SegmentLatency: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "segment-latency")
+    @Option var socket: String
+    @Option var segment: String
+    @Option var rounds: UInt64
+
+    func run() async throws {
+        let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "bench-latency")
+        let handle = try await client.open(segment)
+        var buffer = [UInt8](repeating: 0, count: handle.capacity)
+        var latencies: [String: UInt64] = [:]
+        var last = handle.latestVersion
+        announceReady()
+        while true {
+            let now = handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000)
+            if now == last { break }
+            let outcome = try buffer.withUnsafeMutableBytes { try handle.reader.readOnce(into: $0) }
+            guard case .copied(let info) = outcome else { continue }
+            let received = Clock.monotonicNanoseconds()
+            last = info.version
+            let (sentAt, round) = buffer.withUnsafeBytes { Stamp.read($0) }
+            latencies["\(round)"] = received &- sentAt
+            if round + 1 >= rounds { break }
+        }
+        emitJSON(["latencies": latencies])
+    }
+}
+
+/// Reads fixed-size messages from a Unix stream socket, recording each one's one-way latency.
+struct SocketLatency: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "socket-latency")
+    @Option var path: String
+    @Option var size: Int
+    @Option var rounds: UInt64
+
+    func run() throws {
+        let fd = try RawStream.connect(path)
+        var buffer = [UInt8](repeating: 0, count: size)
+        var latencies: [String: UInt64] = [:]
+        announceReady()
+        for _ in 0..<rounds {
+            guard RawStream.readExactly(fd, &buffer) else { break }
+            let received = Clock.monotonicNanoseconds()
+            let (sentAt, round) = buffer.withUnsafeBytes { Stamp.read($0) }
+            latencies["\(round)"] = received &- sentAt
+        }
+        emitJSON(["latencies": latencies])
+    }
+}
+
+/// Reads every new version it can until `until`, counting the verified bytes it received.
+struct SegmentDrain: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "segment-drain")
+    @Option var socket: String
+    @Option var segment: String
+    @Option var until: UInt64
+
+    func run() async throws {
+        let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "bench-drain")
+        let handle = try await client.open(segment)
+        var buffer = [UInt8](repeating: 0, count: handle.capacity)
+        var last = handle.latestVersion
+        var bytes = 0, versions = 0
+        announceReady()
+        while last < until {
+            let now = handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000)
+            if now == last { break }
+            let outcome = try buffer.withUnsafeMutableBytes { try handle.reader.readOnce(into: $0) }
+            guard case .copied(let info) = outcome else { continue }
+            last = info.version
+            bytes += info.length
+            versions += 1
+        }
+        emitJSON(["bytes": bytes, "versions": versions, "finishedAt": Clock.monotonicNanoseconds()])
+    }
+}
+
+/// Reads `total` bytes from a Unix stream socket.
+struct SocketDrain: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "socket-drain")
+    @Option var path: String
+    @Option var total: Int
+
+    func run() throws {
+        let fd = try RawStream.connect(path)
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var received = 0
+        announceReady()
+        while received < total {
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, min($0.count, total - received)) }
+            if n <= 0 { break }
+            received += n
+        }
+        emitJSON(["bytes": received, "finishedAt": Clock.monotonicNanoseconds()])
+    }
+}
+
+/// Plain blocking Unix stream sockets: the baseline transport.
+enum RawStream {
+    static func address(_ path: String) -> sockaddr_un {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(path.utf8) + [0]) }
+        return address
+    }
+
+    static func listen(_ path: String) throws -> Int32 {
+        unlink(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = address(path)
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, Glibc.listen(fd, 128) == 0 else { throw Errno(rawValue: errno) }
+        return fd
+    }
+
+    static func connect(_ path: String) throws -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = address(path)
+        let connected = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard connected == 0 else { throw Errno(rawValue: errno) }
+        return fd
+    }
+
+    static func readExactly(_ fd: Int32, _ buffer: inout [UInt8]) -> Bool {
+        var done = 0
+        let count = buffer.count
+        return buffer.withUnsafeMutableBytes { raw in
+            while done < count {
+                let n = read(fd, raw.baseAddress! + done, count - done)
+                if n <= 0 { return false }
+                done += n
+            }
+            return true
+        }
+    }
+
+    static func writeAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) {
+        var done = 0
+        while done < buffer.count {
+            let n = write(fd, buffer.baseAddress! + done, buffer.count - done)
+            if n <= 0 { return }
+            done += n
+        }
+    }
+}

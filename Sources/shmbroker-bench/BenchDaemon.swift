@@ -1,0 +1,110 @@
+import Foundation
+import Glibc
+import ShmBrokerClient
+import ShmBrokerPlatform
+
+/// A real `shmbrokerd` (built beside this executable) on a private socket, timed to READY=1.
+final class BenchDaemon {
+    let directory: String
+    let socketPath: String
+    let process = Process()
+    let readyMilliseconds: Double
+
+    /// The daemon for the transport benchmarks, with one segment per benchmark.
+    convenience init(quick: Bool) throws {
+        var segments: [[String: Any]] = [
+            ["name": "lat64", "size": 64], ["name": "lat4k", "size": 4096], ["name": "rate", "size": 64],
+            ["name": "fan1", "size": 64], ["name": "fan8", "size": 64], ["name": "fan64", "size": 64],
+        ]
+        for size in [4 << 10, 64 << 10, 1 << 20, 16 << 20] {
+            segments.append(["name": "tp-\(sizeName(size))", "size": size, "slots": 3])
+        }
+        try self.init(segments: segments)
+    }
+
+    /// A daemon with `segmentCount` 4 KiB segments, for start-up and memory measurements.
+    convenience init(segmentCount: Int) throws {
+        try self.init(segments: (0..<segmentCount).map { ["name": "s\($0)", "size": 4096] })
+    }
+
+    init(segments: [[String: Any]]) throws {
+        directory = NSTemporaryDirectory() + "shmbroker-bench-\(getpid())-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        socketPath = directory + "/control.sock"
+        let config: [String: Any] = [
+            "socket": ["path": socketPath, "mode": "0600"],
+            "limits": ["maxClients": 4096, "subscriberStallTimeoutSeconds": 30],
+            "segments": segments.map { $0.merging(["readers": ["users": ["*"]]]) { a, _ in a } },
+        ]
+        let configPath = directory + "/config.json"
+        try JSONSerialization.data(withJSONObject: config).write(to: URL(fileURLWithPath: configPath))
+        let ready = try ReadyListener(path: directory + "/notify.sock")
+        let binary = URL(fileURLWithPath: CommandLine.executablePath).deletingLastPathComponent().appendingPathComponent("shmbrokerd")
+        process.executableURL = binary
+        process.arguments = ["--config", configPath, "--log-level", "warning"]
+        var environment = ProcessInfo.processInfo.environment
+        environment["NOTIFY_SOCKET"] = ready.path
+        process.environment = environment
+        let started = Clock.monotonicNanoseconds()
+        try process.run()
+        guard ready.waitForReady(timeout: 120) else { throw BenchError("the daemon never sent READY=1") }
+        readyMilliseconds = Double(Clock.monotonicNanoseconds() - started) / 1e6
+    }
+
+    var pid: Int32 { process.processIdentifier }
+
+    func connect() async throws -> ShmBrokerClient {
+        try await ShmBrokerClient.connect(socketPath: socketPath, clientName: "bench")
+    }
+
+    func stop() {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGTERM)
+            process.waitUntilExit()
+        }
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+
+/// Draws latency percentiles and throughput against their baselines (matplotlib).
+let plotScript = #"""
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+r = json.load(open(sys.argv[1]))
+fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+
+ax = axes[0]
+labels, shm, sock = [], [], []
+for size in ("64B", "4KiB"):
+    for p in ("p50_us", "p99_us", "p999_us"):
+        labels.append(f"{size}\n{p[:-3]}")
+        shm.append(r["latency"][size]["shm"][p])
+        sock.append(r["latency"][size]["socket"][p])
+x = range(len(labels))
+ax.bar([i - 0.2 for i in x], shm, 0.4, label="shmbroker: publish -> verified read")
+ax.bar([i + 0.2 for i in x], sock, 0.4, label="raw Unix socket, one way")
+ax.set_xticks(list(x)); ax.set_xticklabels(labels); ax.set_yscale("log")
+ax.set_ylabel("latency (µs)"); ax.set_title("End-to-end latency"); ax.legend(fontsize=8)
+
+ax = axes[1]
+cases = list(r["throughput"].keys())
+x = range(len(cases))
+ax.bar([i - 0.2 for i in x], [r["throughput"][c]["shm_MBps"] for c in cases], 0.4, label="shmbroker")
+ax.bar([i + 0.2 for i in x], [r["throughput"][c]["socket_MBps"] for c in cases], 0.4, label="raw Unix socket")
+ax.set_xticks(list(x)); ax.set_xticklabels([c.replace("x", "\nx") + " readers" for c in cases], fontsize=8)
+ax.set_ylabel("MB/s delivered"); ax.set_title("Producer -> reader throughput"); ax.legend(fontsize=8)
+
+ax = axes[2]
+readers = sorted(r["fanOut"].keys(), key=int)
+ax.plot([int(n) for n in readers], [r["fanOut"][n]["shm"]["p50_us"] for n in readers], "o-", label="shmbroker (futex wake-all)")
+ax.plot([int(n) for n in readers], [r["fanOut"][n]["socket"]["p50_us"] for n in readers], "s-", label="one socket message per reader")
+ax.set_xscale("log", base=2); ax.set_yscale("log")
+ax.set_xlabel("readers"); ax.set_ylabel("p50 until the last reader has it (µs)"); ax.set_title("Fan-out"); ax.legend(fontsize=8)
+
+fig.suptitle(f"shmbroker-bench on {r['machine']}")
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+"""#

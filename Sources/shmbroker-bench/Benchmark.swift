@@ -1,0 +1,414 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import ShmBrokerClient
+import ShmBrokerCore
+import ShmBrokerPlatform
+import ShmBrokerProtocol
+import SystemPackage
+
+/// `shmbroker-bench`: measures shmbroker against baselines measured in the same run (memcpy,
+/// liblzma, a raw Unix stream socket) and writes a table, a JSON file and a PNG plot.
+@main
+struct ShmBrokerBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "shmbroker-bench",
+        abstract: "Benchmark shmbroker against same-run baselines.",
+        subcommands: [Run.self, Agent.self], defaultSubcommand: Run.self)
+}
+
+struct Run: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run every benchmark (build with -c release).")
+
+    @Option(help: "Where to write results.json, results.txt and plot.png.") var output = "shmbroker-bench-results"
+    @Flag(help: "Fewer repetitions: a smoke run, not for reporting.") var quick = false
+
+    func run() async throws {
+        #if DEBUG
+        FileHandle.standardError.write(Data("warning: a debug build; numbers are meaningless. Use: swift run -c release shmbroker-bench\n".utf8))
+        #endif
+        try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+        var results: [String: Any] = ["machine": machineDescription(), "quick": quick,
+                                      "crcHardwareAccelerated": CRC64.isHardwareAccelerated]
+        var report = Report()
+        results["crc64"] = crcBenchmark(&report)
+        results["verifiedRead"] = verifiedReadBenchmark(&report)
+        let daemon = try BenchDaemon(quick: quick)
+        defer { daemon.stop() }
+        results["latency"] = try await latencyBenchmark(daemon, &report)
+        results["throughput"] = try await throughputBenchmark(daemon, &report)
+        results["fanOut"] = try await fanOutBenchmark(daemon, &report)
+        results["publishRate"] = try await publishRateBenchmark(daemon, &report)
+        results["scale"] = try await scaleBenchmark(&report)
+        results["goals"] = report.goals
+
+        let json = try JSONSerialization.data(withJSONObject: results, options: [.prettyPrinted, .sortedKeys])
+        try json.write(to: URL(fileURLWithPath: output + "/results.json"))
+        try report.text.write(toFile: output + "/results.txt", atomically: true, encoding: .utf8)
+        print(report.text)
+        plot()
+    }
+
+    var repetitions: Int { quick ? 3 : 15 }
+    static let publishWindow = 4
+
+    // MARK: CRC and verified reads
+
+    func crcBenchmark(_ report: inout Report) -> [String: Any] {
+        report.section("CRC-64/XZ throughput (GB/s, median of \(repetitions))")
+        report.row(["size", "shmbroker", "portable", "liblzma", "ratio vs liblzma"])
+        var rows: [String: Any] = [:]
+        for size in [4 << 10, 1 << 20, 16 << 20] {
+            let data = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+            var sink: UInt64 = 0
+            let ours = data.withUnsafeBytes { bytes in
+                medianThroughput(bytes: size * 4, runs: repetitions) { for _ in 0..<4 { sink ^= CRC64.checksum(bytes) } }
+            }
+            let portable = data.withUnsafeBytes { bytes in
+                medianThroughput(bytes: size, runs: max(3, repetitions / 3)) {
+                    var crc = CRC64()
+                    crc.updatePortably(bytes)
+                    sink ^= crc.value
+                }
+            }
+            var lzma = Double.nan
+            if let crc64 = LZMA.crc64 {
+                lzma = data.withUnsafeBufferPointer { buffer in
+                    medianThroughput(bytes: size * 4, runs: repetitions) { for _ in 0..<4 { sink ^= crc64(buffer.baseAddress, size, 0) } }
+                }
+                precondition(data.withUnsafeBufferPointer { crc64($0.baseAddress, size, 0) } == CRC64.checksum(data), "CRC disagrees with liblzma")
+            }
+            if sink == 42 { print("") }
+            rows[sizeName(size)] = ["shmbroker_GBps": ours, "portable_GBps": portable, "liblzma_GBps": lzma, "ratio": ours / lzma]
+            report.row([sizeName(size), fmt(ours), fmt(portable), fmt(lzma), fmt(ours / lzma) + "x"])
+            if size == 1 << 20 { report.goal("CRC-64 >= 1.5x liblzma at 1 MiB", value: ours / lzma, target: 1.5) }
+        }
+        return rows
+    }
+
+    func verifiedReadBenchmark(_ report: inout Report) -> [String: Any] {
+        report.section("Verified read (copy-out + CRC check) vs memcpy (GB/s)")
+        report.row(["size", "verified read", "memcpy", "ratio"])
+        var rows: [String: Any] = [:]
+        for size in [64, 4 << 10, 64 << 10, 1 << 20, 16 << 20] {
+            let layout = SegmentLayout(capacity: size, slotCount: 2)
+            guard let file = try? MemoryFile.create(name: "bench", size: layout.totalSize),
+                  let region = try? MappedRegion(mapping: file, length: layout.totalSize, writable: true) else { continue }
+            defer { file.closeQuietly() }
+            let writer = SegmentWriter(formatting: region, layout: layout, name: "bench")
+            _ = try? writer.publish((0..<size).map { UInt8(truncatingIfNeeded: $0) })
+            guard let reader = try? SegmentReader(region: region) else { continue }
+            let source = (0..<size).map { UInt8(truncatingIfNeeded: $0) }
+            var destination = [UInt8](repeating: 0, count: size)
+            let inner = max(1, (8 << 20) / size)
+            let verified = destination.withUnsafeMutableBytes { buffer in
+                medianThroughput(bytes: size * inner, runs: repetitions) {
+                    for _ in 0..<inner { _ = try? reader.readOnce(into: buffer) }
+                }
+            }
+            let memcpyRate = destination.withUnsafeMutableBytes { buffer in
+                source.withUnsafeBytes { from in
+                    medianThroughput(bytes: size * inner, runs: repetitions) {
+                        for _ in 0..<inner { memcpy(buffer.baseAddress!, from.baseAddress!, size) }
+                    }
+                }
+            }
+            rows[sizeName(size)] = ["verified_GBps": verified, "memcpy_GBps": memcpyRate, "ratio": verified / memcpyRate]
+            report.row([sizeName(size), fmt(verified), fmt(memcpyRate), fmt(verified / memcpyRate) + "x"])
+            if size == 1 << 20 { report.goal("verified read >= 0.4x memcpy at 1 MiB", value: verified / memcpyRate, target: 0.4) }
+            if size == 16 << 20 { report.goal("verified read >= 0.7x memcpy at 16 MiB", value: verified / memcpyRate, target: 0.7) }
+        }
+        return rows
+    }
+
+    // MARK: Through the daemon
+
+    /// One producer publish per round, spaced so each is read alone; vs the same payload over a
+    /// raw Unix stream socket between two processes.
+    func latencyBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
+        let rounds: UInt64 = quick ? 300 : 3000
+        report.section("End-to-end latency, publish call -> reader holds the verified version (µs; \(rounds) rounds)")
+        report.row(["payload", "shm p50", "p99", "p99.9", "socket p50", "p99", "p99.9", "p50 ratio"])
+        let client = try await daemon.connect()
+        var rows: [String: Any] = [:]
+        for (size, segment) in [(64, "lat64"), (4096, "lat4k")] {
+            let agent = try AgentProcess(["segment-latency", "--socket", daemon.socketPath, "--segment", segment, "--rounds", "\(rounds)"])
+            try agent.waitUntilReady()
+            var payload = [UInt8](repeating: 0xA5, count: size)
+            for round in 0..<rounds {
+                Stamp.write(&payload, sentAt: Clock.monotonicNanoseconds(), round: round)
+                try await client.publish(segment, bytes: payload)
+                usleep(200)
+            }
+            let shm = LatencySummary(Array(try agent.latencies().values))
+            let socket = try socketLatency(size: size, rounds: rounds, readers: 1).perRound
+            let raw = LatencySummary(socket)
+            rows[sizeName(size)] = ["shm": shm.json, "socket": raw.json, "p50_ratio": shm.p50 / raw.p50]
+            report.row([sizeName(size), fmt(shm.p50), fmt(shm.p99), fmt(shm.p999), fmt(raw.p50), fmt(raw.p99), fmt(raw.p999),
+                        fmt(shm.p50 / raw.p50) + "x"])
+            report.goal("end-to-end p50 <= 2x raw socket one-way p50 (\(sizeName(size)))", value: shm.p50 / raw.p50, target: 2, lowerIsBetter: true)
+        }
+        return rows
+    }
+
+    /// Sends `rounds` stamped messages to `readers` socket-latency agents, one message per reader
+    /// per round; returns the latency of the last reader in each round.
+    func socketLatency(size: Int, rounds: UInt64, readers: Int, spacingMicroseconds: UInt32 = 200) throws -> (perRound: [UInt64], all: [UInt64]) {
+        let path = NSTemporaryDirectory() + "shmbroker-bench-\(getpid()).sock"
+        let listener = try RawStream.listen(path)
+        defer { close(listener); unlink(path) }
+        let agents = try (0..<readers).map { _ in
+            try AgentProcess(["socket-latency", "--path", path, "--size", "\(size)", "--rounds", "\(rounds)"])
+        }
+        let connections = (0..<readers).map { _ in accept(listener, nil, nil) }
+        defer { connections.forEach { close($0) } }
+        for agent in agents { try agent.waitUntilReady() }
+        var payload = [UInt8](repeating: 0x5A, count: size)
+        for round in 0..<rounds {
+            Stamp.write(&payload, sentAt: Clock.monotonicNanoseconds(), round: round)
+            payload.withUnsafeBytes { bytes in connections.forEach { RawStream.writeAll($0, bytes) } }
+            usleep(spacingMicroseconds)
+        }
+        let perAgent = try agents.map { try $0.latencies() }
+        return (lastArrivals(perAgent, rounds: rounds), perAgent.flatMap { $0.values })
+    }
+
+    /// For each round every reader saw, the latest arrival.
+    func lastArrivals(_ perAgent: [[UInt64: UInt64]], rounds: UInt64) -> [UInt64] {
+        (0..<rounds).compactMap { round in
+            let seen = perAgent.compactMap { $0[round] }
+            return seen.count == perAgent.count ? seen.max() : nil
+        }
+    }
+
+    func throughputBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
+        report.section("Producer -> reader throughput (MB/s delivered to readers; \(Self.publishWindow) publishes in flight)")
+        report.row(["payload", "readers", "shm", "socket", "ratio"])
+        let client = try await daemon.connect()
+        var rows: [String: Any] = [:]
+        let cases: [(Int, Int)] = [(4 << 10, 1), (64 << 10, 1), (1 << 20, 1), (16 << 20, 1), (64 << 10, 8), (1 << 20, 8)]
+        for (size, readers) in cases {
+            let segment = "tp-\(sizeName(size))"
+            let totalBytes = quick ? 64 << 20 : 512 << 20
+            let count = max(16, min(20_000, totalBytes / size))
+            let start = try await client.status().segments.first { $0.name == segment }?.version ?? 0
+            let agents = try (0..<readers).map { _ in
+                try AgentProcess(["segment-drain", "--socket", daemon.socketPath, "--segment", segment, "--until", "\(start + UInt64(count))"])
+            }
+            for agent in agents { try agent.waitUntilReady() }
+            let payload = [UInt8](repeating: 0x33, count: size)
+            let began = Clock.monotonicNanoseconds()
+            // Like the socket writer, whose kernel buffer lets it run ahead, the producer keeps a
+            // few publishes in flight.
+            let window = Self.publishWindow
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for lane in 0..<window {
+                    group.addTask {
+                        for _ in stride(from: lane, to: count, by: window) {
+                            try await client.publish(segment, bytes: payload)
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let results = try agents.map { try $0.result() }
+            let finished = results.compactMap { ($0["finishedAt"] as? NSNumber)?.uint64Value }.max() ?? began
+            let delivered = results.compactMap { $0["bytes"] as? Int }.reduce(0, +)
+            let shm = Double(delivered) / Double(max(finished - began, 1)) * 1000
+            let socket = try socketThroughput(size: size, count: count, readers: readers)
+            rows["\(sizeName(size))x\(readers)"] = ["shm_MBps": shm, "socket_MBps": socket, "ratio": shm / socket,
+                                                  "versionsRead": results.compactMap { $0["versions"] as? Int }, "published": count]
+            report.row([sizeName(size), "\(readers)", fmt(shm, 0), fmt(socket, 0), fmt(shm / socket) + "x"])
+            if readers == 1 && size >= 64 << 10 {
+                report.goal("throughput >= 1x raw socket at \(sizeName(size))", value: shm / socket, target: 1)
+            }
+            if readers == 8 { report.goal("throughput with 8 readers >= 3x raw socket (\(sizeName(size)))", value: shm / socket, target: 3) }
+        }
+        return rows
+    }
+
+    func socketThroughput(size: Int, count: Int, readers: Int) throws -> Double {
+        let path = NSTemporaryDirectory() + "shmbroker-bench-tp-\(getpid()).sock"
+        let listener = try RawStream.listen(path)
+        defer { close(listener); unlink(path) }
+        let agents = try (0..<readers).map { _ in try AgentProcess(["socket-drain", "--path", path, "--total", "\(size * count)"]) }
+        let connections = (0..<readers).map { _ in accept(listener, nil, nil) }
+        defer { connections.forEach { close($0) } }
+        for agent in agents { try agent.waitUntilReady() }
+        let payload = [UInt8](repeating: 0x44, count: size)
+        let began = Clock.monotonicNanoseconds()
+        for _ in 0..<count {
+            payload.withUnsafeBytes { bytes in connections.forEach { RawStream.writeAll($0, bytes) } }
+        }
+        let results = try agents.map { try $0.result() }
+        let finished = results.compactMap { ($0["finishedAt"] as? NSNumber)?.uint64Value }.max() ?? began
+        let delivered = results.compactMap { $0["bytes"] as? Int }.reduce(0, +)
+        return Double(delivered) / Double(max(finished - began, 1)) * 1000
+    }
+
+    func fanOutBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
+        let rounds: UInt64 = quick ? 50 : 300
+        report.section("Fan-out: publish -> last of N readers holds it (µs, p50 / p99 over \(rounds) rounds)")
+        report.row(["readers", "shm p50", "shm p99", "socket p50", "socket p99", "p50 ratio"])
+        let client = try await daemon.connect()
+        var rows: [String: Any] = [:]
+        for readers in [1, 8, 64] {
+            let segment = "fan\(readers)"
+            let agents = try (0..<readers).map { _ in
+                try AgentProcess(["segment-latency", "--socket", daemon.socketPath, "--segment", segment, "--rounds", "\(rounds)"])
+            }
+            for agent in agents { try agent.waitUntilReady() }
+            let spacing = UInt32(2_000 + readers * 150)
+            var payload = [UInt8](repeating: 1, count: 64)
+            for round in 0..<rounds {
+                Stamp.write(&payload, sentAt: Clock.monotonicNanoseconds(), round: round)
+                try await client.publish(segment, bytes: payload)
+                usleep(spacing)
+            }
+            let shm = LatencySummary(lastArrivals(try agents.map { try $0.latencies() }, rounds: rounds))
+            let socket = LatencySummary(try socketLatency(size: 64, rounds: rounds, readers: readers, spacingMicroseconds: spacing).perRound)
+            rows["\(readers)"] = ["shm": shm.json, "socket": socket.json, "p50_ratio": shm.p50 / socket.p50]
+            report.row(["\(readers)", fmt(shm.p50), fmt(shm.p99), fmt(socket.p50), fmt(socket.p99), fmt(shm.p50 / socket.p50) + "x"])
+            if readers == 64 { report.goal("fan-out to 64 readers <= 0.7x socket-per-reader (p50)", value: shm.p50 / socket.p50, target: 0.7, lowerIsBetter: true) }
+        }
+        return rows
+    }
+
+    func publishRateBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
+        report.section("Publishes per second, 64 B, one producer through the control channel")
+        let client = try await daemon.connect()
+        let payload = [UInt8](repeating: 7, count: 64)
+        let seconds = quick ? 0.5 : 2.0
+        var sequential = 0
+        let began = Date()
+        while Date().timeIntervalSince(began) < seconds {
+            try await client.publish("rate", bytes: payload)
+            sequential += 1
+        }
+        let sequentialRate = Double(sequential) / Date().timeIntervalSince(began)
+        let pipelinedStart = Date()
+        let window = 64
+        let pipelined = try await withThrowingTaskGroup(of: Int.self) { group in
+            for _ in 0..<window {
+                group.addTask {
+                    var count = 0
+                    while Date().timeIntervalSince(pipelinedStart) < seconds {
+                        try await client.publish("rate", bytes: payload)
+                        count += 1
+                    }
+                    return count
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        let pipelinedRate = Double(pipelined) / Date().timeIntervalSince(pipelinedStart)
+        report.row(["one at a time", fmt(sequentialRate, 0) + "/s"])
+        report.row(["\(window) in flight", fmt(pipelinedRate, 0) + "/s"])
+        report.goal("at least 100,000 publishes/s of 64 B (\(window) in flight)", value: pipelinedRate, target: 100_000)
+        return ["sequential_per_s": sequentialRate, "pipelined_per_s": pipelinedRate, "window": window]
+    }
+
+    func scaleBenchmark(_ report: inout Report) async throws -> [String: Any] {
+        report.section("Scale")
+        var rows: [String: Any] = [:]
+        for count in [1, 100, 1000] {
+            let daemon = try BenchDaemon(segmentCount: count)
+            rows["readyMs_\(count)"] = daemon.readyMilliseconds
+            report.row(["start to READY=1 with \(count) segments", fmt(daemon.readyMilliseconds, 1) + " ms"])
+            if count == 1000 {
+                let idleRate = try await quickPublishRate(daemon)
+                var limit = rlimit()
+                getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+                limit.rlim_cur = limit.rlim_max
+                setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+                var idle: [FileDescriptor] = []
+                for _ in 0..<1000 {
+                    guard let fd = try? SeqpacketSocket.connect(path: daemon.socketPath) else { break }
+                    _ = Request.hello(protocolVersion: ControlProtocol.version, clientName: "idle").encode(requestID: 1)
+                        .withUnsafeBytes { try? SeqpacketSocket.send(fd, $0) }
+                    idle.append(fd)
+                }
+                usleep(500_000)
+                let memory = residentMemory(of: daemon.pid)
+                let busyRate = try await quickPublishRate(daemon)
+                idle.forEach { $0.closeQuietly() }
+                let ownMiB = Double(memory.anonymous + memory.file) / 1024
+                rows["idleClients"] = idle.count
+                rows["rssBeyondSegments_MiB"] = ownMiB
+                rows["segmentMemory_MiB"] = Double(memory.shared) / 1024
+                rows["publishRate_noIdleClients"] = idleRate
+                rows["publishRate_1000IdleClients"] = busyRate
+                report.row(["daemon memory beyond segments, 1000 segments + \(idle.count) clients", fmt(ownMiB, 1) + " MiB"])
+                report.row(["publishes/s with 0 vs \(idle.count) idle clients (1000 segments)", "\(fmt(idleRate, 0)) vs \(fmt(busyRate, 0))"])
+                report.goal("daemon memory beyond segments < 32 MiB (1000 segments, 1000 clients)", value: ownMiB, target: 32, lowerIsBetter: true)
+            }
+            daemon.stop()
+        }
+        return rows
+    }
+
+    func quickPublishRate(_ daemon: BenchDaemon) async throws -> Double {
+        let client = try await daemon.connect()
+        defer { client.close() }
+        let began = Date()
+        var count = 0
+        while Date().timeIntervalSince(began) < (quick ? 0.3 : 1.0) {
+            try await client.publish("s0", bytes: [1, 2, 3])
+            count += 1
+        }
+        return Double(count) / Date().timeIntervalSince(began)
+    }
+
+    func plot() {
+        let script = output + "/plot.py"
+        try? plotScript.write(toFile: script, atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", script, output + "/results.json", output + "/plot.png"]
+        do {
+            try process.run()
+            process.waitUntilExit()
+            if process.terminationStatus == 0 {
+                print("wrote \(output)/plot.png")
+                return
+            }
+        } catch {}
+        print("no plot: needs python3 with matplotlib (apt-get install python3-matplotlib)")
+    }
+}
+
+func machineDescription() -> String {
+    let cpu = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8))?
+        .split(separator: "\n").first { $0.hasPrefix("model name") }?
+        .split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "unknown CPU"
+    return "\(cpu), \(ProcessInfo.processInfo.activeProcessorCount) cores"
+}
+
+func sizeName(_ size: Int) -> String {
+    size >= 1 << 20 ? "\(size >> 20)MiB" : size >= 1 << 10 ? "\(size >> 10)KiB" : "\(size)B"
+}
+
+func fmt(_ value: Double, _ digits: Int = 2) -> String {
+    value.isFinite ? String(format: "%.\(digits)f", value) : "n/a"
+}
+
+/// The text report and the goal verdicts.
+struct Report {
+    var text = ""
+    var goals: [[String: Any]] = []
+
+    mutating func section(_ title: String) { text += "\n## \(title)\n" }
+
+    mutating func row(_ cells: [String]) {
+        text += cells.enumerated().map { index, cell in
+            let width = index == 0 ? max(cells.count == 2 ? 68 : 10, cell.count + 2) : max(12, cell.count + 2)
+            return cell.padding(toLength: width, withPad: " ", startingAt: 0)
+        }.joined() + "\n"
+    }
+
+    mutating func goal(_ name: String, value: Double, target: Double, lowerIsBetter: Bool = false) {
+        let met = lowerIsBetter ? value <= target : value >= target
+        goals.append(["goal": name, "value": value, "target": target, "met": met])
+        text += "   goal: \(name): \(fmt(value)) -> \(met ? "met" : "NOT met")\n"
+    }
+}

@@ -1,0 +1,161 @@
+import Foundation
+import Glibc
+import Histogram
+import ShmBrokerPlatform
+
+/// A spawned agent (this same executable) with captured output.
+final class AgentProcess {
+    let process = Process()
+    private let output: URL
+    private let errors: URL
+
+    init(_ arguments: [String]) throws {
+        let base = FileManager.default.temporaryDirectory.appendingPathComponent("shmbroker-bench-\(UUID().uuidString)")
+        output = base.appendingPathExtension("out")
+        errors = base.appendingPathExtension("err")
+        _ = FileManager.default.createFile(atPath: output.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: errors.path, contents: nil)
+        process.executableURL = URL(fileURLWithPath: CommandLine.executablePath)
+        process.arguments = ["agent"] + arguments
+        process.standardOutput = try FileHandle(forWritingTo: output)
+        process.standardError = try FileHandle(forWritingTo: errors)
+        try process.run()
+    }
+
+    var errorText: String { (try? String(contentsOf: errors, encoding: .utf8)) ?? "" }
+
+    func waitUntilReady(timeout: Double = 60) throws {
+        let deadline = Date().addingTimeInterval(timeout)
+        while !errorText.contains("ready") {
+            guard process.isRunning, Date() < deadline else { throw BenchError("agent did not start: \(errorText)") }
+            usleep(2_000)
+        }
+    }
+
+    /// Waits for the agent's JSON result.
+    func result(timeout: Double = 120) throws -> [String: Any] {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(2_000) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        let text = (try? String(contentsOf: output, encoding: .utf8)) ?? ""
+        try? FileManager.default.removeItem(at: output)
+        try? FileManager.default.removeItem(at: errors)
+        guard let line = text.split(separator: "\n").last,
+              let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+            throw BenchError("agent produced no result: \(text) \(errorText)")
+        }
+        return object
+    }
+
+    /// The per-round latencies an agent reported, by round.
+    func latencies(timeout: Double = 120) throws -> [UInt64: UInt64] {
+        let raw = try result(timeout: timeout)["latencies"] as? [String: Any] ?? [:]
+        var result: [UInt64: UInt64] = [:]
+        for (round, value) in raw {
+            if let round = UInt64(round), let number = value as? NSNumber { result[round] = number.uint64Value }
+        }
+        return result
+    }
+}
+
+extension CommandLine {
+    static var executablePath: String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? arguments[0]
+    }
+}
+
+struct BenchError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Percentiles of latencies in nanoseconds, through HdrHistogram.
+struct LatencySummary {
+    var count: Int
+    var p50: Double
+    var p99: Double
+    var p999: Double
+
+    init(_ values: [UInt64]) {
+        var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        for value in values { _ = histogram.record(max(value, 1)) }
+        count = values.count
+        p50 = Double(histogram.valueAtPercentile(50)) / 1000
+        p99 = Double(histogram.valueAtPercentile(99)) / 1000
+        p999 = Double(histogram.valueAtPercentile(99.9)) / 1000
+    }
+
+    var json: [String: Any] { ["count": count, "p50_us": p50, "p99_us": p99, "p999_us": p999] }
+}
+
+/// Runs `body` repeatedly and returns the median throughput in GB/s for `bytes` per run.
+func medianThroughput(bytes: Int, runs: Int, _ body: () -> Void) -> Double {
+    body()  // warm-up: page faults and caches
+    var rates: [Double] = []
+    for _ in 0..<runs {
+        let start = Clock.monotonicNanoseconds()
+        body()
+        let elapsed = max(Clock.monotonicNanoseconds() - start, 1)
+        rates.append(Double(bytes) / Double(elapsed))
+    }
+    return rates.sorted()[rates.count / 2]
+}
+
+/// liblzma's `lzma_crc64`, loaded at run time so only the benchmark depends on it.
+enum LZMA {
+    typealias CRC64Function = @convention(c) (UnsafePointer<UInt8>?, Int, UInt64) -> UInt64
+    static let crc64: CRC64Function? = {
+        for name in ["liblzma.so.5", "liblzma.so"] {
+            if let handle = dlopen(name, RTLD_NOW), let symbol = dlsym(handle, "lzma_crc64") {
+                return unsafeBitCast(symbol, to: CRC64Function.self)
+            }
+        }
+        return nil
+    }()
+}
+
+/// Resident memory of a process from /proc/PID/status, in KiB.
+func residentMemory(of pid: Int32) -> (anonymous: Int, file: Int, shared: Int) {
+    let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+    func field(_ name: String) -> Int {
+        status.split(separator: "\n").first { $0.hasPrefix(name + ":") }
+            .flatMap { Int($0.split(whereSeparator: { $0 == " " || $0 == "\t" })[1]) } ?? 0
+    }
+    return (field("RssAnon"), field("RssFile"), field("RssShmem"))
+}
+
+/// A datagram socket standing in for systemd's notify socket, to time READY=1.
+final class ReadyListener {
+    let path: String
+    let fd: Int32
+
+    init(path: String) throws {
+        self.path = path
+        unlink(path)
+        fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        var address = RawStream.address(path)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0 else { throw BenchError("cannot bind \(path)") }
+    }
+
+    deinit {
+        close(fd)
+        unlink(path)
+    }
+
+    /// Waits for a datagram with READY=1.
+    func waitForReady(timeout: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while Date() < deadline {
+            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&poller, 1, 1000) == 1 else { continue }
+            let n = recv(fd, &buffer, buffer.count, 0)
+            if n > 0, String(decoding: buffer[..<n], as: UTF8.self).contains("READY=1") { return true }
+        }
+        return false
+    }
+}
