@@ -121,9 +121,18 @@ public struct BrokerConfiguration: Sendable, Equatable {
     }
 
     /// Whether `name` is a valid segment name: 1–64 of letters, digits, `.`, `_`, `-`.
+    /// (Checked on every request, so it looks at bytes, not at Unicode character sets.)
     public static func isValidSegmentName(_ name: String) -> Bool {
-        !name.isEmpty && name.utf8.count <= SegmentLayout.maximumNameLength
-            && name.unicodeScalars.allSatisfy { $0.isASCII && (CharacterSet.alphanumerics.contains($0) || "._-".unicodeScalars.contains($0)) }
+        let bytes = name.utf8
+        return !bytes.isEmpty && bytes.count <= SegmentLayout.maximumNameLength && bytes.allSatisfy { byte in
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                 UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "-"):
+                return true
+            default:
+                return false
+            }
+        }
     }
 }
 

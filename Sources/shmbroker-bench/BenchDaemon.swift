@@ -90,7 +90,8 @@ ax.set_xticks(list(x)); ax.set_xticklabels(labels); ax.set_yscale("log")
 ax.set_ylabel("latency (µs)"); ax.set_title("End-to-end latency"); ax.legend(fontsize=8)
 
 ax = axes[1]
-cases = list(r["throughput"].keys())
+order = ["4KiBx1", "64KiBx1", "1MiBx1", "16MiBx1", "64KiBx8", "1MiBx8"]
+cases = [c for c in order if c in r["throughput"]]
 x = range(len(cases))
 ax.bar([i - 0.2 for i in x], [r["throughput"][c]["shm_MBps"] for c in cases], 0.4, label="shmbroker")
 ax.bar([i + 0.2 for i in x], [r["throughput"][c]["socket_MBps"] for c in cases], 0.4, label="raw Unix socket")

@@ -360,19 +360,22 @@ struct Run: AsyncParsableCommand {
     }
 
     func plot() {
-        let script = output + "/plot.py"
+        let script = NSTemporaryDirectory() + "shmbroker-bench-plot-\(getpid()).py"
         try? plotScript.write(toFile: script, atomically: true, encoding: .utf8)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["python3", script, output + "/results.json", output + "/plot.png"]
-        do {
-            try process.run()
+        defer { try? FileManager.default.removeItem(atPath: script) }
+        // Debian's python3-matplotlib lives with /usr/bin/python3, which may not be first on PATH.
+        for interpreter in [["/usr/bin/python3"], ["/usr/bin/env", "python3"]] {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: interpreter[0])
+            process.arguments = Array(interpreter.dropFirst()) + [script, output + "/results.json", output + "/plot.png"]
+            process.standardError = FileHandle.nullDevice
+            guard (try? process.run()) != nil else { continue }
             process.waitUntilExit()
             if process.terminationStatus == 0 {
                 print("wrote \(output)/plot.png")
                 return
             }
-        } catch {}
+        }
         print("no plot: needs python3 with matplotlib (apt-get install python3-matplotlib)")
     }
 }

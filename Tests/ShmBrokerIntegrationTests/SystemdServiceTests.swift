@@ -91,6 +91,43 @@ final class SystemdServiceTests: XCTestCase {
             XCTAssertEqual(try publish(sandbox, "added", "new segment"), 1)
             XCTAssertEqual(try read(sandbox, "state").stdout, "kept")
             XCTAssertTrue(try sandbox.journal().contains("segment added"))
+
+            // Removing a segment also drops it from the fd store: after a restart nothing of it
+            // comes back (the new process would log "no longer configured" for a leftover).
+            try TestDaemon.writeConfig(at: sandbox.configPath, socketPath: sandbox.socketPath,
+                                       segments: [segment("state", size: "4KiB"), segment("added", size: 64)])
+            XCTAssertEqual(try sandbox.systemctl("reload", "shmbroker.service").status, 0)
+            XCTAssertTrue(try sandbox.journal().contains("segment removed segment=bulk"))
+            XCTAssertEqual(try sandbox.systemctl("restart", "shmbroker.service").status, 0)
+            let afterRestart = try sandbox.journal()
+            XCTAssertFalse(afterRestart.contains("no longer configured"), afterRestart)
+            XCTAssertEqual(try read(sandbox, "added").stdout, "new segment", "kept segments survive the restart")
+        }
+    }
+
+    /// A stored segment whose content no longer matches its CRC is never served: the restarted
+    /// daemon logs it and starts that segment empty.
+    func testACorruptStoredSegmentIsRecreatedEmptyAfterRestart() throws {
+        try withSandbox { sandbox in
+            XCTAssertEqual(try sandbox.systemctl("start", "shmbroker.socket", "shmbroker.service").status, 0)
+            XCTAssertEqual(try publish(sandbox, "state", "precious"), 1)
+            XCTAssertEqual(try publish(sandbox, "bulk", "other"), 1)
+            // Root scribbles over the content through the daemon's own descriptor.
+            let pid = try sandbox.mainPID()
+            let scribble = try sandbox.inside(["/bin/sh", "-c", """
+                for fd in /proc/\(pid)/fd/*; do
+                  case "$(readlink "$fd")" in *memfd:shmbroker:state*)
+                    printf 'XXXX' | dd of="$fd" bs=1 seek=$((256 + 64 + (1 % 3) * 4160)) conv=notrunc status=none; exit 0;;
+                  esac
+                done; exit 1
+                """])
+            XCTAssertEqual(scribble.status, 0, scribble.stderr)
+            XCTAssertEqual(try sandbox.systemctl("restart", "shmbroker.service").status, 0)
+            let journal = try sandbox.journal()
+            XCTAssertTrue(journal.contains("stored segment failed its checks; recreated empty"), journal)
+            XCTAssertEqual(try read(sandbox, "state").status, 3, "the corrupt version is not served")
+            XCTAssertEqual(try read(sandbox, "bulk").stdout, "other", "other segments are restored")
+            XCTAssertEqual(try publish(sandbox, "state", "fresh"), 1)
         }
     }
 
