@@ -151,14 +151,20 @@ public final class BrokerServer {
         let settings = configuration.socket
         let directory = (settings.path as NSString).deletingLastPathComponent
         if !FileManager.default.fileExists(atPath: directory) {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
-                                                    attributes: [.posixPermissions: 0o755])
+            do {
+                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
+                                                        attributes: [.posixPermissions: 0o755])
+            } catch {
+                throw DaemonError.cannotListen(settings.path, "cannot create directory \(directory): \(error.localizedDescription)")
+            }
         }
         let fd: FileDescriptor
         do {
             fd = try SeqpacketSocket.listen(path: settings.path)
         } catch Errno.addressInUse {
             throw DaemonError.socketInUse(settings.path)
+        } catch {
+            throw DaemonError.cannotListen(settings.path, "\(error)")
         }
         ownsSocketPath = true
         if chmod(settings.path, mode_t(settings.mode)) != 0 {
@@ -727,11 +733,13 @@ public final class BrokerServer {
 public enum DaemonError: Error, CustomStringConvertible {
     case socketInUse(String)
     case socketOwnership(String, Errno)
+    case cannotListen(String, String)
 
     public var description: String {
         switch self {
         case .socketInUse(let path): return "another process is already serving \(path)"
         case let .socketOwnership(path, error): return "cannot set the owner of \(path): \(error)"
+        case let .cannotListen(path, reason): return "cannot listen on \(path): \(reason)"
         }
     }
 }

@@ -44,24 +44,32 @@ struct SegmentLatency: AsyncParsableCommand {
     @Option var rounds: UInt64
 
     func run() async throws {
-        let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "bench-latency")
-        let handle = try await client.open(segment)
-        var buffer = [UInt8](repeating: 0, count: handle.capacity)
         var latencies: [String: UInt64] = [:]
-        var last = handle.latestVersion
-        announceReady()
-        while true {
-            let now = handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000)
-            if now == last { break }
-            let outcome = try buffer.withUnsafeMutableBytes { try handle.reader.readOnce(into: $0) }
-            guard case .copied(let info) = outcome else { continue }
+        try await followSegment(socket: socket, segment: segment) { info, buffer in
             let received = Clock.monotonicNanoseconds()
-            last = info.version
-            let (sentAt, round) = buffer.withUnsafeBytes { Stamp.read($0) }
+            let (sentAt, round) = Stamp.read(buffer)
             latencies["\(round)"] = received &- sentAt
-            if round + 1 >= rounds { break }
+            return round + 1 < rounds
         }
         emitJSON(["latencies": latencies])
+    }
+}
+
+/// Opens a segment, announces readiness, then hands each new version (read verified into a
+/// reusable buffer, woken by the futex) to `body` until it returns false or 10 s pass idle.
+func followSegment(socket: String, segment: String,
+                   _ body: (SegmentReader.CopiedVersion, UnsafeRawBufferPointer) -> Bool) async throws {
+    let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "bench-reader")
+    let handle = try await client.open(segment)
+    var buffer = [UInt8](repeating: 0, count: handle.capacity)
+    var last = handle.latestVersion
+    announceReady()
+    while true {
+        if handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000) == last { return }
+        let outcome = try buffer.withUnsafeMutableBytes { try handle.reader.readOnce(into: $0) }
+        guard case .copied(let info) = outcome else { continue }
+        last = info.version
+        guard buffer.withUnsafeBytes({ body(info, $0) }) else { return }
     }
 }
 
@@ -95,20 +103,11 @@ struct SegmentDrain: AsyncParsableCommand {
     @Option var until: UInt64
 
     func run() async throws {
-        let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "bench-drain")
-        let handle = try await client.open(segment)
-        var buffer = [UInt8](repeating: 0, count: handle.capacity)
-        var last = handle.latestVersion
         var bytes = 0, versions = 0
-        announceReady()
-        while last < until {
-            let now = handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000)
-            if now == last { break }
-            let outcome = try buffer.withUnsafeMutableBytes { try handle.reader.readOnce(into: $0) }
-            guard case .copied(let info) = outcome else { continue }
-            last = info.version
+        try await followSegment(socket: socket, segment: segment) { info, _ in
             bytes += info.length
             versions += 1
+            return info.version < until
         }
         emitJSON(["bytes": bytes, "versions": versions, "finishedAt": Clock.monotonicNanoseconds()])
     }
