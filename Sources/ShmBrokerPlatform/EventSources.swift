@@ -5,6 +5,8 @@ import SystemPackage
 /// An epoll instance whose registrations carry a 64-bit token chosen by the caller.
 public final class Epoll {
     public let descriptor: FileDescriptor
+    private var tokens = [UInt64](repeating: 0, count: 256)
+    private var readyEvents = [UInt32](repeating: 0, count: 256)
 
     /// Readiness bits, as in `EPOLLIN` and friends.
     public struct Events: OptionSet, Sendable {
@@ -42,11 +44,10 @@ public final class Epoll {
     /// - Parameter timeoutMilliseconds: -1 waits indefinitely.
     /// - Returns: the ready registrations as (token, events) pairs; empty on timeout or `EINTR`.
     public func wait(timeoutMilliseconds: Int32, maximum: Int = 128) throws(Errno) -> [(token: UInt64, events: Events)] {
-        var tokens = [UInt64](repeating: 0, count: maximum)
-        var events = [UInt32](repeating: 0, count: maximum)
+        let limit = Int32(min(maximum, tokens.count))
         let n = tokens.withUnsafeMutableBufferPointer { t in
-            events.withUnsafeMutableBufferPointer { e in
-                shmb_epoll_wait(descriptor.rawValue, t.baseAddress, e.baseAddress, Int32(maximum), timeoutMilliseconds)
+            readyEvents.withUnsafeMutableBufferPointer { e in
+                shmb_epoll_wait(descriptor.rawValue, t.baseAddress, e.baseAddress, limit, timeoutMilliseconds)
             }
         }
         if n < 0 {
@@ -54,7 +55,7 @@ public final class Epoll {
             if code == .interrupted { return [] }
             throw code
         }
-        return (0..<Int(n)).map { (tokens[$0], Events(rawValue: events[$0])) }
+        return (0..<Int(n)).map { (tokens[$0], Events(rawValue: readyEvents[$0])) }
     }
 }
 

@@ -127,11 +127,15 @@ public enum SeqpacketSocket {
     public static func send(
         _ socket: FileDescriptor, _ bytes: UnsafeRawBufferPointer, descriptors: [FileDescriptor] = []
     ) throws(Errno) -> Bool {
-        let raw = descriptors.map(\.rawValue)
         do {
-            _ = try raw.withUnsafeBufferPointer { fds throws(Errno) in
-                try retryingInterrupts {
-                    shmb_send_with_fds(socket.rawValue, bytes.baseAddress, bytes.count, fds.baseAddress, Int32(fds.count), 0)
+            if descriptors.isEmpty {
+                _ = try retryingInterrupts { shmb_send_with_fds(socket.rawValue, bytes.baseAddress, bytes.count, nil, 0, 0) }
+            } else {
+                let raw = descriptors.map(\.rawValue)
+                _ = try raw.withUnsafeBufferPointer { fds throws(Errno) in
+                    try retryingInterrupts {
+                        shmb_send_with_fds(socket.rawValue, bytes.baseAddress, bytes.count, fds.baseAddress, Int32(fds.count), 0)
+                    }
                 }
             }
             return true
@@ -146,26 +150,29 @@ public enum SeqpacketSocket {
     public static func receive(
         _ socket: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, maximumDescriptors: Int = 4
     ) throws(Errno) -> ReceivedMessage? {
-        var fds = [Int32](repeating: -1, count: max(1, maximumDescriptors))
-        var count: Int32 = 0
-        var flags: Int32 = 0
-        let n: Int
-        do {
-            n = try fds.withUnsafeMutableBufferPointer { fdBuffer throws(Errno) in
+        let capacity = max(1, maximumDescriptors)
+        let outcome = withUnsafeTemporaryAllocation(of: Int32.self, capacity: capacity) { fds in
+            var count: Int32 = 0
+            var flags: Int32 = 0
+            let received = Result { () throws(Errno) in
                 try retryingInterrupts {
-                    shmb_recv_with_fds(
-                        socket.rawValue, buffer.baseAddress, buffer.count, fdBuffer.baseAddress,
-                        Int32(maximumDescriptors), &count, &flags, 0)
+                    shmb_recv_with_fds(socket.rawValue, buffer.baseAddress, buffer.count, fds.baseAddress,
+                                       Int32(maximumDescriptors), &count, &flags, 0)
                 }
             }
-        } catch .wouldBlock, .resourceTemporarilyUnavailable {
-            return nil
+            return received.map { n in
+                ReceivedMessage(
+                    byteCount: n,
+                    descriptors: count == 0 ? [] : fds.prefix(Int(count)).map { FileDescriptor(rawValue: $0) },
+                    wasTruncated: flags & Int32(MSG_TRUNC) != 0,
+                    descriptorsWereTruncated: flags & Int32(MSG_CTRUNC) != 0)
+            }
         }
-        return ReceivedMessage(
-            byteCount: n,
-            descriptors: fds.prefix(Int(count)).map { FileDescriptor(rawValue: $0) },
-            wasTruncated: flags & Int32(MSG_TRUNC) != 0,
-            descriptorsWereTruncated: flags & Int32(MSG_CTRUNC) != 0)
+        switch outcome {
+        case .success(let message): return message
+        case .failure(.wouldBlock), .failure(.resourceTemporarilyUnavailable): return nil
+        case .failure(let error): throw error
+        }
     }
 
     /// The peer's pid, uid, gid and supplementary groups as of its `connect()`.

@@ -90,7 +90,7 @@ public enum Request: Sendable, Equatable {
 
     /// Encodes the request as one frame.
     public func encode(requestID: UInt32) -> [UInt8] {
-        var body = ByteWriter()
+        var body = Frame.begin(type: type, requestID: requestID, bodyCapacity: 64)
         switch self {
         case let .hello(version, name):
             body.write(version)
@@ -110,7 +110,7 @@ public enum Request: Sendable, Equatable {
         case .status:
             break
         }
-        return Frame.encode(type: type, requestID: requestID, body: body.bytes)
+        return Frame.finish(body)
     }
 
     /// Decodes a request body of the given type.
@@ -230,7 +230,7 @@ public enum ServerMessage: Sendable, Equatable {
     }
 
     public func encode(requestID: UInt32) -> [UInt8] {
-        var body = ByteWriter()
+        var body = Frame.begin(type: type, requestID: requestID, bodyCapacity: 64)
         switch self {
         case .ok:
             break
@@ -259,7 +259,7 @@ public enum ServerMessage: Sendable, Equatable {
         case .retiredEvent(let segment):
             body.write(string: segment)
         }
-        return Frame.encode(type: type, requestID: requestID, body: body.bytes)
+        return Frame.finish(body)
     }
 
     public static func decode(type: UInt16, body: UnsafeRawBufferPointer) throws(ProtocolError) -> ServerMessage {
@@ -302,15 +302,23 @@ public enum ServerMessage: Sendable, Equatable {
 
 /// Frame assembly shared by requests and daemon messages.
 public enum Frame {
-    /// Header plus body as one frame.
-    public static func encode(type: MessageType, requestID: UInt32, body: [UInt8]) -> [UInt8] {
-        var frame = ByteWriter(reservingCapacity: ControlProtocol.headerSize + body.count)
+    /// Starts a frame: the header with a body length to be filled in by ``finish(_:)``; the body
+    /// is then written after it into the same buffer.
+    public static func begin(type: MessageType, requestID: UInt32, bodyCapacity: Int) -> ByteWriter {
+        var frame = ByteWriter(reservingCapacity: ControlProtocol.headerSize + bodyCapacity)
         frame.write(type.rawValue)
         frame.write(UInt16(0))
         frame.write(requestID)
-        frame.write(UInt32(body.count))
-        frame.write(raw: body)
-        return frame.bytes
+        frame.write(UInt32(0))
+        return frame
+    }
+
+    /// Completes a frame started by ``begin(type:requestID:bodyCapacity:)``.
+    public static func finish(_ frame: ByteWriter) -> [UInt8] {
+        var bytes = frame.bytes
+        let bodyLength = UInt32(bytes.count - ControlProtocol.headerSize).littleEndian
+        withUnsafeBytes(of: bodyLength) { bytes.replaceSubrange(8..<12, with: $0) }
+        return bytes
     }
 
     /// The body of a frame whose header has been parsed.
