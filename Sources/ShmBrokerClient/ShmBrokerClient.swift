@@ -395,10 +395,25 @@ public final class ShmBrokerClient: Sendable {
     /// The daemon's status as the JSON text it sent.
     public func statusJSON() async throws(ShmBrokerClientError) -> [UInt8] {
         let reply = try await request(.status)
-        guard case .statusReport(let json) = reply.message else {
+        defer { reply.descriptors.forEach { $0.closeQuietly() } }
+        switch reply.message {
+        case .statusReport(let json):
+            return json
+        case .statusReportFile(let length):
+            guard let file = reply.descriptors.first, length <= 1 << 30 else {
+                throw .protocolViolation("STATUS_REPORT_FILE without a descriptor")
+            }
+            var json = [UInt8](repeating: 0, count: Int(length))
+            let read = json.withUnsafeMutableBytes { buffer in
+                Result { () throws(Errno) in try file.readFully(into: buffer, atOffset: 0) }
+            }
+            guard case .success(let count) = read, count == Int(length) else {
+                throw .protocolViolation("the status report file is shorter than announced")
+            }
+            return json
+        default:
             throw .protocolViolation("unexpected reply \(reply.message.type) to STATUS")
         }
-        return json
     }
 
     /// Closes the connection. Mapped segments stay readable; subscriptions end.

@@ -622,17 +622,17 @@ public final class BrokerServer {
             },
             counters: counters)
         do {
-            var json = try report.encoded()
-            let limit = ControlProtocol.maximumFrameSize - ControlProtocol.headerSize
-            if json.count > limit {
-                var trimmed = report
-                trimmed.clients = []
-                json = try trimmed.encoded()
-                if json.count > limit { json = Array(json.prefix(limit)) }
+            let json = try report.encoded()
+            if json.count <= ControlProtocol.maximumFrameSize - ControlProtocol.headerSize {
+                send(ServerMessage.statusReport(json: json).encode(requestID: requestID), to: client)
+            } else {
+                // Thousands of segments or clients: the report travels in a memfd, like a large publish.
+                let file = try json.withUnsafeBytes { try MemoryFile.create(name: "shmbroker-status", contents: $0) }
+                send(ServerMessage.statusReportFile(length: UInt64(json.count)).encode(requestID: requestID), to: client,
+                     descriptors: [file])
             }
-            send(ServerMessage.statusReport(json: json).encode(requestID: requestID), to: client)
         } catch {
-            reject(client, requestID: requestID, ProtocolError(.internalError, "cannot encode status: \(error)"))
+            reject(client, requestID: requestID, ProtocolError(.internalError, "cannot produce the status report: \(error)"))
         }
     }
 

@@ -33,6 +33,7 @@ public enum MessageType: UInt16, Sendable {
     case subscribed = 0x8003
     case published = 0x8005
     case statusReport = 0x8006
+    case statusReportFile = 0x8007
     case error = 0x80FF
 }
 
@@ -203,6 +204,9 @@ public enum ServerMessage: Sendable, Equatable {
     case subscribed(VersionInfo)
     case published(VersionInfo)
     case statusReport(json: [UInt8])
+    /// A status report too large for a frame: its JSON is the first `length` bytes of the
+    /// descriptor attached to the frame.
+    case statusReportFile(length: UInt64)
     case error(ProtocolError)
     case versionEvent(segment: String, VersionInfo)
     case retiredEvent(segment: String)
@@ -215,6 +219,7 @@ public enum ServerMessage: Sendable, Equatable {
         case .subscribed: return .subscribed
         case .published: return .published
         case .statusReport: return .statusReport
+        case .statusReportFile: return .statusReportFile
         case .error: return .error
         case .versionEvent: return .versionEvent
         case .retiredEvent: return .retiredEvent
@@ -250,6 +255,8 @@ public enum ServerMessage: Sendable, Equatable {
             info.write(to: &body)
         case .statusReport(let json):
             body.write(raw: json)
+        case .statusReportFile(let length):
+            body.write(length)
         case .error(let error):
             body.write(error.code.rawValue)
             body.write(string: error.message)
@@ -284,6 +291,8 @@ public enum ServerMessage: Sendable, Equatable {
             message = .published(try VersionInfo.read(from: &reader))
         case .statusReport:
             message = .statusReport(json: Array(reader.readRest()))
+        case .statusReportFile:
+            message = .statusReportFile(length: try reader.read(UInt64.self, "length"))
         case .error:
             let raw = try reader.read(UInt16.self, "error code")
             let text = try reader.readString("error message")

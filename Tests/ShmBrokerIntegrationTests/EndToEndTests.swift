@@ -150,6 +150,21 @@ final class EndToEndTests: XCTestCase {
         XCTAssertEqual(viaConfig.status, 0, viaConfig.stderr)
         XCTAssertTrue(viaConfig.stdout.contains("a ") && viaConfig.stdout.contains("b "), viaConfig.stdout)
     }
+
+    func testStatusOfAThousandSegmentsExceedsAFrameAndStillArrivesWhole() async throws {
+        let daemon = try TestDaemon(segments: (0..<1200).map { segment("segment-\($0)", size: 64) })
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        try await client.publish("segment-1199", bytes: [9])
+        let json = try await client.statusJSON()
+        XCTAssertGreaterThan(json.count, 65_536, "large enough to need the memfd route")
+        let report = try StatusReport.decode(json)
+        XCTAssertEqual(report.segments.count, 1200)
+        XCTAssertEqual(report.segments.last?.version, 1)
+        let cli = try runToCompletion(Binaries.ctl, ["list", "--json", "--socket", daemon.socketPath])
+        XCTAssertEqual(cli.status, 0, cli.stderr)
+        XCTAssertEqual((try JSONSerialization.jsonObject(with: Data(cli.stdout.utf8)) as? [Any])?.count, 1200)
+    }
 }
 
 /// Polls an async condition (for state another process changes), failing after `timeout`.

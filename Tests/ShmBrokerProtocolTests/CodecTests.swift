@@ -39,6 +39,7 @@ final class CodecTests: XCTestCase {
         try roundTrip(.subscribed(info))
         try roundTrip(.published(info))
         try roundTrip(.statusReport(json: Array("{}".utf8)))
+        try roundTrip(.statusReportFile(length: 300_000))
         try roundTrip(.error(ProtocolError(.noSuchSegment, "no segment named \"q\"")))
         try roundTrip(.versionEvent(segment: "s", info))
         try roundTrip(.retiredEvent(segment: "s"))
