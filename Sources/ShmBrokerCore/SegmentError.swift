@@ -12,8 +12,6 @@ public enum SegmentError: Error, Equatable, Sendable, CustomStringConvertible {
     case checksumMismatch(version: UInt64, stored: UInt64, computed: UInt64)
     /// The writer replaced the slot on every attempt; the reader should try again.
     case contended(attempts: Int)
-    /// The segment has been retired by the daemon; no new versions will appear.
-    case retired
 
     public var description: String {
         switch self {
@@ -29,8 +27,6 @@ public enum SegmentError: Error, Equatable, Sendable, CustomStringConvertible {
             return "version \(version) fails its CRC-64 check (stored 0x\(String(stored, radix: 16)), computed 0x\(String(computed, radix: 16)))"
         case let .contended(attempts):
             return "the writer replaced the version during each of \(attempts) read attempts; retry"
-        case .retired:
-            return "the segment has been retired by the daemon"
         }
     }
 }

@@ -81,7 +81,7 @@ public final class BrokerServer {
     /// so a reader that sees the daemon ready can open every configured segment.
     public func start() throws {
         for definition in configuration.segments {
-            try addSegment(restoreOrCreate(definition))
+            addSegment(try restoreOrCreate(definition))
         }
         for (name, descriptor) in inherited.segments {
             logger.notice("stored segment is no longer configured; dropping it", metadata: ["segment": "\(name)"])
@@ -244,7 +244,7 @@ public final class BrokerServer {
 
     // MARK: Segments
 
-    private func addSegment(_ segment: ManagedSegment) throws {
+    private func addSegment(_ segment: ManagedSegment) {
         segments[segment.name] = segment
         segmentOrder.append(segment.name)
     }
@@ -308,7 +308,7 @@ public final class BrokerServer {
             } else {
                 logger.notice("segment added", metadata: ["segment": "\(segment.name)", "capacity": "\(segment.definition.capacity)"])
             }
-            try? addSegment(segment)
+            addSegment(segment)
             notifier.store(segment.memoryFile, name: segment.storeName)
         }
         for definition in newConfiguration.segments {
