@@ -101,13 +101,30 @@ struct SegmentDrain: AsyncParsableCommand {
     @Option var socket: String
     @Option var segment: String
     @Option var until: UInt64
+    @Flag(help: "Verify each version in place (zero-copy borrow) instead of copying it out.") var zeroCopy = false
 
     func run() async throws {
         var bytes = 0, versions = 0
-        try await followSegment(socket: socket, segment: segment) { info, _ in
-            bytes += info.length
-            versions += 1
-            return info.version < until
+        if zeroCopy {
+            let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "bench-reader")
+            let handle = try await client.open(segment)
+            var last = handle.latestVersion
+            announceReady()
+            while last < until {
+                if handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000) == last { break }
+                guard let (version, length) = try handle.reader.withLatestVersion(verifyingChecksum: true, { borrowed in
+                    (borrowed.version, borrowed.bytes.count)
+                }) else { continue }
+                last = version
+                bytes += length
+                versions += 1
+            }
+        } else {
+            try await followSegment(socket: socket, segment: segment) { info, _ in
+                bytes += info.length
+                versions += 1
+                return info.version < until
+            }
         }
         emitJSON(["bytes": bytes, "versions": versions, "finishedAt": Clock.monotonicNanoseconds()])
     }

@@ -93,8 +93,9 @@ ax = axes[1]
 order = ["4KiBx1", "64KiBx1", "1MiBx1", "16MiBx1", "64KiBx8", "1MiBx8"]
 cases = [c for c in order if c in r["throughput"]]
 x = range(len(cases))
-ax.bar([i - 0.2 for i in x], [r["throughput"][c]["shm_MBps"] for c in cases], 0.4, label="shmbroker")
-ax.bar([i + 0.2 for i in x], [r["throughput"][c]["socket_MBps"] for c in cases], 0.4, label="raw Unix socket")
+ax.bar([i - 0.27 for i in x], [r["throughput"][c]["shm_MBps"] for c in cases], 0.27, label="shmbroker, copying reader")
+ax.bar([i for i in x], [r["throughput"][c]["shm_zero_copy_MBps"] for c in cases], 0.27, label="shmbroker, zero-copy reader")
+ax.bar([i + 0.27 for i in x], [r["throughput"][c]["socket_MBps"] for c in cases], 0.27, label="raw Unix socket")
 ax.set_xticks(list(x)); ax.set_xticklabels([c.replace("x", "\nx") + " readers" for c in cases], fontsize=8)
 ax.set_ylabel("MB/s delivered"); ax.set_title("Producer -> reader throughput"); ax.legend(fontsize=8)
 
