@@ -28,6 +28,7 @@ int shmb_seal_size(int fd) {
     return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
 }
 
+int shmb_add_seals(int fd, int seals) { return fcntl(fd, F_ADD_SEALS, seals); }
 int shmb_get_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
 int shmb_seal_bit_shrink(void) { return F_SEAL_SHRINK; }
 int shmb_seal_bit_grow(void) { return F_SEAL_GROW; }

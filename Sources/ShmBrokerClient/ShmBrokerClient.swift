@@ -313,7 +313,7 @@ public final class ShmBrokerClient: Sendable {
             file = reused
         } else {
             do {
-                file = try MemoryFile.createScratch(name: "shmbroker-publish")
+                file = try MemoryFile.createScratch(name: "shmbroker-publish", sealedAgainstShrinking: true)
             } catch {
                 throw .system(operation: "memfd for payload", errno: error)
             }

@@ -534,7 +534,7 @@ public final class BrokerServer {
                 receipt = try segment.writer.publish(bytes)
             case .attachedFile(let length):
                 guard let file = attached else { return }
-                receipt = try publish(from: file, length: length, into: segment)
+                receipt = try publish(from: file, length: length, into: segment, client: client)
             }
         } catch let error as ProtocolError {
             return reject(client, requestID: requestID, error)
@@ -550,13 +550,24 @@ public final class BrokerServer {
 
     /// Copies a payload from a producer's file with `pread`: a producer that truncates its file
     /// mid-copy causes a short read (an error reply), never a SIGBUS in the daemon.
-    private func publish(from file: FileDescriptor, length: UInt64, into segment: ManagedSegment) throws -> PublishReceipt {
+    private func publish(from file: FileDescriptor, length: UInt64, into segment: ManagedSegment,
+                         client: ClientConnection) throws -> PublishReceipt {
         let capacity = segment.writer.layout.capacity
         guard length <= UInt64(capacity) else {
             throw ProtocolError(.payloadTooLarge, SegmentError.payloadTooLarge(length: Int(clamping: length), capacity: capacity).description)
         }
-        guard (try? file.isRegularFile()) == true else {
+        var info = Glibc.stat()
+        guard fstat(file.rawValue, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
             throw ProtocolError(.badDescriptor, "the attached descriptor is not a regular file (use a memfd)")
+        }
+        guard Int(info.st_size) >= Int(length) else {
+            throw ProtocolError(.badDescriptor, "the attached file holds \(info.st_size) bytes, the request says \(length)")
+        }
+        // Fast path: a file sealed against shrinking can be mapped without SIGBUS risk, and the
+        // copy into the slot then computes the CRC in the same pass.
+        if length > 0, let seals = try? MemoryFile.seals(of: file), seals.contains(.shrink),
+           let source = stagingMapping(of: file, inode: UInt64(info.st_ino), length: Int(length), client: client) {
+            return try segment.writer.publish(UnsafeRawBufferPointer(start: source.base, count: Int(length)))
         }
         do {
             return try segment.writer.publish(length: Int(length)) { (buffer: UnsafeMutableRawBufferPointer) throws(ProtocolError) in
@@ -576,6 +587,19 @@ public final class BrokerServer {
             case .fill(let failure): throw failure
             }
         }
+    }
+
+    /// A read-only mapping of at least `length` bytes of a client's staging file, reused while
+    /// the client keeps sending the same file (memfd inodes are unique while the file lives).
+    private func stagingMapping(of file: FileDescriptor, inode: UInt64, length: Int, client: ClientConnection) -> MappedRegion? {
+        if let cached = client.stagingMappings.first(where: { $0.inode == inode && $0.region.length >= length }) {
+            return cached.region
+        }
+        guard let region = try? MappedRegion(mapping: file, length: length, writable: false) else { return nil }
+        client.stagingMappings.removeAll { $0.inode == inode }
+        if client.stagingMappings.count >= 4 { client.stagingMappings.removeFirst() }
+        client.stagingMappings.append((inode, region))
+        return region
     }
 
     /// Announces the segment's latest version to each subscriber, coalescing for slow ones.

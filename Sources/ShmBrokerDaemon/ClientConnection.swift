@@ -25,6 +25,9 @@ final class ClientConnection {
     var stalledSince: UInt64?
     /// Whether the loop currently watches this socket for writability.
     var watchingWritable = false
+    /// Read-only mappings of this client's shrink-sealed staging memfds, by inode, so that a
+    /// producer reusing its staging files costs no mmap per publish. At most four are kept.
+    var stagingMappings: [(inode: UInt64, region: MappedRegion)] = []
 
     init(id: UInt64, socket: FileDescriptor, credentials: PeerCredentials) {
         self.id = id

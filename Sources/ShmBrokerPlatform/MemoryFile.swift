@@ -28,9 +28,21 @@ public enum MemoryFile {
         return fd
     }
 
-    /// Creates an empty, unsealed memfd that grows as it is written: a producer's staging file.
-    public static func createScratch(name: String) throws(Errno) -> FileDescriptor {
-        FileDescriptor(rawValue: try retryingInterrupts { shmb_memfd_create(name) })
+    /// Creates an empty memfd that grows as it is written: a producer's staging file.
+    ///
+    /// - Parameter sealedAgainstShrinking: add `F_SEAL_SHRINK`, which lets the daemon map the
+    ///   file safely (nobody can truncate it under the mapping) and copy from it in one pass.
+    public static func createScratch(name: String, sealedAgainstShrinking: Bool = false) throws(Errno) -> FileDescriptor {
+        let fd = FileDescriptor(rawValue: try retryingInterrupts { shmb_memfd_create(name) })
+        if sealedAgainstShrinking {
+            do {
+                try addSeals(.shrink, to: fd)
+            } catch {
+                fd.closeQuietly()
+                throw error
+            }
+        }
+        return fd
     }
 
     /// Creates an unsealed memfd holding `bytes`: how a producer hands a large payload to the daemon.
@@ -52,6 +64,11 @@ public enum MemoryFile {
         let path = "/proc/self/fd/\(fd.rawValue)"
         let raw = try retryingInterrupts { open(path, O_RDONLY | O_CLOEXEC) }
         return FileDescriptor(rawValue: raw)
+    }
+
+    /// Adds seals to a memfd created with sealing allowed (`F_ADD_SEALS`).
+    public static func addSeals(_ seals: Seals, to fd: FileDescriptor) throws(Errno) {
+        _ = try retryingInterrupts { shmb_add_seals(fd.rawValue, seals.rawValue) }
     }
 
     /// The seals set on `fd` (`F_GET_SEALS`).

@@ -16,6 +16,9 @@ int shmb_memfd_create(const char *name);
 /// Adds F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL. Returns 0 or -1 with errno set.
 int shmb_seal_size(int fd);
 
+/// Adds the given F_SEAL_* bits (F_ADD_SEALS). Returns 0 or -1 with errno set.
+int shmb_add_seals(int fd, int seals);
+
 /// Returns the seals (F_GET_SEALS) or -1 with errno set.
 int shmb_get_seals(int fd);
 /// The F_SEAL_* bits, for callers that inspect shmb_get_seals.
