@@ -96,7 +96,7 @@ let package = Package(
         .testTarget(name: "ShmBrokerConfigTests", dependencies: ["ShmBrokerConfig"]),
         .testTarget(
             name: "ShmBrokerIntegrationTests",
-            dependencies: ["ShmBrokerClient", "ShmBrokerPlatform", "ShmBrokerProtocol", "shmbroker-testkit"]
+            dependencies: ["ShmBrokerClient", "ShmBrokerCore", "ShmBrokerPlatform", "ShmBrokerProtocol", "shmbroker-testkit"]
         ),
     ],
     swiftLanguageModes: [.v6]

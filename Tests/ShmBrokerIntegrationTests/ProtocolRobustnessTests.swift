@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import ShmBrokerClient
+import ShmBrokerCore
 import ShmBrokerPlatform
 import ShmBrokerProtocol
 import SystemPackage
@@ -121,6 +122,27 @@ final class ProtocolRobustnessTests: XCTestCase {
         }
         XCTAssertEqual(info.length, 10)
         XCTAssertEqual(info.version, 1, "none of the refused publishes made a version")
+    }
+
+    /// A shrink-sealed staging file is mapped once and reused: each publish must still carry the
+    /// file's current bytes, including after the file grows.
+    func testReusedSealedStagingFileAlwaysPublishesItsCurrentContent() async throws {
+        let raw = try RawConnection(socketPath: daemon.socketPath)
+        try raw.hello()
+        let staging = try MemoryFile.createScratch(name: "staging", sealedAgainstShrinking: true)
+        defer { staging.closeQuietly() }
+        let handle = try await bystander.open("data")
+        for (round, length) in [100, 100, 700, 1024, 10].enumerated() {
+            let payload = (0..<length).map { UInt8(truncatingIfNeeded: $0 &+ round &* 37) }
+            try payload.withUnsafeBytes { try staging.writeFully($0, atOffset: 0) }
+            guard case .published(let info) = try raw.request(.publish(segment: "data", payload: .attachedFile(length: UInt64(length))),
+                                                              descriptors: [staging]) else {
+                return XCTFail("round \(round) was refused")
+            }
+            XCTAssertEqual(info.crc64, CRC64.checksum(payload), "round \(round)")
+            XCTAssertEqual(try handle.read()?.bytes, payload, "round \(round)")
+        }
+        XCTAssertNotEqual(ftruncate(staging.rawValue, 0), 0, "the seal keeps anyone from shrinking the mapped file")
     }
 
     func testRandomGarbageNeverTakesTheDaemonDown() throws {
