@@ -43,7 +43,7 @@ final class Connection: Sendable {
     }
 
     /// Sends a request and waits for its reply; an ERROR reply throws ``ShmBrokerClientError/refused(_:)``.
-    func request(_ request: Request, descriptors: [FileDescriptor] = []) async throws(ShmBrokerClientError) -> Reply {
+    nonisolated(nonsending) func request(_ request: Request, descriptors: [FileDescriptor] = []) async throws(ShmBrokerClientError) -> Reply {
         let reply: Reply
         do {
             reply = try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Reply, any Error>) in

@@ -108,7 +108,7 @@ public final class ShmBrokerClient: Sendable {
     }
 
     /// The live connection, waiting for a reconnection in progress.
-    private func currentConnection() async throws(ShmBrokerClientError) -> Connection {
+    private nonisolated(nonsending) func currentConnection() async throws(ShmBrokerClientError) -> Connection {
         if let ready = state.withLock({ $0.closed ? nil : $0.connection }) { return ready }
         do {
             return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Connection, any Error>) in
@@ -127,7 +127,7 @@ public final class ShmBrokerClient: Sendable {
         }
     }
 
-    private func request(_ request: Request, descriptors: [FileDescriptor] = []) async throws(ShmBrokerClientError) -> Connection.Reply {
+    private nonisolated(nonsending) func request(_ request: Request, descriptors: [FileDescriptor] = []) async throws(ShmBrokerClientError) -> Connection.Reply {
         try await currentConnection().request(request, descriptors: descriptors)
     }
 
@@ -255,7 +255,7 @@ public final class ShmBrokerClient: Sendable {
     ///
     /// - Parameter name: the segment's name from the daemon's config.
     /// - Returns: a handle whose reads go straight to shared memory, with no further requests.
-    public func open(_ name: String) async throws(ShmBrokerClientError) -> SegmentHandle {
+    public nonisolated(nonsending) func open(_ name: String) async throws(ShmBrokerClientError) -> SegmentHandle {
         let reply = try await request(.open(segment: name))
         guard case .opened(let info) = reply.message, let descriptor = reply.descriptors.first else {
             reply.descriptors.forEach { $0.closeQuietly() }
@@ -282,7 +282,7 @@ public final class ShmBrokerClient: Sendable {
     ///   capacity (nothing is written), or `permission-denied` for a uid not allowed to publish.
     /// - Returns: the new version and its CRC-64.
     @discardableResult
-    public func publish(_ name: String, bytes: [UInt8]) async throws(ShmBrokerClientError) -> VersionInfo {
+    public nonisolated(nonsending) func publish(_ name: String, bytes: [UInt8]) async throws(ShmBrokerClientError) -> VersionInfo {
         let reply: Connection.Reply
         if bytes.count <= ControlProtocol.maximumInlinePayload(nameLength: name.utf8.count) {
             reply = try await request(.publish(segment: name, payload: .inline(bytes)))
@@ -377,13 +377,13 @@ public final class ShmBrokerClient: Sendable {
     }
 
     /// Stops version events for a segment; its subscription's sequence ends.
-    public func unsubscribe(_ name: String) async throws(ShmBrokerClientError) {
+    public nonisolated(nonsending) func unsubscribe(_ name: String) async throws(ShmBrokerClientError) {
         _ = try await request(.unsubscribe(segment: name))
         removeSubscription(name)
     }
 
     /// The daemon's status: segments, clients, counters.
-    public func status() async throws(ShmBrokerClientError) -> StatusReport {
+    public nonisolated(nonsending) func status() async throws(ShmBrokerClientError) -> StatusReport {
         let json = try await statusJSON()
         do {
             return try StatusReport.decode(json)
@@ -393,7 +393,7 @@ public final class ShmBrokerClient: Sendable {
     }
 
     /// The daemon's status as the JSON text it sent.
-    public func statusJSON() async throws(ShmBrokerClientError) -> [UInt8] {
+    public nonisolated(nonsending) func statusJSON() async throws(ShmBrokerClientError) -> [UInt8] {
         let reply = try await request(.status)
         defer { reply.descriptors.forEach { $0.closeQuietly() } }
         switch reply.message {

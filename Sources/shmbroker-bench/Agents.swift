@@ -12,10 +12,17 @@ import SystemPackage
 /// The first 16 bytes of every benchmark payload: when the producer started sending it, and its round.
 enum Stamp {
     static func write(_ buffer: inout [UInt8], sentAt: UInt64, round: UInt64) {
+        let wallClock = Clock.realtimeNanoseconds()
         buffer.withUnsafeMutableBytes {
             $0.storeBytes(of: sentAt, toByteOffset: 0, as: UInt64.self)
             $0.storeBytes(of: round, toByteOffset: 8, as: UInt64.self)
+            // The wall clock too, to compare with the daemon's publish time (also wall clock).
+            if $0.count >= 24 { $0.storeBytes(of: wallClock, toByteOffset: 16, as: UInt64.self) }
         }
+    }
+
+    static func wallClock(_ buffer: UnsafeRawBufferPointer) -> UInt64 {
+        buffer.count >= 24 ? buffer.loadUnaligned(fromByteOffset: 16, as: UInt64.self) : 0
     }
 
     static func read(_ buffer: UnsafeRawBufferPointer) -> (sentAt: UInt64, round: UInt64) {
@@ -45,13 +52,22 @@ struct SegmentLatency: AsyncParsableCommand {
 
     func run() async throws {
         var latencies: [String: UInt64] = [:]
+        var toDaemon: [UInt64] = [], toReader: [UInt64] = []
         try await followSegment(socket: socket, segment: segment) { info, buffer in
             let received = Clock.monotonicNanoseconds()
+            let receivedWall = Clock.realtimeNanoseconds()
             let (sentAt, round) = Stamp.read(buffer)
             latencies["\(round)"] = received &- sentAt
+            // The split: producer call -> daemon's publish, and daemon's publish -> reader has it.
+            let sentWall = Stamp.wallClock(buffer)
+            if sentWall > 0 && info.publishedAtNanoseconds >= sentWall && receivedWall >= info.publishedAtNanoseconds {
+                toDaemon.append(info.publishedAtNanoseconds - sentWall)
+                toReader.append(receivedWall - info.publishedAtNanoseconds)
+            }
             return round + 1 < rounds
         }
-        emitJSON(["latencies": latencies])
+        func median(_ values: [UInt64]) -> UInt64 { values.isEmpty ? 0 : values.sorted()[values.count / 2] }
+        emitJSON(["latencies": latencies, "medianToDaemon": median(toDaemon), "medianDaemonToReader": median(toReader)])
     }
 }
 

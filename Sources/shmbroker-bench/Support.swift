@@ -50,12 +50,20 @@ final class AgentProcess {
 
     /// The per-round latencies an agent reported, by round.
     func latencies(timeout: Double = 120) throws -> [UInt64: UInt64] {
-        let raw = try result(timeout: timeout)["latencies"] as? [String: Any] ?? [:]
+        try latencyResult(timeout: timeout).latencies
+    }
+
+    /// Per-round latencies plus, for segment readers, the median split of each latency into
+    /// producer -> daemon publish and daemon publish -> reader (ns).
+    func latencyResult(timeout: Double = 120) throws -> (latencies: [UInt64: UInt64], toDaemon: UInt64, toReader: UInt64) {
+        let object = try result(timeout: timeout)
+        let raw = object["latencies"] as? [String: Any] ?? [:]
         var result: [UInt64: UInt64] = [:]
         for (round, value) in raw {
             if let round = UInt64(round), let number = value as? NSNumber { result[round] = number.uint64Value }
         }
-        return result
+        return (result, (object["medianToDaemon"] as? NSNumber)?.uint64Value ?? 0,
+                (object["medianDaemonToReader"] as? NSNumber)?.uint64Value ?? 0)
     }
 }
 
