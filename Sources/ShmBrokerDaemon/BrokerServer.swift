@@ -1,6 +1,6 @@
-import ShmBrokerConfig
 import Foundation
 import Logging
+import ShmBrokerConfig
 import ShmBrokerCore
 import ShmBrokerPlatform
 import ShmBrokerProtocol
@@ -15,38 +15,38 @@ public final class BrokerServer {
     /// The daemon's version string, reported by HELLO and STATUS.
     public static let version = "0.1.0"
 
-    private enum Token {
+    enum Token {
         static let listener: UInt64 = 1
         static let signals: UInt64 = 2
         static let timer: UInt64 = 3
         static let firstClient: UInt64 = 16
     }
 
-    private var configuration: BrokerConfiguration
-    private let configPath: String
-    private let logger: Logger
-    private let notifier: SystemdNotifier
-    private let signals: SignalDescriptor
-    private let epoll: Epoll
-    private var listener: FileDescriptor?
-    private var ownsSocketPath = false
-    private var inherited: InheritedDescriptors
-    private let allowDebugHang: Bool
-    private var timer: PeriodicTimer?
-    private var watchdogIntervalNanoseconds: UInt64?
-    private var lastWatchdogPing: UInt64 = 0
+    var configuration: BrokerConfiguration
+    let configPath: String
+    let logger: Logger
+    let notifier: SystemdNotifier
+    let signals: SignalDescriptor
+    let epoll: Epoll
+    var listener: FileDescriptor?
+    var ownsSocketPath = false
+    var inherited: InheritedDescriptors
+    let allowDebugHang: Bool
+    var timer: PeriodicTimer?
+    var watchdogIntervalNanoseconds: UInt64?
+    var lastWatchdogPing: UInt64 = 0
 
-    private var segments: [String: ManagedSegment] = [:]
-    private var segmentOrder: [String] = []
-    private var clients: [UInt64: ClientConnection] = [:]
-    private var nextClientID = Token.firstClient
-    private var counters = StatusReport.Counters()
-    private let startedAt = Date()
-    private let daemonUID = getuid()
-    private var running = true
+    var segments: [String: ManagedSegment] = [:]
+    var segmentOrder: [String] = []
+    var clients: [UInt64: ClientConnection] = [:]
+    var nextClientID = Token.firstClient
+    var counters = StatusReport.Counters()
+    let startedAt = Date()
+    let daemonUID = getuid()
+    var running = true
 
     /// One receive buffer for every client: the loop handles one frame at a time.
-    private let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(
+    let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(
         byteCount: ControlProtocol.maximumFrameSize + 1, alignment: 16)
 
     /// Prepares the server; nothing is created until ``start()``.
@@ -111,7 +111,7 @@ public final class BrokerServer {
 
     /// Takes a segment back from the fd store if an earlier run stored it, else creates it.
     /// A stored segment that fails its checks is logged and recreated empty, never served.
-    private func restoreOrCreate(_ definition: SegmentDefinition) throws -> ManagedSegment {
+    func restoreOrCreate(_ definition: SegmentDefinition) throws -> ManagedSegment {
         guard let stored = inherited.segments.removeValue(forKey: definition.name) else {
             let segment = try ManagedSegment(creating: definition)
             notifier.store(segment.memoryFile, name: segment.storeName)
@@ -140,7 +140,7 @@ public final class BrokerServer {
         }
     }
 
-    private func listen() throws {
+    func listen() throws {
         if let adopted = inherited.listener {
             inherited.listener = nil
             try epoll.add(adopted, events: .readable, token: Token.listener)
@@ -194,7 +194,7 @@ public final class BrokerServer {
         shutDown()
     }
 
-    private func shutDown() {
+    func shutDown() {
         notifier.stopping(status: "stopping: closing \(clients.count) clients")
         logger.info("stopping", metadata: ["clients": "\(clients.count)", "publishes": "\(counters.publishes)"])
         for client in clients.values { disconnect(client, reason: nil) }
@@ -206,7 +206,7 @@ public final class BrokerServer {
         listener = nil
     }
 
-    private func handleSignals() {
+    func handleSignals() {
         for signal in signals.drain() {
             switch signal {
             case SIGTERM, SIGINT:
@@ -225,7 +225,7 @@ public final class BrokerServer {
         }
     }
 
-    private func handleTimer() {
+    func handleTimer() {
         _ = timer?.acknowledge()
         let now = Clock.monotonicNanoseconds()
         if let interval = watchdogIntervalNanoseconds, now &- lastWatchdogPing >= interval / 2 {
@@ -244,12 +244,12 @@ public final class BrokerServer {
 
     // MARK: Segments
 
-    private func addSegment(_ segment: ManagedSegment) {
+    func addSegment(_ segment: ManagedSegment) {
         segments[segment.name] = segment
         segmentOrder.append(segment.name)
     }
 
-    private func retireSegment(named name: String) {
+    func retireSegment(named name: String) {
         guard let segment = segments.removeValue(forKey: name) else { return }
         segmentOrder.removeAll { $0 == name }
         segment.retire()
@@ -266,7 +266,7 @@ public final class BrokerServer {
 
     /// SIGHUP: re-reads the config. New segments appear, removed ones are retired, unchanged
     /// ones keep their content and version; an invalid file leaves everything as it was.
-    private func reload() {
+    func reload() {
         notifier.reloading(status: "reloading \(configPath)")
         logger.notice("reloading configuration", metadata: ["path": "\(configPath)"])
         let newConfiguration: BrokerConfiguration
@@ -323,19 +323,19 @@ public final class BrokerServer {
     }
 
     /// A resized segment starts over, keeping the old content as its first version when it fits.
-    private func carryOver(from old: SegmentWriter, to new: ManagedSegment) {
+    func carryOver(from old: SegmentWriter, to new: ManagedSegment) {
         let reader = try? SegmentReader(region: old.region)
         guard let snapshot = try? reader?.read(), snapshot.bytes.count <= new.definition.capacity else { return }
         _ = try? new.writer.publish(snapshot.bytes)
     }
 
-    private func statusLine() -> String {
+    func statusLine() -> String {
         "serving \(segments.count) segment\(segments.count == 1 ? "" : "s") to \(clients.count) client\(clients.count == 1 ? "" : "s"); \(counters.publishes) publishes"
     }
 
     // MARK: Clients
 
-    private func acceptClients() {
+    func acceptClients() {
         guard let listener else { return }
         for _ in 0..<64 {
             let accepted: FileDescriptor?
@@ -375,7 +375,7 @@ public final class BrokerServer {
         }
     }
 
-    private func handleClient(_ id: UInt64, events: Epoll.Events) {
+    func handleClient(_ id: UInt64, events: Epoll.Events) {
         guard let client = clients[id] else { return }
         if events.contains(.writable) {
             flush(client)
@@ -386,7 +386,7 @@ public final class BrokerServer {
         }
     }
 
-    private func readRequests(from client: ClientConnection) {
+    func readRequests(from client: ClientConnection) {
         for _ in 0..<64 {
             guard clients[client.id] != nil, !client.hasQueuedReplies else { return }
             let received: ReceivedMessage?
@@ -405,266 +405,11 @@ public final class BrokerServer {
         }
     }
 
-    private func reject(_ client: ClientConnection, requestID: UInt32, _ error: ProtocolError, descriptors: [FileDescriptor] = []) {
-        descriptors.forEach { $0.closeQuietly() }
-        if [.malformedFrame, .unknownMessageType, .frameTooLarge, .unexpectedDescriptor].contains(error.code) {
-            counters.malformedRequests += 1
-        }
-        counters.errorReplies += 1
-        logger.debug("request refused", metadata: ["client": "\(client.id)", "code": "\(error.code.name)", "message": "\(error.message)"])
-        send(ServerMessage.error(error).encode(requestID: requestID), to: client)
-    }
-
-    private func handleFrame(_ message: ReceivedMessage, from client: ClientConnection) {
-        let frame = UnsafeRawBufferPointer(rebasing: receiveBuffer[..<min(message.byteCount, ControlProtocol.maximumFrameSize)])
-        let requestID = frame.count >= 8 ? UInt32(littleEndian: frame.loadUnaligned(fromByteOffset: 4, as: UInt32.self)) : 0
-        if message.wasTruncated {
-            return reject(client, requestID: requestID, ProtocolError(.frameTooLarge,
-                "frame exceeds the maximum of \(ControlProtocol.maximumFrameSize) bytes; publish larger payloads as an attached memfd"),
-                descriptors: message.descriptors)
-        }
-        if message.descriptorsWereTruncated {
-            return reject(client, requestID: requestID, ProtocolError(.unexpectedDescriptor,
-                "at most \(ControlProtocol.maximumDescriptors) descriptor may accompany a frame"), descriptors: message.descriptors)
-        }
-        let request: Request
-        do {
-            let header = try FrameHeader.parse(frame)
-            request = try Request.decode(type: header.type, body: Frame.body(of: frame))
-        } catch {
-            return reject(client, requestID: requestID, error, descriptors: message.descriptors)
-        }
-        var descriptors = message.descriptors
-        if case .publish(_, .attachedFile) = request {
-            guard descriptors.count == 1 else {
-                return reject(client, requestID: requestID, ProtocolError(.missingDescriptor,
-                    "a PUBLISH with an attached file must carry exactly one descriptor, got \(descriptors.count)"), descriptors: descriptors)
-            }
-        } else if !descriptors.isEmpty {
-            return reject(client, requestID: requestID, ProtocolError(.unexpectedDescriptor,
-                "\(request.type) takes no descriptors, got \(descriptors.count); they were closed"), descriptors: descriptors)
-        }
-        if !client.greeted, request.type != .hello {
-            return reject(client, requestID: requestID, ProtocolError(.handshakeRequired, "send HELLO before \(request.type)"),
-                          descriptors: descriptors)
-        }
-        switch request {
-        case let .hello(version, name):
-            guard version == ControlProtocol.version else {
-                return reject(client, requestID: requestID, ProtocolError(.unsupportedProtocolVersion,
-                    "protocol version \(version) is not supported; this daemon speaks version \(ControlProtocol.version)"))
-            }
-            client.greeted = true
-            client.name = String(name.prefix(128))
-            send(ServerMessage.helloOK(protocolVersion: ControlProtocol.version,
-                                       maximumFrameSize: UInt32(ControlProtocol.maximumFrameSize),
-                                       daemonVersion: Self.version).encode(requestID: requestID), to: client)
-        case .open(let name):
-            handleOpen(name, requestID: requestID, client: client)
-        case .subscribe(let name):
-            guard let segment = lookUp(name, requestID: requestID, client: client, publishing: false) else { return }
-            segment.subscribers.insert(client.id)
-            client.subscriptions.insert(name)
-            let latest = segment.writer.latestReceipt.map(VersionInfo.init) ?? VersionInfo(version: 0, length: 0, crc64: 0, publishedAtNanoseconds: 0)
-            send(ServerMessage.subscribed(latest).encode(requestID: requestID), to: client)
-        case .unsubscribe(let name):
-            guard client.subscriptions.remove(name) != nil else {
-                return reject(client, requestID: requestID, ProtocolError(.notSubscribed, "not subscribed to \"\(name)\""))
-            }
-            segments[name]?.subscribers.remove(client.id)
-            client.removePending(name)
-            send(ServerMessage.ok.encode(requestID: requestID), to: client)
-        case let .publish(name, payload):
-            let attached = descriptors.popLast()
-            defer { attached?.closeQuietly() }
-            guard let segment = lookUp(name, requestID: requestID, client: client, publishing: true) else { return }
-            handlePublish(segment, payload: payload, attached: attached, requestID: requestID, client: client)
-        case .status:
-            handleStatus(requestID: requestID, client: client)
-        }
-    }
-
-    private func lookUp(_ name: String, requestID: UInt32, client: ClientConnection, publishing: Bool) -> ManagedSegment? {
-        guard BrokerConfiguration.isValidSegmentName(name) else {
-            reject(client, requestID: requestID, ProtocolError(.invalidSegmentName,
-                "\"\(name.prefix(80))\" is not a valid segment name (1 to 64 letters, digits, '.', '_' or '-')"))
-            return nil
-        }
-        guard let segment = segments[name] else {
-            reject(client, requestID: requestID, ProtocolError(.noSuchSegment, "no segment named \"\(name)\""))
-            return nil
-        }
-        let access = publishing ? segment.definition.publishers : segment.definition.readers
-        guard access.allows(client.credentials, daemonUID: daemonUID) else {
-            logger.notice("access denied", metadata: [
-                "segment": "\(name)", "uid": "\(client.credentials.uid)", "pid": "\(client.credentials.pid)",
-                "operation": "\(publishing ? "publish" : "read")",
-            ])
-            reject(client, requestID: requestID, ProtocolError(.permissionDenied,
-                "uid \(client.credentials.uid) may not \(publishing ? "publish to" : "read") segment \"\(name)\""))
-            return nil
-        }
-        return segment
-    }
-
-    private func handleOpen(_ name: String, requestID: UInt32, client: ClientConnection) {
-        guard let segment = lookUp(name, requestID: requestID, client: client, publishing: false) else { return }
-        let descriptor: FileDescriptor
-        do {
-            descriptor = try segment.readOnlyDescriptor()
-        } catch {
-            return reject(client, requestID: requestID, ProtocolError(.internalError, "cannot open a read-only descriptor: \(error)"))
-        }
-        let layout = segment.writer.layout
-        let reply = ServerMessage.opened(OpenedSegment(
-            capacity: UInt64(layout.capacity), slotCount: UInt32(layout.slotCount),
-            layoutVersion: SegmentLayout.layoutVersion, mappingSize: UInt64(layout.totalSize),
-            latestVersion: segment.writer.latestVersion))
-        segment.readers.insert(client.id)
-        client.opened.insert(name)
-        send(reply.encode(requestID: requestID), to: client, descriptors: [descriptor])
-    }
-
-    private func handlePublish(_ segment: ManagedSegment, payload: PublishPayload, attached: FileDescriptor?,
-                               requestID: UInt32, client: ClientConnection) {
-        let receipt: PublishReceipt
-        do {
-            switch payload {
-            case .inline(let bytes):
-                receipt = try segment.writer.publish(bytes)
-            case .attachedFile(let length):
-                guard let file = attached else { return }
-                receipt = try publish(from: file, length: length, into: segment, client: client)
-            }
-        } catch let error as ProtocolError {
-            return reject(client, requestID: requestID, error)
-        } catch let error as SegmentError {
-            return reject(client, requestID: requestID, ProtocolError(.payloadTooLarge, error.description))
-        } catch {
-            return reject(client, requestID: requestID, ProtocolError(.internalError, "\(error)"))
-        }
-        counters.publishes += 1
-        send(ServerMessage.published(VersionInfo(receipt)).encode(requestID: requestID), to: client)
-        announce(segment)
-    }
-
-    /// Copies a payload from a producer's file with `pread`: a producer that truncates its file
-    /// mid-copy causes a short read (an error reply), never a SIGBUS in the daemon.
-    private func publish(from file: FileDescriptor, length: UInt64, into segment: ManagedSegment,
-                         client: ClientConnection) throws -> PublishReceipt {
-        let capacity = segment.writer.layout.capacity
-        guard length <= UInt64(capacity) else {
-            throw ProtocolError(.payloadTooLarge, SegmentError.payloadTooLarge(length: Int(clamping: length), capacity: capacity).description)
-        }
-        var info = Glibc.stat()
-        guard fstat(file.rawValue, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
-            throw ProtocolError(.badDescriptor, "the attached descriptor is not a regular file (use a memfd)")
-        }
-        guard Int(info.st_size) >= Int(length) else {
-            throw ProtocolError(.badDescriptor, "the attached file holds \(info.st_size) bytes, the request says \(length)")
-        }
-        // Fast path: a file sealed against shrinking can be mapped without SIGBUS risk, and the
-        // copy into the slot then computes the CRC in the same pass.
-        if length > 0, let seals = try? MemoryFile.seals(of: file), seals.contains(.shrink),
-           let source = stagingMapping(of: file, inode: UInt64(info.st_ino), length: Int(length), client: client) {
-            return try segment.writer.publish(UnsafeRawBufferPointer(start: source.base, count: Int(length)))
-        }
-        do {
-            return try segment.writer.publish(length: Int(length)) { (buffer: UnsafeMutableRawBufferPointer) throws(ProtocolError) in
-                let read: Int
-                do {
-                    read = try file.readFully(into: buffer, atOffset: 0)
-                } catch {
-                    throw ProtocolError(.badDescriptor, "reading the attached file failed: \(error)")
-                }
-                guard read == buffer.count else {
-                    throw ProtocolError(.badDescriptor, "the attached file holds \(read) bytes, the request says \(buffer.count)")
-                }
-            }
-        } catch {
-            switch error {
-            case .segment(let refusal): throw ProtocolError(.payloadTooLarge, refusal.description)
-            case .fill(let failure): throw failure
-            }
-        }
-    }
-
-    /// A read-only mapping of at least `length` bytes of a client's staging file, reused while
-    /// the client keeps sending the same file (memfd inodes are unique while the file lives).
-    private func stagingMapping(of file: FileDescriptor, inode: UInt64, length: Int, client: ClientConnection) -> MappedRegion? {
-        if let cached = client.stagingMappings.first(where: { $0.inode == inode && $0.region.length >= length }) {
-            return cached.region
-        }
-        guard let region = try? MappedRegion(mapping: file, length: length, writable: false) else { return nil }
-        client.stagingMappings.removeAll { $0.inode == inode }
-        if client.stagingMappings.count >= 4 { client.stagingMappings.removeFirst() }
-        client.stagingMappings.append((inode, region))
-        return region
-    }
-
-    /// Announces the segment's latest version to each subscriber, coalescing for slow ones.
-    /// Cost is proportional to this segment's subscribers only.
-    private func announce(_ segment: ManagedSegment) {
-        guard !segment.subscribers.isEmpty, let receipt = segment.writer.latestReceipt else { return }
-        var event: [UInt8]?
-        for id in segment.subscribers {
-            guard let client = clients[id] else { continue }
-            if client.hasBacklog {
-                if !client.markPending(segment.name) { counters.eventsCoalesced += 1 }
-                continue
-            }
-            if event == nil {
-                event = ServerMessage.versionEvent(segment: segment.name, VersionInfo(receipt)).encode(requestID: 0)
-            }
-            switch trySend(event!, to: client) {
-            case .sent: counters.eventsSent += 1
-            case .full:
-                client.markPending(segment.name)
-                waitForWritable(client)
-            case .failed: break
-            }
-        }
-    }
-
-    private func handleStatus(requestID: UInt32, client: ClientConnection) {
-        let report = StatusReport(
-            daemon: StatusReport.Daemon(version: Self.version, pid: getpid(), startedAt: startedAt.timeIntervalSince1970,
-                                        configPath: configPath, socketPath: configuration.socket.path,
-                                        protocolVersion: ControlProtocol.version),
-            segments: segmentOrder.compactMap { segments[$0] }.map { segment in
-                let receipt = segment.writer.latestReceipt
-                return StatusReport.Segment(
-                    name: segment.name, capacity: UInt64(segment.definition.capacity), slots: UInt32(segment.definition.slots),
-                    mappingSize: UInt64(segment.writer.layout.totalSize), version: receipt?.version ?? 0,
-                    length: UInt64(receipt?.length ?? 0), crc64: String(format: "%016llx", receipt?.crc64 ?? 0),
-                    lastPublishedAt: receipt.map { Double($0.publishedAtNanoseconds) / 1e9 },
-                    readers: segment.readers.count, subscribers: segment.subscribers.count)
-            },
-            clients: clients.values.sorted { $0.id < $1.id }.map {
-                StatusReport.Client(id: $0.id, name: $0.name, pid: $0.credentials.pid, uid: $0.credentials.uid,
-                                    gid: $0.credentials.gid, opened: $0.opened.sorted(), subscriptions: $0.subscriptions.sorted())
-            },
-            counters: counters)
-        do {
-            let json = try report.encoded()
-            if json.count <= ControlProtocol.maximumFrameSize - ControlProtocol.headerSize {
-                send(ServerMessage.statusReport(json: json).encode(requestID: requestID), to: client)
-            } else {
-                // Thousands of segments or clients: the report travels in a memfd, like a large publish.
-                let file = try json.withUnsafeBytes { try MemoryFile.create(name: "shmbroker-status", contents: $0) }
-                send(ServerMessage.statusReportFile(length: UInt64(json.count)).encode(requestID: requestID), to: client,
-                     descriptors: [file])
-            }
-        } catch {
-            reject(client, requestID: requestID, ProtocolError(.internalError, "cannot produce the status report: \(error)"))
-        }
-    }
-
     // MARK: Sending
 
-    private enum SendOutcome { case sent, full, failed }
+    enum SendOutcome { case sent, full, failed }
 
-    private func trySend(_ frame: [UInt8], to client: ClientConnection, descriptors: [FileDescriptor] = []) -> SendOutcome {
+    func trySend(_ frame: [UInt8], to client: ClientConnection, descriptors: [FileDescriptor] = []) -> SendOutcome {
         let outcome = frame.withUnsafeBytes { bytes in
             Result { () throws(Errno) in try SeqpacketSocket.send(client.socket, bytes, descriptors: descriptors) }
         }
@@ -679,7 +424,7 @@ public final class BrokerServer {
 
     /// Sends a reply (or a must-deliver event) in order; queues it if the socket is full.
     /// Descriptors are closed once sent (the receiver has its own copies then).
-    private func send(_ frame: [UInt8], to client: ClientConnection, descriptors: [FileDescriptor] = []) {
+    func send(_ frame: [UInt8], to client: ClientConnection, descriptors: [FileDescriptor] = []) {
         if client.hasQueuedReplies {
             client.enqueue(frame, descriptors: descriptors)
             return
@@ -695,7 +440,7 @@ public final class BrokerServer {
         }
     }
 
-    private func waitForWritable(_ client: ClientConnection) {
+    func waitForWritable(_ client: ClientConnection) {
         if client.stalledSince == nil { client.stalledSince = Clock.monotonicNanoseconds() }
         guard !client.watchingWritable else { return }
         client.watchingWritable = true
@@ -704,7 +449,7 @@ public final class BrokerServer {
     }
 
     /// Sends queued replies, then one coalesced event per pending segment (for its latest version).
-    private func flush(_ client: ClientConnection) {
+    func flush(_ client: ClientConnection) {
         var progressed = false
         while let (frame, descriptors) = client.firstQueued {
             switch trySend(frame, to: client, descriptors: descriptors) {
@@ -739,7 +484,7 @@ public final class BrokerServer {
         readRequests(from: client)
     }
 
-    private func disconnect(_ client: ClientConnection, reason: String?) {
+    func disconnect(_ client: ClientConnection, reason: String?) {
         guard clients.removeValue(forKey: client.id) != nil else { return }
         epoll.remove(client.socket)
         for name in client.subscriptions { segments[name]?.subscribers.remove(client.id) }

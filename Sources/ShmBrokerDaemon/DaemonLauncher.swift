@@ -1,6 +1,6 @@
-import ShmBrokerConfig
 import Foundation
 import Logging
+import ShmBrokerConfig
 import ShmBrokerPlatform
 
 /// What `shmbrokerd` does, kept in the library so the executable stays a thin argument parser.

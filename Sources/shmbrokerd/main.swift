@@ -1,6 +1,6 @@
-import ShmBrokerConfig
 import ArgumentParser
 import Logging
+import ShmBrokerConfig
 import ShmBrokerDaemon
 
 /// `shmbrokerd`: the shared-memory broker daemon.

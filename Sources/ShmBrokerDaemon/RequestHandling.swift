@@ -1,0 +1,265 @@
+import Foundation
+import ShmBrokerConfig
+import ShmBrokerCore
+import ShmBrokerPlatform
+import ShmBrokerProtocol
+import SystemPackage
+
+/// Request handling: one decoded frame from one client becomes a reply (and, for a publish, a new
+/// version and its announcements). Runs on the event loop's thread, like everything in the server.
+extension BrokerServer {
+    func reject(_ client: ClientConnection, requestID: UInt32, _ error: ProtocolError, descriptors: [FileDescriptor] = []) {
+        descriptors.forEach { $0.closeQuietly() }
+        if [.malformedFrame, .unknownMessageType, .frameTooLarge, .unexpectedDescriptor].contains(error.code) {
+            counters.malformedRequests += 1
+        }
+        counters.errorReplies += 1
+        logger.debug("request refused", metadata: ["client": "\(client.id)", "code": "\(error.code.name)", "message": "\(error.message)"])
+        send(ServerMessage.error(error).encode(requestID: requestID), to: client)
+    }
+
+    func handleFrame(_ message: ReceivedMessage, from client: ClientConnection) {
+        let frame = UnsafeRawBufferPointer(rebasing: receiveBuffer[..<min(message.byteCount, ControlProtocol.maximumFrameSize)])
+        let requestID = frame.count >= 8 ? UInt32(littleEndian: frame.loadUnaligned(fromByteOffset: 4, as: UInt32.self)) : 0
+        if message.wasTruncated {
+            return reject(client, requestID: requestID, ProtocolError(.frameTooLarge,
+                "frame exceeds the maximum of \(ControlProtocol.maximumFrameSize) bytes; publish larger payloads as an attached memfd"),
+                descriptors: message.descriptors)
+        }
+        if message.descriptorsWereTruncated {
+            return reject(client, requestID: requestID, ProtocolError(.unexpectedDescriptor,
+                "at most \(ControlProtocol.maximumDescriptors) descriptor may accompany a frame"), descriptors: message.descriptors)
+        }
+        let request: Request
+        do {
+            let header = try FrameHeader.parse(frame)
+            request = try Request.decode(type: header.type, body: Frame.body(of: frame))
+        } catch {
+            return reject(client, requestID: requestID, error, descriptors: message.descriptors)
+        }
+        var descriptors = message.descriptors
+        if case .publish(_, .attachedFile) = request {
+            guard descriptors.count == 1 else {
+                return reject(client, requestID: requestID, ProtocolError(.missingDescriptor,
+                    "a PUBLISH with an attached file must carry exactly one descriptor, got \(descriptors.count)"), descriptors: descriptors)
+            }
+        } else if !descriptors.isEmpty {
+            return reject(client, requestID: requestID, ProtocolError(.unexpectedDescriptor,
+                "\(request.type) takes no descriptors, got \(descriptors.count); they were closed"), descriptors: descriptors)
+        }
+        if !client.greeted, request.type != .hello {
+            return reject(client, requestID: requestID, ProtocolError(.handshakeRequired, "send HELLO before \(request.type)"),
+                          descriptors: descriptors)
+        }
+        switch request {
+        case let .hello(version, name):
+            guard version == ControlProtocol.version else {
+                return reject(client, requestID: requestID, ProtocolError(.unsupportedProtocolVersion,
+                    "protocol version \(version) is not supported; this daemon speaks version \(ControlProtocol.version)"))
+            }
+            client.greeted = true
+            client.name = String(name.prefix(128))
+            send(ServerMessage.helloOK(protocolVersion: ControlProtocol.version,
+                                       maximumFrameSize: UInt32(ControlProtocol.maximumFrameSize),
+                                       daemonVersion: Self.version).encode(requestID: requestID), to: client)
+        case .open(let name):
+            handleOpen(name, requestID: requestID, client: client)
+        case .subscribe(let name):
+            guard let segment = lookUp(name, requestID: requestID, client: client, publishing: false) else { return }
+            segment.subscribers.insert(client.id)
+            client.subscriptions.insert(name)
+            let latest = segment.writer.latestReceipt.map(VersionInfo.init) ?? VersionInfo(version: 0, length: 0, crc64: 0, publishedAtNanoseconds: 0)
+            send(ServerMessage.subscribed(latest).encode(requestID: requestID), to: client)
+        case .unsubscribe(let name):
+            guard client.subscriptions.remove(name) != nil else {
+                return reject(client, requestID: requestID, ProtocolError(.notSubscribed, "not subscribed to \"\(name)\""))
+            }
+            segments[name]?.subscribers.remove(client.id)
+            client.removePending(name)
+            send(ServerMessage.ok.encode(requestID: requestID), to: client)
+        case let .publish(name, payload):
+            let attached = descriptors.popLast()
+            defer { attached?.closeQuietly() }
+            guard let segment = lookUp(name, requestID: requestID, client: client, publishing: true) else { return }
+            handlePublish(segment, payload: payload, attached: attached, requestID: requestID, client: client)
+        case .status:
+            handleStatus(requestID: requestID, client: client)
+        }
+    }
+
+    func lookUp(_ name: String, requestID: UInt32, client: ClientConnection, publishing: Bool) -> ManagedSegment? {
+        guard BrokerConfiguration.isValidSegmentName(name) else {
+            reject(client, requestID: requestID, ProtocolError(.invalidSegmentName,
+                "\"\(name.prefix(80))\" is not a valid segment name (1 to 64 letters, digits, '.', '_' or '-')"))
+            return nil
+        }
+        guard let segment = segments[name] else {
+            reject(client, requestID: requestID, ProtocolError(.noSuchSegment, "no segment named \"\(name)\""))
+            return nil
+        }
+        let access = publishing ? segment.definition.publishers : segment.definition.readers
+        guard access.allows(client.credentials, daemonUID: daemonUID) else {
+            logger.notice("access denied", metadata: [
+                "segment": "\(name)", "uid": "\(client.credentials.uid)", "pid": "\(client.credentials.pid)",
+                "operation": "\(publishing ? "publish" : "read")",
+            ])
+            reject(client, requestID: requestID, ProtocolError(.permissionDenied,
+                "uid \(client.credentials.uid) may not \(publishing ? "publish to" : "read") segment \"\(name)\""))
+            return nil
+        }
+        return segment
+    }
+
+    func handleOpen(_ name: String, requestID: UInt32, client: ClientConnection) {
+        guard let segment = lookUp(name, requestID: requestID, client: client, publishing: false) else { return }
+        let descriptor: FileDescriptor
+        do {
+            descriptor = try segment.readOnlyDescriptor()
+        } catch {
+            return reject(client, requestID: requestID, ProtocolError(.internalError, "cannot open a read-only descriptor: \(error)"))
+        }
+        let layout = segment.writer.layout
+        let reply = ServerMessage.opened(OpenedSegment(
+            capacity: UInt64(layout.capacity), slotCount: UInt32(layout.slotCount),
+            layoutVersion: SegmentLayout.layoutVersion, mappingSize: UInt64(layout.totalSize),
+            latestVersion: segment.writer.latestVersion))
+        segment.readers.insert(client.id)
+        client.opened.insert(name)
+        send(reply.encode(requestID: requestID), to: client, descriptors: [descriptor])
+    }
+
+    func handlePublish(_ segment: ManagedSegment, payload: PublishPayload, attached: FileDescriptor?,
+                               requestID: UInt32, client: ClientConnection) {
+        let receipt: PublishReceipt
+        do {
+            switch payload {
+            case .inline(let bytes):
+                receipt = try segment.writer.publish(bytes)
+            case .attachedFile(let length):
+                guard let file = attached else { return }
+                receipt = try publish(from: file, length: length, into: segment, client: client)
+            }
+        } catch let error as ProtocolError {
+            return reject(client, requestID: requestID, error)
+        } catch let error as SegmentError {
+            return reject(client, requestID: requestID, ProtocolError(.payloadTooLarge, error.description))
+        } catch {
+            return reject(client, requestID: requestID, ProtocolError(.internalError, "\(error)"))
+        }
+        counters.publishes += 1
+        send(ServerMessage.published(VersionInfo(receipt)).encode(requestID: requestID), to: client)
+        announce(segment)
+    }
+
+    /// Copies a payload from a producer's file with `pread`: a producer that truncates its file
+    /// mid-copy causes a short read (an error reply), never a SIGBUS in the daemon.
+    func publish(from file: FileDescriptor, length: UInt64, into segment: ManagedSegment,
+                         client: ClientConnection) throws -> PublishReceipt {
+        let capacity = segment.writer.layout.capacity
+        guard length <= UInt64(capacity) else {
+            throw ProtocolError(.payloadTooLarge, SegmentError.payloadTooLarge(length: Int(clamping: length), capacity: capacity).description)
+        }
+        var info = Glibc.stat()
+        guard fstat(file.rawValue, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
+            throw ProtocolError(.badDescriptor, "the attached descriptor is not a regular file (use a memfd)")
+        }
+        guard Int(info.st_size) >= Int(length) else {
+            throw ProtocolError(.badDescriptor, "the attached file holds \(info.st_size) bytes, the request says \(length)")
+        }
+        // Fast path: a file sealed against shrinking can be mapped without SIGBUS risk, and the
+        // copy into the slot then computes the CRC in the same pass.
+        if length > 0, let seals = try? MemoryFile.seals(of: file), seals.contains(.shrink),
+           let source = stagingMapping(of: file, inode: UInt64(info.st_ino), length: Int(length), client: client) {
+            return try segment.writer.publish(UnsafeRawBufferPointer(start: source.base, count: Int(length)))
+        }
+        do {
+            return try segment.writer.publish(length: Int(length)) { (buffer: UnsafeMutableRawBufferPointer) throws(ProtocolError) in
+                let read: Int
+                do {
+                    read = try file.readFully(into: buffer, atOffset: 0)
+                } catch {
+                    throw ProtocolError(.badDescriptor, "reading the attached file failed: \(error)")
+                }
+                guard read == buffer.count else {
+                    throw ProtocolError(.badDescriptor, "the attached file holds \(read) bytes, the request says \(buffer.count)")
+                }
+            }
+        } catch {
+            switch error {
+            case .segment(let refusal): throw ProtocolError(.payloadTooLarge, refusal.description)
+            case .fill(let failure): throw failure
+            }
+        }
+    }
+
+    /// A read-only mapping of at least `length` bytes of a client's staging file, reused while
+    /// the client keeps sending the same file (memfd inodes are unique while the file lives).
+    func stagingMapping(of file: FileDescriptor, inode: UInt64, length: Int, client: ClientConnection) -> MappedRegion? {
+        if let cached = client.stagingMappings.first(where: { $0.inode == inode && $0.region.length >= length }) {
+            return cached.region
+        }
+        guard let region = try? MappedRegion(mapping: file, length: length, writable: false) else { return nil }
+        client.stagingMappings.removeAll { $0.inode == inode }
+        if client.stagingMappings.count >= 4 { client.stagingMappings.removeFirst() }
+        client.stagingMappings.append((inode, region))
+        return region
+    }
+
+    /// Announces the segment's latest version to each subscriber, coalescing for slow ones.
+    /// Cost is proportional to this segment's subscribers only.
+    func announce(_ segment: ManagedSegment) {
+        guard !segment.subscribers.isEmpty, let receipt = segment.writer.latestReceipt else { return }
+        var event: [UInt8]?
+        for id in segment.subscribers {
+            guard let client = clients[id] else { continue }
+            if client.hasBacklog {
+                if !client.markPending(segment.name) { counters.eventsCoalesced += 1 }
+                continue
+            }
+            if event == nil {
+                event = ServerMessage.versionEvent(segment: segment.name, VersionInfo(receipt)).encode(requestID: 0)
+            }
+            switch trySend(event!, to: client) {
+            case .sent: counters.eventsSent += 1
+            case .full:
+                client.markPending(segment.name)
+                waitForWritable(client)
+            case .failed: break
+            }
+        }
+    }
+
+    func handleStatus(requestID: UInt32, client: ClientConnection) {
+        let report = StatusReport(
+            daemon: StatusReport.Daemon(version: Self.version, pid: getpid(), startedAt: startedAt.timeIntervalSince1970,
+                                        configPath: configPath, socketPath: configuration.socket.path,
+                                        protocolVersion: ControlProtocol.version),
+            segments: segmentOrder.compactMap { segments[$0] }.map { segment in
+                let receipt = segment.writer.latestReceipt
+                return StatusReport.Segment(
+                    name: segment.name, capacity: UInt64(segment.definition.capacity), slots: UInt32(segment.definition.slots),
+                    mappingSize: UInt64(segment.writer.layout.totalSize), version: receipt?.version ?? 0,
+                    length: UInt64(receipt?.length ?? 0), crc64: String(format: "%016llx", receipt?.crc64 ?? 0),
+                    lastPublishedAt: receipt.map { Double($0.publishedAtNanoseconds) / 1e9 },
+                    readers: segment.readers.count, subscribers: segment.subscribers.count)
+            },
+            clients: clients.values.sorted { $0.id < $1.id }.map {
+                StatusReport.Client(id: $0.id, name: $0.name, pid: $0.credentials.pid, uid: $0.credentials.uid,
+                                    gid: $0.credentials.gid, opened: $0.opened.sorted(), subscriptions: $0.subscriptions.sorted())
+            },
+            counters: counters)
+        do {
+            let json = try report.encoded()
+            if json.count <= ControlProtocol.maximumFrameSize - ControlProtocol.headerSize {
+                send(ServerMessage.statusReport(json: json).encode(requestID: requestID), to: client)
+            } else {
+                // Thousands of segments or clients: the report travels in a memfd, like a large publish.
+                let file = try json.withUnsafeBytes { try MemoryFile.create(name: "shmbroker-status", contents: $0) }
+                send(ServerMessage.statusReportFile(length: UInt64(json.count)).encode(requestID: requestID), to: client,
+                     descriptors: [file])
+            }
+        } catch {
+            reject(client, requestID: requestID, ProtocolError(.internalError, "cannot produce the status report: \(error)"))
+        }
+    }
+}
