@@ -151,6 +151,29 @@ final class EndToEndTests: XCTestCase {
         XCTAssertTrue(viaConfig.stdout.contains("a ") && viaConfig.stdout.contains("b "), viaConfig.stdout)
     }
 
+    func testCapacitiesFromOneByteToOneGibibyte() async throws {
+        let daemon = try TestDaemon(segments: [segment("tiny", size: 1), segment("huge", size: "1GiB")])
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        try await client.publish("tiny", bytes: [42])
+        do {
+            try await client.publish("tiny", bytes: [1, 2])
+            XCTFail("two bytes fit a one-byte segment")
+        } catch {
+            XCTAssertEqual(error.code, .payloadTooLarge)
+        }
+        let tiny = try await client.open("tiny")
+        XCTAssertEqual(try tiny.read()?.bytes, [42])
+
+        let huge = try await client.open("huge")
+        XCTAssertEqual(huge.capacity, 1 << 30)
+        let payload = [UInt8](repeating: 0xEE, count: 3 << 20)
+        try await client.publish("huge", bytes: payload)
+        XCTAssertEqual(try huge.read()?.bytes, payload)
+        let report = try await client.status()
+        XCTAssertEqual(report.segments.map(\.capacity), [1, 1 << 30])
+    }
+
     func testStatusOfAThousandSegmentsExceedsAFrameAndStillArrivesWhole() async throws {
         let daemon = try TestDaemon(segments: (0..<1200).map { segment("segment-\($0)", size: 64) })
         defer { daemon.stop() }
