@@ -17,6 +17,13 @@ final class Connection: Sendable {
         var nextRequestID: UInt32 = 1
         var waiting: [UInt32: CheckedContinuation<Reply, any Error>] = [:]
         var closed = false
+        /// An error the daemon sent for the whole connection (request id 0), such as
+        /// too-many-clients: what requests fail with once the connection is gone.
+        var connectionError: ProtocolError?
+    }
+
+    private var failure: ShmBrokerClientError {
+        state.withLock { $0.connectionError }.map { .refused($0) } ?? .disconnected
     }
 
     private let socket: FileDescriptor
@@ -55,7 +62,7 @@ final class Connection: Sendable {
                     return id
                 }
                 guard let id else {
-                    continuation.resume(throwing: ShmBrokerClientError.disconnected)
+                    continuation.resume(throwing: failure)
                     return
                 }
                 let frame = request.encode(requestID: id)
@@ -63,11 +70,14 @@ final class Connection: Sendable {
                     Result { () throws(Errno) in try SeqpacketSocket.send(socket, bytes, descriptors: descriptors) }
                 }
                 if case .failure(let error) = result {
-                    if let waiter = state.withLock({ $0.waiting.removeValue(forKey: id) }) {
-                        waiter.resume(throwing: error == .messageTooLong
-                            ? ShmBrokerClientError.refused(ProtocolError(.frameTooLarge, "request of \(frame.count) bytes is too large to send"))
-                            : ShmBrokerClientError.disconnected)
+                    if error == .messageTooLong, let waiter = state.withLock({ $0.waiting.removeValue(forKey: id) }) {
+                        waiter.resume(throwing: ShmBrokerClientError.refused(
+                            ProtocolError(.frameTooLarge, "request of \(frame.count) bytes is too large to send")))
+                    } else if error != .brokenPipe && error != .connectionReset {
+                        close()
                     }
+                    // Otherwise the peer is gone: the receive thread, reading what it sent last
+                    // (perhaps the reason) and then end-of-file, fails this request.
                 }
             }
         } catch let error as ShmBrokerClientError {
@@ -113,7 +123,8 @@ final class Connection: Sendable {
             return state.waiting
         }
         socket.closeQuietly()
-        waiting.values.forEach { $0.resume(throwing: ShmBrokerClientError.disconnected) }
+        let error = failure
+        waiting.values.forEach { $0.resume(throwing: error) }
         onClose(self)
     }
 
@@ -134,8 +145,16 @@ final class Connection: Sendable {
         default:
             if let waiter = state.withLock({ $0.waiting.removeValue(forKey: header.requestID) }) {
                 waiter.resume(returning: Reply(message: message, descriptors: descriptors))
+            } else if header.requestID == 0, case .error(let refusal) = message {
+                // A connection-level error (such as too-many-clients): every pending request gets
+                // it, and so does any request made until the connection closes.
+                let waiting = state.withLock { state in
+                    state.connectionError = refusal
+                    defer { state.waiting.removeAll() }
+                    return state.waiting
+                }
+                waiting.values.forEach { $0.resume(throwing: ShmBrokerClientError.refused(refusal)) }
             } else {
-                // A connection-level error (request id 0) or a reply nobody waits for.
                 descriptors.forEach { $0.closeQuietly() }
             }
         }

@@ -44,6 +44,8 @@ public final class BrokerServer {
     let startedAt = Date()
     let daemonUID = getuid()
     var running = true
+    /// Refused connections, kept open (write side shut) until a deadline so the refusal arrives.
+    var refusedSockets: [(socket: FileDescriptor, closeAfter: UInt64)] = []
 
     /// One receive buffer for every client: the loop handles one frame at a time.
     let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(
@@ -198,6 +200,8 @@ public final class BrokerServer {
         notifier.stopping(status: "stopping: closing \(clients.count) clients")
         logger.info("stopping", metadata: ["clients": "\(clients.count)", "publishes": "\(counters.publishes)"])
         for client in clients.values { disconnect(client, reason: nil) }
+        refusedSockets.forEach { $0.socket.closeQuietly() }
+        refusedSockets.removeAll()
         if let listener {
             epoll.remove(listener)
             listener.closeQuietly()
@@ -228,6 +232,11 @@ public final class BrokerServer {
     func handleTimer() {
         _ = timer?.acknowledge()
         let now = Clock.monotonicNanoseconds()
+        refusedSockets.removeAll { entry in
+            guard now >= entry.closeAfter else { return false }
+            entry.socket.closeQuietly()
+            return true
+        }
         if let interval = watchdogIntervalNanoseconds, now &- lastWatchdogPing >= interval / 2 {
             // Sent from the loop itself: if the loop hangs, the pings stop and systemd steps in.
             notifier.watchdogAlive()
@@ -348,9 +357,17 @@ public final class BrokerServer {
             guard let socket = accepted else { return }
             guard clients.count < configuration.limits.maximumClients else {
                 counters.clientsRefused += 1
-                let refusal = ServerMessage.error(ProtocolError(.internalError, "too many clients (limit \(configuration.limits.maximumClients))"))
+                let refusal = ServerMessage.error(ProtocolError(.tooManyClients,
+                    "the daemon serves at most \(configuration.limits.maximumClients) clients (limits.maxClients)"))
                 _ = refusal.encode(requestID: 0).withUnsafeBytes { try? SeqpacketSocket.send(socket, $0) }
-                socket.closeQuietly()
+                // Closing now, with the client's HELLO unread, would reset the connection and
+                // discard the refusal before the client reads it: end our side, close later.
+                _ = shutdown(socket.rawValue, Int32(SHUT_WR))
+                if refusedSockets.count < 256 {
+                    refusedSockets.append((socket, Clock.monotonicNanoseconds() + 1_000_000_000))
+                } else {
+                    socket.closeQuietly()
+                }
                 logger.warning("client refused: limit reached", metadata: ["limit": "\(configuration.limits.maximumClients)"])
                 continue
             }

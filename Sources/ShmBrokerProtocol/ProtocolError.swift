@@ -17,6 +17,7 @@ public enum ErrorCode: UInt16, Sendable, CaseIterable, Codable {
     case segmentRetired = 13
     case internalError = 14
     case invalidSegmentName = 15
+    case tooManyClients = 16
 
     /// A short stable name, as printed by tools and written in the docs.
     public var name: String {
@@ -36,6 +37,7 @@ public enum ErrorCode: UInt16, Sendable, CaseIterable, Codable {
         case .segmentRetired: return "segment-retired"
         case .internalError: return "internal-error"
         case .invalidSegmentName: return "invalid-segment-name"
+        case .tooManyClients: return "too-many-clients"
         }
     }
 }

@@ -145,6 +145,26 @@ final class ProtocolRobustnessTests: XCTestCase {
         XCTAssertNotEqual(ftruncate(staging.rawValue, 0), 0, "the seal keeps anyone from shrinking the mapped file")
     }
 
+    func testClientsBeyondTheLimitAreRefusedWithAReason() async throws {
+        let limited = try TestDaemon(segments: [segment("x", size: 8)], limits: ["maxClients": 2])
+        defer { limited.stop() }
+        let first = try await limited.connect()
+        let second = try await limited.connect()
+        do {
+            _ = try await ShmBrokerClient.connect(socketPath: limited.socketPath, options: .init(reconnects: false))
+            XCTFail("a third client was accepted")
+        } catch {
+            XCTAssertEqual(error.code, .tooManyClients, "\(error)")
+        }
+        let refused = try await first.status().counters.clientsRefused
+        XCTAssertEqual(refused, 1)
+        second.close()
+        try await waitUntil { try await first.status().clients.count == 1 }
+        let third = try await limited.connect()
+        let connected = try await third.status().clients.count
+        XCTAssertEqual(connected, 2)
+    }
+
     func testRandomGarbageNeverTakesTheDaemonDown() throws {
         var generator = SplitMix64(seed: 0x5EED)
         for round in 0..<20 {

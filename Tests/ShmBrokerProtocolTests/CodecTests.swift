@@ -94,7 +94,7 @@ final class CodecTests: XCTestCase {
     }
 
     func testErrorCodesAreStable() {
-        XCTAssertEqual(ErrorCode.allCases.map(\.rawValue), Array(1...15))
+        XCTAssertEqual(ErrorCode.allCases.map(\.rawValue), Array(1...16))
         XCTAssertEqual(ErrorCode.permissionDenied.name, "permission-denied")
         XCTAssertEqual(ControlProtocol.maximumInlinePayload(nameLength: 9), 65536 - 12 - 2 - 9 - 1)
     }
