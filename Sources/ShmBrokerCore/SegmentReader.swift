@@ -43,7 +43,7 @@ public final class SegmentReader: @unchecked Sendable {
     ///   fails its CRC (corruption, not a race).
     public func readOnce() throws(SegmentError) -> Attempt {
         var copied: [UInt8] = []
-        let outcome = try copyLatest { (length, copy) throws(Never) in
+        let outcome = try copyLatest { length, copy in
             copied = [UInt8](unsafeUninitializedCapacity: length) { buffer, count in
                 if length > 0 { copy(UnsafeMutableRawBufferPointer(buffer)) }
                 count = length
@@ -86,8 +86,8 @@ public final class SegmentReader: @unchecked Sendable {
 
     /// The seqlock read shared by every copying read: `provide` receives the length and a function
     /// that copies (and checksums) the content into the buffer it is given.
-    private func copyLatest<E: Error>(
-        _ provide: (Int, (UnsafeMutableRawBufferPointer) -> Void) throws(E) -> Void
+    private func copyLatest(
+        _ provide: (Int, (UnsafeMutableRawBufferPointer) -> Void) throws(SegmentError) -> Void
     ) throws(SegmentError) -> CopyAttempt {
         let version = memory.latestVersion.load(ordering: .acquiring)
         if version == 0 { return .neverPublished }
@@ -101,14 +101,8 @@ public final class SegmentReader: @unchecked Sendable {
         // Copy-out and CRC in one pass; the CRC covers exactly the bytes copied.
         var computed: UInt64 = 0
         let source = UnsafeRawBufferPointer(start: memory.slotData(slot), count: length)
-        do {
-            try provide(length) { destination in
-                computed = CRC64.copyAndChecksum(from: source, to: destination.baseAddress!)
-            }
-        } catch let error as SegmentError {
-            throw error
-        } catch {
-            return .retry
+        try provide(length) { destination in
+            computed = CRC64.copyAndChecksum(from: source, to: destination.baseAddress!)
         }
         atomicMemoryFence(ordering: .acquiring)
         guard sequence.load(ordering: .relaxed) == version else { return .retry }
