@@ -46,6 +46,10 @@ public final class BrokerServer {
     var running = true
     /// Refused connections, kept open (write side shut) until a deadline so the refusal arrives.
     var refusedSockets: [(socket: FileDescriptor, closeAfter: UInt64)] = []
+    /// How often STATUS= is refreshed (when it changed).
+    static let statusInterval: UInt64 = 2_000_000_000
+    var lastStatusUpdate: UInt64 = 0
+    var lastStatusLine = ""
 
     /// One receive buffer for every client: the loop handles one frame at a time.
     let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(
@@ -232,6 +236,15 @@ public final class BrokerServer {
     func handleTimer() {
         _ = timer?.acknowledge()
         let now = Clock.monotonicNanoseconds()
+        if now &- lastStatusUpdate >= Self.statusInterval {
+            // Keep `systemctl status` current; only changes are sent.
+            lastStatusUpdate = now
+            let line = statusLine()
+            if line != lastStatusLine {
+                lastStatusLine = line
+                notifier.status(line)
+            }
+        }
         refusedSockets.removeAll { entry in
             guard now >= entry.closeAfter else { return false }
             entry.socket.closeQuietly()

@@ -47,6 +47,16 @@ final class LifecycleTests: XCTestCase {
         XCTAssertNotNil(notify.waitFor("WATCHDOG=1", timeout: 10))
     }
 
+    func testStatusLineFollowsClientsAndPublishes() async throws {
+        let daemon = try TestDaemon(segments: [segment("s", size: 8)], withNotifySocket: true)
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        try await client.publish("s", bytes: [1])
+        try await client.publish("s", bytes: [2])
+        let update = try XCTUnwrap(daemon.notify).waitFor("STATUS=serving 1 segment to 1 client; 2 publishes", timeout: 15)
+        XCTAssertNotNil(update, "STATUS= refreshed after clients and publishes changed")
+    }
+
     func testWithoutWatchdogUsecNoPingsAreSent() throws {
         let daemon = try TestDaemon(segments: [segment("w", size: 8)], withNotifySocket: true)
         defer { daemon.stop() }
