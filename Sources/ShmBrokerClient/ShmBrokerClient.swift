@@ -292,8 +292,9 @@ public final class ShmBrokerClient: Sendable {
                 reply = try await request(.publish(segment: name, payload: .attachedFile(length: UInt64(bytes.count))),
                                           descriptors: [file])
             } catch {
-                // The daemon may not be done with it (a lost connection): never reuse it.
-                file.closeQuietly()
+                // A refusal is a reply: the daemon is done with the file. After a lost connection
+                // it may not be, so the file is never reused then.
+                if case .refused = error { releaseStagingFile(file) } else { file.closeQuietly() }
                 throw error
             }
             releaseStagingFile(file)
@@ -304,7 +305,8 @@ public final class ShmBrokerClient: Sendable {
         return info
     }
 
-    /// A memfd holding `bytes` from offset 0, reused from earlier publishes when possible. Bytes
+    /// A memfd holding `bytes` from offset 0, reused from earlier publishes when possible (up to
+    /// four are kept, each as large as the largest payload it carried). Bytes
     /// beyond `bytes.count` may be left from an earlier, longer payload; the request's length
     /// tells the daemon where the payload ends.
     private func stagingFile(holding bytes: [UInt8]) throws(ShmBrokerClientError) -> FileDescriptor {

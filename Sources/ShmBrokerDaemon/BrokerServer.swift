@@ -7,7 +7,8 @@ import ShmBrokerProtocol
 import SystemPackage
 
 /// The daemon's single-threaded event loop: one epoll over the listening socket, every client
-/// socket, a signalfd (SIGTERM, SIGINT, SIGHUP) and a periodic timer (watchdog, stall checks).
+/// socket, a signalfd (SIGTERM, SIGINT, SIGHUP, and SIGUSR2 for watchdog tests) and a periodic
+/// timer (watchdog, STATUS= refresh, stall checks).
 ///
 /// Everything that touches segments or clients runs on this one thread, so nothing here needs a
 /// lock; readers never talk to this loop to read, only to open and subscribe.
@@ -60,7 +61,7 @@ public final class BrokerServer {
     /// - Parameters:
     ///   - configuration: the validated configuration.
     ///   - configPath: where it came from; SIGHUP re-reads this file.
-    ///   - signals: a signalfd for SIGTERM, SIGINT and SIGHUP, created before any thread started.
+    ///   - signals: a signalfd for SIGTERM, SIGINT, SIGHUP and SIGUSR2, created before any thread started.
     ///   - logger: where events go.
     ///   - inherited: descriptors from systemd: a listening socket and stored segment memfds.
     ///   - allowDebugHang: let SIGUSR2 hang the event loop, to test the watchdog. Never in production.

@@ -37,7 +37,6 @@ final class ClientConnection {
 
     var hasBacklog: Bool { outboundHead < outbound.count || !pendingEvents.isEmpty }
     var hasQueuedReplies: Bool { outboundHead < outbound.count }
-    var queuedReplyCount: Int { outbound.count - outboundHead }
 
     func enqueue(_ frame: [UInt8], descriptors: [FileDescriptor]) {
         outbound.append((frame, descriptors))

@@ -147,12 +147,15 @@ extension BrokerServer {
             return reject(client, requestID: requestID, ProtocolError(.internalError, "\(error)"))
         }
         counters.publishes += 1
-        send(ServerMessage.published(VersionInfo(receipt)).encode(requestID: requestID), to: client)
-        announce(segment)
+        let version = VersionInfo(receipt)
+        send(ServerMessage.published(version).encode(requestID: requestID), to: client)
+        announce(version, of: segment)
     }
 
-    /// Copies a payload from a producer's file with `pread`: a producer that truncates its file
-    /// mid-copy causes a short read (an error reply), never a SIGBUS in the daemon.
+    /// Copies a payload from a producer's file into the segment. A file sealed against shrinking
+    /// is mapped (the mapping cached per connection) and copied with the CRC in one pass; any
+    /// other file is read with `pread`, so a producer that truncates it mid-copy causes a short
+    /// read (an error reply), never a SIGBUS in the daemon.
     func publish(from file: FileDescriptor, length: UInt64, into segment: ManagedSegment,
                          client: ClientConnection) throws -> PublishReceipt {
         let capacity = segment.writer.layout.capacity
@@ -205,10 +208,10 @@ extension BrokerServer {
         return region
     }
 
-    /// Announces the segment's latest version to each subscriber, coalescing for slow ones.
+    /// Announces a just-published version to each subscriber, coalescing for slow ones.
     /// Cost is proportional to this segment's subscribers only.
-    func announce(_ segment: ManagedSegment) {
-        guard !segment.subscribers.isEmpty, let receipt = segment.writer.latestReceipt else { return }
+    func announce(_ version: VersionInfo, of segment: ManagedSegment) {
+        guard !segment.subscribers.isEmpty else { return }
         var event: [UInt8]?
         for id in segment.subscribers {
             guard let client = clients[id] else { continue }
@@ -217,7 +220,7 @@ extension BrokerServer {
                 continue
             }
             if event == nil {
-                event = ServerMessage.versionEvent(segment: segment.name, VersionInfo(receipt)).encode(requestID: 0)
+                event = ServerMessage.versionEvent(segment: segment.name, version).encode(requestID: 0)
             }
             switch trySend(event!, to: client) {
             case .sent: counters.eventsSent += 1

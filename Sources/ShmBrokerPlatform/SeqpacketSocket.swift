@@ -186,10 +186,4 @@ public enum SeqpacketSocket {
         groups = count > 0 ? Array(groups.prefix(Int(min(count, 256)))) : []
         return PeerCredentials(pid: pid, uid: uid, gid: gid, groups: groups)
     }
-
-    /// Sets the kernel send buffer size (`SO_SNDBUF`).
-    public static func setSendBufferSize(_ socket: FileDescriptor, bytes: Int32) {
-        var value = bytes
-        _ = setsockopt(socket.rawValue, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
-    }
 }

@@ -18,10 +18,6 @@ public struct ByteWriter: Sendable {
     }
 
     /// Raw bytes with no length prefix (a frame's trailing payload).
-    public mutating func write(raw: UnsafeRawBufferPointer) {
-        bytes.append(contentsOf: raw)
-    }
-
     public mutating func write(raw: [UInt8]) {
         bytes.append(contentsOf: raw)
     }
