@@ -147,17 +147,21 @@ public indirect enum JSONValue: Sendable, Equatable {
             index += 1
             var scalars = String.UnicodeScalarView()
             var raw: [UInt8] = []
-            func flush() { scalars.append(contentsOf: String(decoding: raw, as: UTF8.self).unicodeScalars); raw.removeAll() }
+            // Raw bytes are collected between escapes and must be valid UTF-8 (RFC 8259 §8.1).
+            func flush(_ parser: Parser) throws(SyntaxError) {
+                guard let text = String(validating: raw, as: UTF8.self) else { throw parser.error("invalid UTF-8 in string") }
+                scalars.append(contentsOf: text.unicodeScalars)
+                raw.removeAll()
+            }
             while true {
                 guard let byte = current else { throw error("unterminated string") }
                 index += 1
                 switch byte {
                 case UInt8(ascii: "\""):
-                    flush()
-                    guard String(validating: String(scalars).utf8, as: UTF8.self) != nil else { throw error("invalid UTF-8 in string") }
+                    try flush(self)
                     return String(scalars)
                 case UInt8(ascii: "\\"):
-                    flush()
+                    try flush(self)
                     guard let escape = current else { throw error("unterminated escape") }
                     index += 1
                     switch escape {

@@ -106,5 +106,8 @@ final class ConfigurationTests: XCTestCase {
         XCTAssertEqual(members.first { $0.key == "l" }?.value, .array([.number("1"), .number("2")]))
         XCTAssertThrowsError(try JSONValue.parse(Array(#"{"a": 01}"#.utf8)))
         XCTAssertThrowsError(try JSONValue.parse(Array("[\"\u{01}\"]".utf8)))
+        XCTAssertThrowsError(try JSONValue.parse([0x22, 0xC3, 0x28, 0x22])) { error in
+            XCTAssertEqual((error as? JSONValue.SyntaxError)?.message, "invalid UTF-8 in string")
+        }
     }
 }
