@@ -143,11 +143,12 @@ final class SystemdServiceTests: XCTestCase {
             XCTAssertEqual(bulkPublish.status, 0, bulkPublish.stderr)
 
             let stopFile = sandbox.state + "/stop"
+            let followerStopFile = sandbox.state + "/stop-follower"
             let producer = try sandbox.spawnInside([sandbox.testKit, "producer", "--socket", sandbox.socketPath,
                                                     "--segment", "state", "--seconds", "300", "--stop-file", stopFile])
             XCTAssertTrue(producer.waitForStderr("producing"), producer.stderrText)
             let follower = try sandbox.spawnInside([sandbox.testKit, "follower", "--socket", sandbox.socketPath,
-                                                    "--segment", "state", "--seconds", "300", "--stop-file", stopFile])
+                                                    "--segment", "state", "--seconds", "300", "--stop-file", followerStopFile])
             XCTAssertTrue(follower.waitForStderr("following"), follower.stderrText)
             usleep(300_000)
 
@@ -193,14 +194,16 @@ final class SystemdServiceTests: XCTestCase {
             XCTAssertTrue(try sandbox.journal().contains("segment restored from the fd store"))
 
             usleep(500_000)
+            // Stop the producer first, then tell the follower which version to expect last.
             _ = FileManager.default.createFile(atPath: stopFile, contents: nil)
             let produced = try producer.finish(timeout: 30).json()
+            let highest = produced["highestVersion"] as? Int ?? 0
+            try Data("\(highest)\n".utf8).write(to: URL(fileURLWithPath: followerStopFile), options: .atomic)
             let followed = try follower.finish(timeout: 30).json()
             XCTAssertEqual(produced["resets"] as? Int, 0, "the version counter never restarted: \(produced)")
             XCTAssertGreaterThan(produced["published"] as? Int ?? 0, 100, "\(produced)")
             XCTAssertEqual(followed["corrupt"] as? Int, 0, "\(followed)")
             XCTAssertEqual(followed["regressions"] as? Int, 0, "\(followed)")
-            let highest = produced["highestVersion"] as? Int ?? 0
             XCTAssertEqual(followed["lastVersion"] as? Int, highest, "the original mapping saw the final version: \(followed)")
             XCTAssertGreaterThan(followed["firstVersion"] as? Int ?? Int.max, 0)
             XCTAssertEqual(followed["lastEventVersion"] as? Int, highest, "the subscription followed through every restart: \(followed)")

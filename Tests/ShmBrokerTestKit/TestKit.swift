@@ -219,7 +219,11 @@ struct Follower: AsyncParsableCommand {
     @Option var socket: String
     @Option var segment: String
     @Option var seconds: Double = 60
-    @Option(help: "Stop once this file exists.") var stopFile: String?
+    @Option(help: """
+        Stop once this file exists. If it holds a version number, first wait (up to 10 s) until \
+        both the mapping and the subscription have reached it: events travel over the socket and \
+        may trail the mapping.
+        """) var stopFile: String?
 
     func run() async throws {
         let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "testkit-follower")
@@ -232,11 +236,21 @@ struct Follower: AsyncParsableCommand {
             }
         }
         FileHandle.standardError.write(Data("following\n".utf8))
-        let deadline = Clock.monotonicNanoseconds() + UInt64(seconds * 1e9)
+        var deadline = Clock.monotonicNanoseconds() + UInt64(seconds * 1e9)
         var reads = 0, corrupt = 0, regressions = 0, distinct = 0
         var last: UInt64 = 0
         let first = handle.latestVersion
-        while Clock.monotonicNanoseconds() < deadline && !stopRequested(stopFile) {
+        var target: UInt64?
+        while Clock.monotonicNanoseconds() < deadline {
+            if let wanted = target {
+                if last >= wanted && events.last >= wanted { break }
+            } else if stopRequested(stopFile) {
+                let content = stopFile.flatMap { try? String(contentsOfFile: $0, encoding: .utf8) } ?? ""
+                guard let wanted = UInt64(content.trimmingCharacters(in: .whitespacesAndNewlines)) else { break }
+                target = wanted
+                deadline = min(deadline, Clock.monotonicNanoseconds() + 10_000_000_000)
+                continue
+            }
             _ = handle.waitForVersion(after: last, timeoutNanoseconds: 50_000_000)
             do {
                 guard let snapshot = try handle.read() else { continue }
