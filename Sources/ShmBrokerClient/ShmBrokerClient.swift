@@ -42,9 +42,9 @@ public final class ShmBrokerClient: Sendable {
     }
 
     private struct State {
-        /// Memfds that carried earlier large payloads, kept so the next one reuses their pages
-        /// instead of allocating (and zeroing) fresh memory for every publish.
-        var stagingFiles: [FileDescriptor] = []
+        /// Memfds that carried earlier large payloads, kept mapped so the next one reuses their
+        /// pages instead of allocating (and zeroing) fresh memory for every publish.
+        var stagingFiles: [StagingFile] = []
         var connection: Connection?
         var daemonVersion = ""
         var subscriptions: [String: SubscriptionEntry] = [:]
@@ -290,11 +290,11 @@ public final class ShmBrokerClient: Sendable {
             let file = try stagingFile(holding: bytes)
             do {
                 reply = try await request(.publish(segment: name, payload: .attachedFile(length: UInt64(bytes.count))),
-                                          descriptors: [file])
+                                          descriptors: [file.descriptor])
             } catch {
                 // A refusal is a reply: the daemon is done with the file. After a lost connection
                 // it may not be, so the file is never reused then.
-                if case .refused = error { releaseStagingFile(file) } else { file.closeQuietly() }
+                if case .refused = error { releaseStagingFile(file) } else { file.close() }
                 throw error
             }
             releaseStagingFile(file)
@@ -305,38 +305,34 @@ public final class ShmBrokerClient: Sendable {
         return info
     }
 
-    /// A memfd holding `bytes` from offset 0, reused from earlier publishes when possible (up to
-    /// four are kept, each as large as the largest payload it carried). Bytes
-    /// beyond `bytes.count` may be left from an earlier, longer payload; the request's length
-    /// tells the daemon where the payload ends.
-    private func stagingFile(holding bytes: [UInt8]) throws(ShmBrokerClientError) -> FileDescriptor {
-        let file: FileDescriptor
+    /// A staging file holding `bytes` from offset 0, reused from earlier publishes when possible
+    /// (up to four are kept, each as large as the largest payload it carried).
+    private func stagingFile(holding bytes: [UInt8]) throws(ShmBrokerClientError) -> StagingFile {
+        let file: StagingFile
         if let reused = state.withLock({ $0.stagingFiles.popLast() }) {
             file = reused
         } else {
             do {
-                file = try MemoryFile.createScratch(name: "shmbroker-publish", sealedAgainstShrinking: true)
+                file = try StagingFile()
             } catch {
                 throw .system(operation: "memfd for payload", errno: error)
             }
         }
-        let written = bytes.withUnsafeBytes { buffer in
-            Result { () throws(Errno) in try file.writeFully(buffer, atOffset: 0) }
-        }
-        if case .failure(let error) = written {
-            file.closeQuietly()
-            throw .system(operation: "writing the payload memfd", errno: error)
+        let stored = bytes.withUnsafeBytes { buffer in Result { () throws(Errno) in try file.store(buffer) } }
+        if case .failure(let error) = stored {
+            file.close()
+            throw .system(operation: "staging the payload in a memfd", errno: error)
         }
         return file
     }
 
-    private func releaseStagingFile(_ file: FileDescriptor) {
+    private func releaseStagingFile(_ file: StagingFile) {
         let kept = state.withLock { state -> Bool in
             guard !state.closed, state.stagingFiles.count < 4 else { return false }
             state.stagingFiles.append(file)
             return true
         }
-        if !kept { file.closeQuietly() }
+        if !kept { file.close() }
     }
 
     /// Subscribes to a segment's version events.
@@ -425,7 +421,7 @@ public final class ShmBrokerClient: Sendable {
             defer { state.stagingFiles.removeAll() }
             return (state.connection, state.stagingFiles)
         }
-        staging.forEach { $0.closeQuietly() }
+        staging.forEach { $0.close() }
         connection?.close()
         finishEverything()
     }

@@ -34,9 +34,11 @@ public struct ByteReader {
 
     public var remaining: Int { bytes.count - offset }
 
-    public mutating func read<T: FixedWidthInteger>(_ type: T.Type, _ field: String) throws(ProtocolError) -> T {
+    // Field names are autoclosures: they are only built into a message when decoding fails,
+    // never on the hot path of a well-formed request.
+    public mutating func read<T: FixedWidthInteger>(_ type: T.Type, _ field: @autoclosure () -> String) throws(ProtocolError) -> T {
         guard remaining >= MemoryLayout<T>.size else {
-            throw .malformed("body ends before field '\(field)' (\(MemoryLayout<T>.size) bytes needed at offset \(offset), \(remaining) left)")
+            throw .malformed("body ends before field '\(field())' (\(MemoryLayout<T>.size) bytes needed at offset \(offset), \(remaining) left)")
         }
         let value = T(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: T.self))
         offset += MemoryLayout<T>.size
@@ -44,15 +46,15 @@ public struct ByteReader {
     }
 
     /// A `u16`-prefixed UTF-8 string; invalid UTF-8 is an error, not replaced.
-    public mutating func readString(_ field: String) throws(ProtocolError) -> String {
-        let count = Int(try read(UInt16.self, "\(field) length"))
+    public mutating func readString(_ field: @autoclosure () -> String) throws(ProtocolError) -> String {
+        let count = Int(try read(UInt16.self, "\(field()) length"))
         guard remaining >= count else {
-            throw .malformed("field '\(field)' claims \(count) bytes, only \(remaining) left")
+            throw .malformed("field '\(field())' claims \(count) bytes, only \(remaining) left")
         }
         let slice = UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + count])
         offset += count
         guard let string = String(validating: slice, as: UTF8.self) else {
-            throw .malformed("field '\(field)' is not valid UTF-8")
+            throw .malformed("field '\(field())' is not valid UTF-8")
         }
         return string
     }
@@ -65,9 +67,9 @@ public struct ByteReader {
     }
 
     /// Fails if anything is left: every message has a fixed shape.
-    public func expectEnd(_ message: String) throws(ProtocolError) {
+    public func expectEnd(_ message: @autoclosure () -> String) throws(ProtocolError) {
         guard remaining == 0 else {
-            throw .malformed("\(remaining) unexpected trailing bytes after \(message)")
+            throw .malformed("\(remaining) unexpected trailing bytes after \(message())")
         }
     }
 }

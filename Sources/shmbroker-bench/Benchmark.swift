@@ -22,6 +22,16 @@ struct Run: AsyncParsableCommand {
 
     @Option(help: "Where to write results.json, results.txt and plot.png.") var output = "shmbroker-bench-results"
     @Flag(help: "Fewer repetitions: a smoke run, not for reporting.") var quick = false
+    @Option(help: """
+        Run only these benchmarks (comma-separated: crc, read, latency, throughput, fanout, rate, \
+        scale); the JSON, text and plot then hold only those.
+        """) var only: String?
+
+    /// Whether the benchmark `name` was asked for (all are, without `--only`).
+    func selected(_ name: String) -> Bool {
+        guard let only else { return true }
+        return only.split(separator: ",").contains { $0.trimmingCharacters(in: .whitespaces) == name }
+    }
 
     func run() async throws {
         #if DEBUG
@@ -31,15 +41,15 @@ struct Run: AsyncParsableCommand {
         var results: [String: Any] = ["machine": machineDescription(), "quick": quick,
                                       "crcHardwareAccelerated": CRC64.isHardwareAccelerated]
         var report = Report()
-        results["crc64"] = crcBenchmark(&report)
-        results["verifiedRead"] = verifiedReadBenchmark(&report)
+        if selected("crc") { results["crc64"] = crcBenchmark(&report) }
+        if selected("read") { results["verifiedRead"] = verifiedReadBenchmark(&report) }
         let daemon = try BenchDaemon(quick: quick)
         defer { daemon.stop() }
-        results["latency"] = try await latencyBenchmark(daemon, &report)
-        results["throughput"] = try await throughputBenchmark(daemon, &report)
-        results["fanOut"] = try await fanOutBenchmark(daemon, &report)
-        results["publishRate"] = try await publishRateBenchmark(daemon, &report)
-        results["scale"] = try await scaleBenchmark(&report)
+        if selected("latency") { results["latency"] = try await latencyBenchmark(daemon, &report) }
+        if selected("throughput") { results["throughput"] = try await throughputBenchmark(daemon, &report) }
+        if selected("fanout") { results["fanOut"] = try await fanOutBenchmark(daemon, &report) }
+        if selected("rate") { results["publishRate"] = try await publishRateBenchmark(daemon, &report) }
+        if selected("scale") { results["scale"] = try await scaleBenchmark(&report) }
         results["goals"] = report.goals
 
         let json = try JSONSerialization.data(withJSONObject: results, options: [.prettyPrinted, .sortedKeys])

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import ShmBrokerClient
+import ShmBrokerCore
 import ShmBrokerProtocol
 import XCTest
 
@@ -121,6 +122,38 @@ final class EndToEndTests: XCTestCase {
         XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: out)), Data(payload.reversed()))
     }
 
+
+    /// The library reuses its mapped staging files: payloads that grow, shrink and grow again
+    /// (several in flight at once) must each arrive as exactly their own bytes, never with a tail
+    /// left from a longer earlier payload or a head from a concurrent one.
+    func testReusedStagingFilesCarryExactlyEachPayload() async throws {
+        let daemon = try TestDaemon(segments: [segment("blob", size: "2MiB")])
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        let handle = try await client.open("blob")
+        let lengths = [70_000, 1 << 20, 66_000, (2 << 20) - 1, 100_000, 65_537, 2 << 20]
+        for (round, length) in lengths.enumerated() {
+            let payload = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ round) }
+            let receipt = try await client.publish("blob", bytes: payload)
+            XCTAssertEqual(receipt.length, UInt64(length), "round \(round)")
+            XCTAssertEqual(try handle.read()?.bytes, payload, "round \(round)")
+        }
+        // Eight concurrent publishes of distinct sizes: each receipt's CRC is its own payload's.
+        let receipts = try await withThrowingTaskGroup(of: (Int, VersionInfo).self) { group in
+            for lane in 0..<8 {
+                group.addTask {
+                    let payload = [UInt8](repeating: UInt8(lane), count: 80_000 + lane * 30_000)
+                    return (lane, try await client.publish("blob", bytes: payload))
+                }
+            }
+            return try await group.reduce(into: [:]) { $0[$1.0] = $1.1 }
+        }
+        for (lane, receipt) in receipts {
+            let payload = [UInt8](repeating: UInt8(lane), count: 80_000 + lane * 30_000)
+            XCTAssertEqual(receipt.crc64, CRC64.checksum(payload), "lane \(lane)")
+            XCTAssertEqual(receipt.length, UInt64(payload.count), "lane \(lane)")
+        }
+    }
     func testStatusReportsSegmentsClientsAndCounters() async throws {
         let daemon = try TestDaemon(segments: [segment("a", size: 100), segment("b", size: "2KiB", slots: 4)])
         defer { daemon.stop() }
