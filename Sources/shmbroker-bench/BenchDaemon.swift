@@ -74,6 +74,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 r = json.load(open(sys.argv[1]))
+if not all(k in r for k in ("latency", "throughput", "fanOut")):
+    sys.exit("the plot needs the latency, throughput and fanout results (run without --only)")
 fig, axes = plt.subplots(1, 3, figsize=(16, 5))
 
 ax = axes[0]
