@@ -16,6 +16,8 @@ public enum ShmBrokerClientError: Error, Sendable, Equatable, CustomStringConver
     case segment(SegmentError)
     /// A system call failed.
     case system(operation: String, errno: Errno)
+    /// A wait ended before the daemon did its part (for example, consuming a publish ring).
+    case timedOut(String)
 
     /// The daemon's error code, if the daemon refused the request.
     public var code: ErrorCode? {
@@ -31,6 +33,7 @@ public enum ShmBrokerClientError: Error, Sendable, Equatable, CustomStringConver
         case .protocolViolation(let detail): return "protocol violation: \(detail)"
         case .segment(let error): return "\(error)"
         case let .system(operation, errno): return "\(operation) failed: \(errno)"
+        case .timedOut(let detail): return "timed out: \(detail)"
         }
     }
 }

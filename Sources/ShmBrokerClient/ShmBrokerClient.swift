@@ -36,6 +36,10 @@ public final class ShmBrokerClient: Sendable {
     public let clientName: String
     public let options: Options
 
+    private struct WeakPublisher {
+        weak var publisher: SegmentPublisher?
+    }
+
     private struct SubscriptionEntry {
         var continuation: AsyncStream<SegmentEvent>.Continuation
         var lastVersion: UInt64
@@ -48,6 +52,8 @@ public final class ShmBrokerClient: Sendable {
         var connection: Connection?
         var daemonVersion = ""
         var subscriptions: [String: SubscriptionEntry] = [:]
+        /// Open publishers, by segment, to re-attach after a reconnection.
+        var publishers: [String: WeakPublisher] = [:]
         var waitingForConnection: [CheckedContinuation<Connection, any Error>] = []
         var reconnecting = false
         var closed = false
@@ -157,6 +163,10 @@ public final class ShmBrokerClient: Sendable {
         let shouldReconnect = state.withLock { state -> Bool in
             guard state.connection === lost || state.connection == nil else { return false }
             state.connection = nil
+            // Producers waiting on a ring the daemon no longer consumes wake and fail.
+            for entry in state.publishers.values {
+                entry.publisher?.ring.detachLocally(code: UInt32(ErrorCode.connectionLost.rawValue))
+            }
             guard !state.closed, options.reconnects, !state.reconnecting else { return false }
             state.reconnecting = true
             return true
@@ -187,6 +197,7 @@ public final class ShmBrokerClient: Sendable {
         do {
             let (connection, version) = try await establish()
             try await resubscribe(on: connection)
+            await reattachPublishers(on: connection)
             let waiters = state.withLock { state in
                 state.connection = connection
                 state.daemonVersion = version
@@ -249,6 +260,74 @@ public final class ShmBrokerClient: Sendable {
         }
         subscriptions.values.forEach { $0.continuation.finish() }
         waiters.forEach { $0.resume(throwing: ShmBrokerClientError.disconnected) }
+    }
+
+    /// Opens a publish ring to a segment: the fast path for a producer that publishes often.
+    ///
+    /// - Parameter name: the segment's name; the daemon's config must let this uid publish to it.
+    /// - Returns: a publisher whose ``SegmentPublisher/publish(_:timeoutNanoseconds:)`` appends to
+    ///   shared memory without a request per version.
+    /// - Throws: `refused` with `permission-denied`, `no-such-segment` or `invalid-ring` (a
+    ///   publisher for this segment is already open on this client).
+    public nonisolated(nonsending) func openPublisher(_ name: String) async throws(ShmBrokerClientError) -> SegmentPublisher {
+        // The ring is sized from the segment's capacity, which the first ATTACH_RING reports: a
+        // small ring first, replaced once if the segment needs a larger one.
+        var capacity = 64 << 10
+        for attempt in 0..<2 {
+            let (ring, file, doorbell) = try SegmentPublisher.makeRing(capacity: capacity)
+            let segmentCapacity: Int
+            do throws(ShmBrokerClientError) {
+                let reply = try await request(.attachRing(segment: name), descriptors: [file, doorbell.descriptor])
+                guard case .ringAttached(let reported, _) = reply.message else {
+                    throw .protocolViolation("unexpected reply \(reply.message.type) to ATTACH_RING")
+                }
+                segmentCapacity = Int(clamping: reported)
+                if segmentCapacity > ring.maximumPayload && attempt == 0 {
+                    _ = try await request(.detachRing(segment: name))
+                    file.closeQuietly()
+                    doorbell.close()
+                    capacity = segmentCapacity
+                    continue
+                }
+            } catch {
+                file.closeQuietly()
+                doorbell.close()
+                throw error
+            }
+            let publisher = SegmentPublisher(segment: name, capacity: min(segmentCapacity, ring.maximumPayload), ring: ring,
+                                             ringFile: file, doorbell: doorbell) { [weak self] publisher in
+                await self?.closePublisher(publisher)
+            }
+            state.withLock { $0.publishers[name] = WeakPublisher(publisher: publisher) }
+            return publisher
+        }
+        throw .protocolViolation("the daemon kept reporting a capacity the ring cannot hold")
+    }
+
+    /// Detaches a closed publisher's ring (the daemon first publishes what is left in it).
+    private nonisolated(nonsending) func closePublisher(_ publisher: SegmentPublisher) async {
+        let current = state.withLock { state -> Bool in
+            guard state.publishers[publisher.segment]?.publisher === publisher else { return false }
+            state.publishers.removeValue(forKey: publisher.segment)
+            return true
+        }
+        if current { _ = try? await request(.detachRing(segment: publisher.segment)) }
+    }
+
+    /// Attaches every open publisher's ring to a new connection; the new daemon continues where
+    /// the old one stopped consuming. A ring the new daemon refuses stays detached with its reason.
+    private func reattachPublishers(on connection: Connection) async {
+        let publishers = state.withLock { $0.publishers.values.compactMap(\.publisher) }
+        for publisher in publishers {
+            publisher.ring.prepareForReattaching()
+            do {
+                _ = try await connection.request(.attachRing(segment: publisher.segment),
+                                                 descriptors: [publisher.ringFile, publisher.doorbell.descriptor])
+            } catch {
+                let code = error.code ?? .connectionLost
+                publisher.ring.detachLocally(code: UInt32(code.rawValue))
+            }
+        }
     }
 
     /// Opens a segment for reading: receives a read-only descriptor and maps it.

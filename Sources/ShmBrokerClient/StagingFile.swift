@@ -25,11 +25,7 @@ final class StagingFile: @unchecked Sendable {
         if bytes.count > capacity {
             let size = max(64 << 10, 1 << (Int.bitWidth - (bytes.count - 1).leadingZeroBitCount))
             mapping = nil
-            do {
-                try descriptor.resize(to: Int64(size))
-            } catch {
-                throw error as? Errno ?? .ioError
-            }
+            try descriptor.setSize(size)
             mapping = try MappedRegion(mapping: descriptor, length: size, writable: true)
         }
         guard let mapping, let source = bytes.baseAddress else { return }

@@ -21,6 +21,8 @@ public final class BrokerServer {
         static let signals: UInt64 = 2
         static let timer: UInt64 = 3
         static let firstClient: UInt64 = 16
+        /// Publish rings' doorbells; client tokens never reach this.
+        static let firstRing: UInt64 = 1 << 62
     }
 
     var configuration: BrokerConfiguration
@@ -41,6 +43,11 @@ public final class BrokerServer {
     var segmentOrder: [String] = []
     var clients: [UInt64: ClientConnection] = [:]
     var nextClientID = Token.firstClient
+    /// Attached publish rings, by their doorbell's token.
+    var rings: [UInt64: AttachedRing] = [:]
+    var nextRingToken = Token.firstRing
+    /// Rings that still had entries after their last batch: the loop polls instead of sleeping.
+    var activeRings: [UInt64] = []
     var counters = StatusReport.Counters()
     let startedAt = Date()
     let daemonUID = getuid()
@@ -189,14 +196,16 @@ public final class BrokerServer {
     /// Runs the loop until SIGTERM or SIGINT, then says STOPPING=1 and closes everything.
     public func run() throws {
         while running {
-            for (token, events) in try epoll.wait(timeoutMilliseconds: -1) {
+            for (token, events) in try epoll.wait(timeoutMilliseconds: activeRings.isEmpty ? -1 : 0) {
                 switch token {
                 case Token.listener: acceptClients()
                 case Token.signals: handleSignals()
                 case Token.timer: handleTimer()
+                case Token.firstRing...: handleDoorbell(token)
                 default: handleClient(token, events: events)
                 }
             }
+            if !activeRings.isEmpty { drainActiveRings() }
         }
         shutDown()
     }
@@ -516,7 +525,15 @@ public final class BrokerServer {
     }
 
     func disconnect(_ client: ClientConnection, reason: String?) {
-        guard clients.removeValue(forKey: client.id) != nil else { return }
+        guard clients[client.id] != nil else { return }
+        // What a producer appended before it went away is still published (a bounded amount:
+        // one final pass over each of its rings).
+        for token in client.rings.values {
+            guard let ring = rings[token] else { continue }
+            drain(ring, maximumEntries: Self.ringFinalPass)
+            removeRing(ring, detachCode: nil)
+        }
+        clients.removeValue(forKey: client.id)
         epoll.remove(client.socket)
         for name in client.subscriptions { segments[name]?.subscribers.remove(client.id) }
         for name in client.opened { segments[name]?.readers.remove(client.id) }

@@ -11,6 +11,8 @@ final class ClientConnection {
     var greeted = false
     var opened: Set<String> = []
     var subscriptions: Set<String> = []
+    /// Publish rings this client attached, by segment name (values are ring tokens).
+    var rings: [String: UInt64] = [:]
 
     /// Frames (with descriptors to pass) that could not be sent yet, oldest first. While any are
     /// queued, the loop stops reading this client's requests: a client that does not read its

@@ -43,6 +43,12 @@ extension BrokerServer {
                 return reject(client, requestID: requestID, ProtocolError(.missingDescriptor,
                     "a PUBLISH with an attached file must carry exactly one descriptor, got \(descriptors.count)"), descriptors: descriptors)
             }
+        } else if case .attachRing = request {
+            guard descriptors.count == 2 else {
+                return reject(client, requestID: requestID, ProtocolError(.missingDescriptor,
+                    "ATTACH_RING must carry exactly two descriptors (the ring memfd, then its eventfd), got \(descriptors.count)"),
+                    descriptors: descriptors)
+            }
         } else if !descriptors.isEmpty {
             return reject(client, requestID: requestID, ProtocolError(.unexpectedDescriptor,
                 "\(request.type) takes no descriptors, got \(descriptors.count); they were closed"), descriptors: descriptors)
@@ -84,6 +90,10 @@ extension BrokerServer {
             handlePublish(segment, payload: payload, attached: attached, requestID: requestID, client: client)
         case .status:
             handleStatus(requestID: requestID, client: client)
+        case .attachRing(let name):
+            handleAttachRing(name, descriptors: descriptors, requestID: requestID, client: client)
+        case .detachRing(let name):
+            handleDetachRing(name, requestID: requestID, client: client)
         }
     }
 
@@ -146,10 +156,14 @@ extension BrokerServer {
         } catch {
             return reject(client, requestID: requestID, ProtocolError(.internalError, "\(error)"))
         }
+        send(ServerMessage.published(VersionInfo(receipt)).encode(requestID: requestID), to: client)
+        recordPublish(receipt, of: segment)
+    }
+
+    /// Counts a new version and announces it to the segment's subscribers.
+    func recordPublish(_ receipt: PublishReceipt, of segment: ManagedSegment) {
         counters.publishes += 1
-        let version = VersionInfo(receipt)
-        send(ServerMessage.published(version).encode(requestID: requestID), to: client)
-        announce(version, of: segment)
+        announce(VersionInfo(receipt), of: segment)
     }
 
     /// Copies a payload from a producer's file into the segment. A file sealed against shrinking

@@ -17,6 +17,8 @@ public final class Epoll {
         public static let error = Events(rawValue: EPOLLERR.rawValue)
         public static let hangUp = Events(rawValue: EPOLLHUP.rawValue)
         public static let readHangUp = Events(rawValue: EPOLLRDHUP.rawValue)
+        /// Report each new readiness once (`EPOLLET`) instead of while it lasts.
+        public static let edgeTriggered = Events(rawValue: EPOLLET.rawValue)
     }
 
     public init() throws(Errno) {
@@ -130,5 +132,35 @@ public enum Futex {
     @discardableResult
     public static func wakeAll(_ word: UnsafePointer<UInt32>) -> Int32 {
         shmb_futex_wake(word, Int32.max)
+    }
+}
+
+/// An eventfd used as a doorbell: one side rings it, the other watches it with epoll.
+///
+/// The watcher registers it edge-triggered and never reads it, so a peer that shares the file
+/// (and could make reads block or drain the counter) cannot stall or starve the watcher.
+public final class Doorbell: Sendable {
+    public let descriptor: FileDescriptor
+
+    /// Creates a non-blocking, close-on-exec eventfd.
+    public init() throws(Errno) {
+        descriptor = FileDescriptor(rawValue: try retryingInterrupts { eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK)) })
+    }
+
+    /// Adds one to the counter, waking an epoll watcher. A full counter (after 2^64 - 2 rings
+    /// nobody read) is not an error: the watcher is already due to look.
+    public func ring() {
+        var one: UInt64 = 1
+        _ = try? retryingInterrupts { Glibc.write(descriptor.rawValue, &one, 8) }
+    }
+
+    public func close() { descriptor.closeQuietly() }
+
+    /// Whether `fd` is an eventfd (judged by the kernel's name for it in `/proc/self/fd`).
+    public static func isEventFD(_ fd: FileDescriptor) -> Bool {
+        var buffer = [CChar](repeating: 0, count: 64)
+        let count = readlink("/proc/self/fd/\(fd.rawValue)", &buffer, buffer.count - 1)
+        guard count > 0 else { return false }
+        return String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self) == "anon_inode:[eventfd]"
     }
 }

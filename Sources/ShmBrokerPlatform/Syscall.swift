@@ -42,6 +42,11 @@ extension FileDescriptor {
         return Int(info.st_size)
     }
 
+    /// Sets the file's size (`ftruncate`): grows it with zeros or, unless sealed, shrinks it.
+    public func setSize(_ size: Int) throws(Errno) {
+        _ = try retryingInterrupts { Glibc.ftruncate(rawValue, off_t(size)) }
+    }
+
     /// Whether the descriptor refers to a regular file (memfds are regular files).
     public func isRegularFile() throws(Errno) -> Bool {
         var info = Glibc.stat()

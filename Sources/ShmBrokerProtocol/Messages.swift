@@ -6,8 +6,9 @@ public enum ControlProtocol {
     public static let headerSize = 12
     /// The largest frame either side may send; longer ones are refused with `frame-too-large`.
     public static let maximumFrameSize = 65_536
-    /// Most descriptors a frame may carry (PUBLISH with a memfd carries one; others none).
-    public static let maximumDescriptors = 1
+    /// Most descriptors a frame may carry (PUBLISH with a memfd carries one, ATTACH_RING two,
+    /// others none).
+    public static let maximumDescriptors = 2
 
     /// The largest inline PUBLISH payload for a segment name of `nameLength` UTF-8 bytes.
     public static func maximumInlinePayload(nameLength: Int) -> Int {
@@ -23,6 +24,8 @@ public enum MessageType: UInt16, Sendable {
     case unsubscribe = 0x0004
     case publish = 0x0005
     case status = 0x0006
+    case attachRing = 0x0007
+    case detachRing = 0x0008
 
     case versionEvent = 0x4001
     case retiredEvent = 0x4002
@@ -34,6 +37,7 @@ public enum MessageType: UInt16, Sendable {
     case published = 0x8005
     case statusReport = 0x8006
     case statusReportFile = 0x8007
+    case ringAttached = 0x8008
     case error = 0x80FF
 }
 
@@ -77,6 +81,9 @@ public enum Request: Sendable, Equatable {
     case unsubscribe(segment: String)
     case publish(segment: String, payload: PublishPayload)
     case status
+    /// Attach a publish ring (memfd) and its doorbell (eventfd), in that order, to a segment.
+    case attachRing(segment: String)
+    case detachRing(segment: String)
 
     public var type: MessageType {
         switch self {
@@ -86,6 +93,8 @@ public enum Request: Sendable, Equatable {
         case .unsubscribe: return .unsubscribe
         case .publish: return .publish
         case .status: return .status
+        case .attachRing: return .attachRing
+        case .detachRing: return .detachRing
         }
     }
 
@@ -96,7 +105,8 @@ public enum Request: Sendable, Equatable {
         case let .hello(version, name):
             body.write(version)
             body.write(string: name)
-        case let .open(segment), let .subscribe(segment), let .unsubscribe(segment):
+        case let .open(segment), let .subscribe(segment), let .unsubscribe(segment),
+             let .attachRing(segment), let .detachRing(segment):
             body.write(string: segment)
         case let .publish(segment, payload):
             body.write(string: segment)
@@ -142,6 +152,10 @@ public enum Request: Sendable, Equatable {
             }
         case .status:
             request = .status
+        case .attachRing:
+            request = .attachRing(segment: try reader.readString("segment"))
+        case .detachRing:
+            request = .detachRing(segment: try reader.readString("segment"))
         default:
             throw ProtocolError(.unknownMessageType, "unknown request type 0x\(String(type, radix: 16))")
         }
@@ -207,6 +221,8 @@ public enum ServerMessage: Sendable, Equatable {
     /// A status report too large for a frame: its JSON is the first `length` bytes of the
     /// descriptor attached to the frame.
     case statusReportFile(length: UInt64)
+    /// A publish ring is attached: the segment's capacity and latest version.
+    case ringAttached(capacity: UInt64, latestVersion: UInt64)
     case error(ProtocolError)
     case versionEvent(segment: String, VersionInfo)
     case retiredEvent(segment: String)
@@ -220,6 +236,7 @@ public enum ServerMessage: Sendable, Equatable {
         case .published: return .published
         case .statusReport: return .statusReport
         case .statusReportFile: return .statusReportFile
+        case .ringAttached: return .ringAttached
         case .error: return .error
         case .versionEvent: return .versionEvent
         case .retiredEvent: return .retiredEvent
@@ -257,6 +274,9 @@ public enum ServerMessage: Sendable, Equatable {
             body.write(raw: json)
         case .statusReportFile(let length):
             body.write(length)
+        case let .ringAttached(capacity, latestVersion):
+            body.write(capacity)
+            body.write(latestVersion)
         case .error(let error):
             body.write(error.code.rawValue)
             body.write(string: error.message)
@@ -293,6 +313,9 @@ public enum ServerMessage: Sendable, Equatable {
             message = .statusReport(json: Array(reader.readRest()))
         case .statusReportFile:
             message = .statusReportFile(length: try reader.read(UInt64.self, "length"))
+        case .ringAttached:
+            message = .ringAttached(capacity: try reader.read(UInt64.self, "capacity"),
+                                    latestVersion: try reader.read(UInt64.self, "latest version"))
         case .error:
             let raw = try reader.read(UInt16.self, "error code")
             let text = try reader.readString("error message")

@@ -18,6 +18,8 @@ public enum ErrorCode: UInt16, Sendable, CaseIterable, Codable {
     case internalError = 14
     case invalidSegmentName = 15
     case tooManyClients = 16
+    case invalidRing = 17
+    case connectionLost = 18
 
     /// A short stable name, as printed by tools and written in the docs.
     public var name: String {
@@ -38,6 +40,8 @@ public enum ErrorCode: UInt16, Sendable, CaseIterable, Codable {
         case .internalError: return "internal-error"
         case .invalidSegmentName: return "invalid-segment-name"
         case .tooManyClients: return "too-many-clients"
+        case .invalidRing: return "invalid-ring"
+        case .connectionLost: return "connection-lost"
         }
     }
 }

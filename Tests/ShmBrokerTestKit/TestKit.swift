@@ -48,7 +48,7 @@ func emit(_ object: [String: Any]) {
 struct TestKit: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "shmbroker-testkit",
-        subcommands: [Writer.self, Reader.self, Attack.self, WaitVersion.self, Producer.self, Follower.self])
+        subcommands: [Writer.self, Reader.self, Attack.self, WaitVersion.self, Producer.self, Follower.self, RingProducer.self])
 }
 
 struct Writer: AsyncParsableCommand {
@@ -290,4 +290,35 @@ func stopRequested(_ stopFile: String?) -> Bool {
         signal(SIGTERM) { _ in terminationFlag = 1 }
     }
     return terminationFlag != 0
+}
+
+/// Publishes self-checking payloads (seed k as the k-th) through a publish ring, with lengths
+/// that vary so the ring wraps at every possible offset.
+struct RingProducer: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "ring-producer",
+                                                    abstract: "Publish through a publish ring, then flush (or just exit).")
+    @Option var socket: String
+    @Option var segment: String
+    @Option var count: Int
+    @Option(help: "Longest payload; lengths vary from 16 up to it.") var maxLength: Int = 64
+    @Flag(help: "Exit without flushing or closing: the daemon must still publish what was appended.") var noFlush = false
+
+    func run() async throws {
+        let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "testkit-ring-producer")
+        let publisher = try await client.openPublisher(segment)
+        FileHandle.standardError.write(Data("publishing\n".utf8))
+        var generator = SystemRandomNumberGenerator()
+        for seed in 1...UInt64(count) {
+            let length = seed % 5 == 0 ? maxLength : Int.random(in: 16...max(16, maxLength), using: &generator)
+            try publisher.publish(SelfCheckingPayload.make(seed: seed, length: length))
+        }
+        if noFlush {
+            emit(["appended": count])
+            Glibc.exit(0)
+        }
+        let results = try publisher.flush()
+        await publisher.close()
+        emit(["appended": count, "lastVersion": results.lastVersion, "consumed": results.consumedEntries,
+              "refused": results.refusedEntries])
+    }
 }

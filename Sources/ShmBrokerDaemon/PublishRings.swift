@@ -1,0 +1,181 @@
+import Foundation
+import ShmBrokerCore
+import ShmBrokerPlatform
+import ShmBrokerProtocol
+import SystemPackage
+
+/// A producer's publish ring attached to one segment: its mapping and its doorbell, watched by
+/// the event loop under its own token.
+final class AttachedRing {
+    let token: UInt64
+    let clientID: UInt64
+    let segmentName: String
+    let consumer: PublishRingConsumer
+    let doorbell: FileDescriptor
+    /// Whether the ring is in the loop's list of rings with entries left after a drain.
+    var isActive = false
+
+    init(token: UInt64, clientID: UInt64, segmentName: String, consumer: PublishRingConsumer, doorbell: FileDescriptor) {
+        self.token = token
+        self.clientID = clientID
+        self.segmentName = segmentName
+        self.consumer = consumer
+        self.doorbell = doorbell
+    }
+}
+
+/// Publish rings: producers append payloads to shared memory and ring an eventfd only when the
+/// daemon said it was idle; the loop copies entries into segments in batches, with no request,
+/// reply or descriptor per version. See `docs/LAYOUT.md` ("Publish rings").
+extension BrokerServer {
+    /// Entries consumed from one ring before the loop looks at everything else again.
+    static let ringBatch = 32
+    /// Entries still consumed from a ring whose producer disconnected.
+    static let ringFinalPass = 4096
+    /// The largest ring file accepted beyond what a segment's capacity needs.
+    static let maximumRingFileSize = 1 << 30
+
+    func handleAttachRing(_ name: String, descriptors: [FileDescriptor], requestID: UInt32, client: ClientConnection) {
+        guard let segment = lookUp(name, requestID: requestID, client: client, publishing: true) else {
+            return descriptors.forEach { $0.closeQuietly() }
+        }
+        guard client.rings[name] == nil else {
+            return reject(client, requestID: requestID, ProtocolError(.invalidRing,
+                "a publish ring is already attached to \"\(name)\" on this connection; send DETACH_RING first"), descriptors: descriptors)
+        }
+        let (file, doorbell) = (descriptors[0], descriptors[1])
+        let consumer: PublishRingConsumer
+        do {
+            consumer = try mapRing(file, capacity: segment.writer.layout.capacity)
+        } catch {
+            return reject(client, requestID: requestID, error, descriptors: descriptors)
+        }
+        file.closeQuietly()  // the mapping keeps the memory
+        guard Doorbell.isEventFD(doorbell) else {
+            return reject(client, requestID: requestID, ProtocolError(.badDescriptor,
+                "the second descriptor of ATTACH_RING must be an eventfd (the ring's doorbell)"), descriptors: [doorbell])
+        }
+        let ring = AttachedRing(token: nextRingToken, clientID: client.id, segmentName: name, consumer: consumer, doorbell: doorbell)
+        do {
+            try epoll.add(doorbell, events: [.readable, .edgeTriggered], token: ring.token)
+        } catch {
+            return reject(client, requestID: requestID, ProtocolError(.internalError, "cannot watch the doorbell: \(error)"), descriptors: [doorbell])
+        }
+        nextRingToken += 1
+        rings[ring.token] = ring
+        client.rings[name] = ring.token
+        send(ServerMessage.ringAttached(capacity: UInt64(segment.writer.layout.capacity),
+                                        latestVersion: segment.writer.latestVersion).encode(requestID: requestID), to: client)
+        // Entries appended before (or while) attaching, e.g. by a producer whose daemon restarted.
+        drain(ring)
+    }
+
+    /// Maps a producer's ring file after checking that it is one: a shrink-sealed regular file
+    /// (no SIGBUS while mapped) of a sensible size holding a valid ring header.
+    func mapRing(_ file: FileDescriptor, capacity: Int) throws(ProtocolError) -> PublishRingConsumer {
+        let size: Int
+        do {
+            guard try file.isRegularFile() else {
+                throw ProtocolError(.badDescriptor, "the first descriptor of ATTACH_RING must be a memfd")
+            }
+            size = try file.fileSize()
+        } catch let error as ProtocolError {
+            throw error
+        } catch {
+            throw ProtocolError(.badDescriptor, "cannot inspect the ring file: \(error)")
+        }
+        guard let seals = try? MemoryFile.seals(of: file), seals.contains(.shrink) else {
+            throw ProtocolError(.invalidRing, "the ring memfd must be sealed against shrinking (F_SEAL_SHRINK)")
+        }
+        let limit = PublishRingLayout.headerSize + max(Self.maximumRingFileSize, 4 * PublishRingLayout.dataSize(forCapacity: capacity))
+        guard size > PublishRingLayout.headerSize, size <= limit else {
+            throw ProtocolError(.invalidRing, "the ring file holds \(size) bytes; it must hold more than the \(PublishRingLayout.headerSize)-byte header and at most \(limit)")
+        }
+        let region: MappedRegion
+        do {
+            region = try MappedRegion(mapping: file, length: size, writable: true)
+        } catch {
+            throw ProtocolError(.badDescriptor, "cannot map the ring file read-write: \(error)")
+        }
+        do {
+            return try PublishRingConsumer(region: region)
+        } catch {
+            throw ProtocolError(.invalidRing, error.description)
+        }
+    }
+
+    func handleDetachRing(_ name: String, requestID: UInt32, client: ClientConnection) {
+        guard let token = client.rings[name], let ring = rings[token] else {
+            return reject(client, requestID: requestID, ProtocolError(.invalidRing, "no publish ring is attached to \"\(name)\" on this connection"))
+        }
+        drain(ring)  // what was appended before DETACH_RING is published, as a producer expects
+        removeRing(ring, detachCode: nil)
+        send(ServerMessage.ok.encode(requestID: requestID), to: client)
+    }
+
+    /// The doorbell rang: the producer appended while the ring was idle.
+    func handleDoorbell(_ token: UInt64) {
+        guard let ring = rings[token] else { return }
+        ring.consumer.markAwake()
+        drain(ring)
+    }
+
+    /// Consumes one batch from each ring that still had entries after its last batch.
+    func drainActiveRings() {
+        let tokens = activeRings
+        activeRings.removeAll(keepingCapacity: true)
+        for token in tokens {
+            guard let ring = rings[token] else { continue }
+            ring.isActive = false
+            drain(ring)
+        }
+    }
+
+    /// Consumes one batch of a ring into its segment; a ring whose producer broke its rules, whose
+    /// segment is gone or whose producer may no longer publish is detached with the reason.
+    func drain(_ ring: AttachedRing, maximumEntries: Int = BrokerServer.ringBatch) {
+        guard let client = clients[ring.clientID] else { return removeRing(ring, detachCode: nil) }
+        guard let segment = segments[ring.segmentName] else {
+            return removeRing(ring, detachCode: .segmentRetired)
+        }
+        guard segment.definition.publishers.allows(client.credentials, daemonUID: daemonUID) else {
+            return removeRing(ring, detachCode: .permissionDenied)
+        }
+        let outcome = ring.consumer.drain(maximumEntries: maximumEntries) { payload in
+            let receipt: PublishReceipt
+            do {
+                receipt = try segment.writer.publish(payload)
+            } catch {
+                counters.errorReplies += 1
+                return .failure(RingRefusal(code: UInt32(ErrorCode.payloadTooLarge.rawValue)))
+            }
+            recordPublish(receipt, of: segment)
+            return .success(receipt)
+        }
+        switch outcome {
+        case .idle:
+            break
+        case .more:
+            if !ring.isActive {
+                ring.isActive = true
+                activeRings.append(ring.token)
+            }
+        case .broken(let reason):
+            logger.notice("publish ring broke its rules; detached", metadata: [
+                "segment": "\(ring.segmentName)", "client": "\(client.id)", "pid": "\(client.credentials.pid)", "reason": "\(reason)",
+            ])
+            counters.malformedRequests += 1
+            removeRing(ring, detachCode: .invalidRing)
+        }
+    }
+
+    /// Stops consuming a ring, telling its producer why (in the ring) when `detachCode` is set.
+    func removeRing(_ ring: AttachedRing, detachCode: ErrorCode?) {
+        if let detachCode { ring.consumer.detach(code: UInt32(detachCode.rawValue)) }
+        epoll.remove(ring.doorbell)
+        ring.doorbell.closeQuietly()
+        rings.removeValue(forKey: ring.token)
+        clients[ring.clientID]?.rings.removeValue(forKey: ring.segmentName)
+        activeRings.removeAll { $0 == ring.token }
+    }
+}

@@ -1,0 +1,201 @@
+import Foundation
+import Glibc
+import ShmBrokerClient
+import ShmBrokerCore
+import ShmBrokerPlatform
+import ShmBrokerProtocol
+import SystemPackage
+import XCTest
+
+/// Publish rings: a producer appends to shared memory, the real daemon consumes into the segment.
+final class PublishRingTests: XCTestCase {
+    /// Every payload a producer process appends becomes a version, in order and intact, for a
+    /// reader process that checks each one; the ring wraps many times and the producer waits
+    /// while it is full.
+    func testRingPublishesEveryPayloadInOrderThroughWrapsAndFullRings() async throws {
+        let daemon = try TestDaemon(segments: [segment("bulk", size: "256KiB", slots: 3)])
+        defer { daemon.stop() }
+        let count = 3000
+        let follower = try ChildProcess(Binaries.testKit, ["reader", "--socket", daemon.socketPath, "--segment", "bulk",
+                                                           "--until-version", "\(count)", "--timeout", "120"])
+        XCTAssertTrue(follower.waitForStderr("reading"), follower.stderrText)
+        let producer = try runToCompletion(Binaries.testKit, ["ring-producer", "--socket", daemon.socketPath, "--segment", "bulk",
+                                                              "--count", "\(count)", "--max-length", "\(256 << 10)"])
+        XCTAssertEqual(producer.status, 0, producer.stderr)
+        let produced = try producer.json()
+        XCTAssertEqual(produced["lastVersion"] as? Int, count, "one version per payload: \(produced)")
+        XCTAssertEqual(produced["consumed"] as? Int, count, "\(produced)")
+        XCTAssertEqual(produced["refused"] as? Int, 0, "\(produced)")
+
+        let followed = follower.finish(timeout: 120)
+        XCTAssertEqual(followed.status, 0, followed.stderr)
+        let summary = try followed.json()
+        XCTAssertEqual(summary["lastVersion"] as? Int, count, "\(summary)")
+        XCTAssertEqual(summary["mismatches"] as? Int, 0, "version k carries payload k, intact: \(summary)")
+        XCTAssertEqual(summary["crcFailures"] as? Int, 0, "\(summary)")
+        XCTAssertEqual(summary["regressions"] as? Int, 0, "\(summary)")
+        XCTAssertGreaterThan(summary["distinctVersions"] as? Int ?? 0, 1, "\(summary)")
+
+        let client = try await daemon.connect()
+        let status = try await client.status()
+        XCTAssertEqual(status.counters.publishes, UInt64(count))
+        // The library's own checks agree: the last version is a full, verified read.
+        let handle = try await client.open("bulk")
+        XCTAssertEqual(try handle.read()?.version, UInt64(count))
+    }
+
+    /// Oversize payloads are refused before anything is appended; closing publishes what is left;
+    /// a second publisher for the same segment on one client is refused with a reason.
+    func testOversizeRefusedDuplicateRefusedAndCloseDrains() async throws {
+        let daemon = try TestDaemon(segments: [segment("small", size: 100)])
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        let publisher = try await client.openPublisher("small")
+        do {
+            try publisher.publish([UInt8](repeating: 1, count: 101))
+            XCTFail("an oversize payload was accepted")
+        } catch {
+            XCTAssertEqual(error.code, .payloadTooLarge)
+            XCTAssertTrue("\(error)".contains("capacity of 100"), "\(error)")
+        }
+        do {
+            _ = try await client.openPublisher("small")
+            XCTFail("a second ring for the same segment was attached")
+        } catch {
+            XCTAssertEqual(error.code, .invalidRing)
+        }
+        for value in 1...50 { try publisher.publish([UInt8(value)]) }
+        await publisher.close()
+        let reader = try await client.open("small")
+        XCTAssertEqual(try reader.read()?.bytes, [50], "closing published what was appended")
+        XCTAssertEqual(try reader.read()?.version, 50)
+        do {
+            try publisher.publish([1])
+            XCTFail("a closed publisher accepted a payload")
+        } catch {
+            XCTAssertEqual(error.code, .invalidRing)
+        }
+        // After closing, the segment can take a new ring.
+        let again = try await client.openPublisher("small")
+        try again.publish([7])
+        XCTAssertEqual(try again.flush().lastVersion, 51)
+    }
+
+    /// A producer that exits without flushing still has its appended payloads published.
+    func testPayloadsOfAProducerThatExitedArePublished() async throws {
+        let daemon = try TestDaemon(segments: [segment("last-words", size: 64)])
+        defer { daemon.stop() }
+        let producer = try runToCompletion(Binaries.testKit, ["ring-producer", "--socket", daemon.socketPath,
+                                                              "--segment", "last-words", "--count", "500", "--no-flush"])
+        XCTAssertEqual(producer.status, 0, producer.stderr)
+        let client = try await daemon.connect()
+        let reader = try await client.open("last-words")
+        try await waitUntil { reader.latestVersion == 500 }
+        XCTAssertEqual(try reader.read()?.bytes.count, 64, "the 500th payload (a multiple of 5: full length), verified")
+    }
+
+    /// Rings that are not rings, or that break the rules later, get a precise refusal or are
+    /// detached with a reason in the ring; the daemon and its other clients carry on.
+    func testHostileRingsAreRefusedOrDetachedAndTheDaemonCarriesOn() async throws {
+        let daemon = try TestDaemon(segments: [segment("target", size: 4096)])
+        defer { daemon.stop() }
+        let raw = try RawConnection(socketPath: daemon.socketPath)
+        try raw.hello()
+        let doorbell = try Doorbell()
+        defer { doorbell.close() }
+
+        func ringFile(sealed: Bool = true, dataSize: Int = 256 << 10, format: Bool = true) throws -> (FileDescriptor, PublishRingProducer?) {
+            let file = try MemoryFile.createScratch(name: "test-ring", sealedAgainstShrinking: sealed)
+            try file.setSize(PublishRingLayout.headerSize + dataSize)
+            guard format else { return (file, nil) }
+            let region = try MappedRegion(mapping: file, length: PublishRingLayout.headerSize + dataSize, writable: true)
+            return (file, PublishRingProducer(formatting: region, dataSize: dataSize))
+        }
+        func attach(_ file: FileDescriptor, _ bell: FileDescriptor? = nil) throws -> ServerMessage {
+            try raw.request(.attachRing(segment: "target"), descriptors: [file] + [bell ?? doorbell.descriptor])
+        }
+
+        let missing = try raw.request(.attachRing(segment: "target"), descriptors: [doorbell.descriptor])
+        XCTAssertEqual(errorCode(missing), .missingDescriptor, "\(missing)")
+
+        let (unsealed, _) = try ringFile(sealed: false)
+        defer { unsealed.closeQuietly() }
+        let notSealed = try attach(unsealed)
+        XCTAssertEqual(errorCode(notSealed), .invalidRing)
+        XCTAssertTrue("\(notSealed)".contains("F_SEAL_SHRINK"), "\(notSealed)")
+
+        let (blank, _) = try ringFile(format: false)
+        defer { blank.closeQuietly() }
+        let badMagic = try attach(blank)
+        XCTAssertEqual(errorCode(badMagic), .invalidRing)
+        XCTAssertTrue("\(badMagic)".contains("magic"), "\(badMagic)")
+
+        let (good, producer) = try ringFile()
+        defer { good.closeQuietly() }
+        var pipeEnds: [Int32] = [0, 0]
+        XCTAssertEqual(pipe(&pipeEnds), 0)
+        defer { pipeEnds.forEach { _ = Glibc.close($0) } }
+        let notEventFD = try attach(good, FileDescriptor(rawValue: pipeEnds[0]))
+        XCTAssertEqual(errorCode(notEventFD), .badDescriptor)
+        XCTAssertTrue("\(notEventFD)".contains("eventfd"), "\(notEventFD)")
+
+        // A valid ring: an entry longer than the segment is refused and counted, the next published.
+        guard case .ringAttached(let capacity, _) = try attach(good), let ring = producer else {
+            return XCTFail("a valid ring was refused")
+        }
+        XCTAssertEqual(capacity, 4096)
+        let oversize = [UInt8](repeating: 9, count: 5000)
+        if try oversize.withUnsafeBytes({ try ring.append($0, timeoutNanoseconds: nil) }) { doorbell.ring() }
+        if try [UInt8]([1, 2, 3]).withUnsafeBytes({ try ring.append($0, timeoutNanoseconds: nil) }) { doorbell.ring() }
+        let results = try ring.waitUntilConsumed(timeoutNanoseconds: 30_000_000_000)
+        XCTAssertEqual(results.refusedEntries, 1)
+        XCTAssertEqual(results.lastRefusalCode, UInt32(ErrorCode.payloadTooLarge.rawValue))
+        XCTAssertEqual(results.lastVersion, 1)
+        XCTAssertEqual(results.consumedEntries, 2)
+
+        // Then the producer scribbles a head far beyond the ring: detached with invalid-ring.
+        let base = try MappedRegion(mapping: good, length: PublishRingLayout.headerSize, writable: true)
+        let tail = base.base.load(fromByteOffset: PublishRingLayout.Header.tail, as: UInt64.self)
+        base.base.storeBytes(of: tail + (1 << 40), toByteOffset: PublishRingLayout.Header.head, as: UInt64.self)
+        doorbell.ring()
+        let deadline = Date().addingTimeInterval(30)
+        while ring.results.detachedCode == 0 && Date() < deadline { usleep(5_000) }
+        XCTAssertEqual(ring.results.detachedCode, UInt32(ErrorCode.invalidRing.rawValue), "the broken ring was detached with a reason")
+
+        // The daemon carries on for everyone, including this connection.
+        let client = try await daemon.connect()
+        try await client.publish("target", bytes: [4])
+        let status = try await client.status()
+        XCTAssertEqual(status.segments.first?.version, 2)
+        XCTAssertGreaterThanOrEqual(status.counters.malformedRequests, 1)
+        guard case .statusReport = try raw.request(.status) else { return XCTFail("the hostile connection was dropped") }
+    }
+
+    /// After a daemon restart the client re-attaches its ring by itself and publishing resumes.
+    func testPublisherResumesAfterADaemonRestart() async throws {
+        let daemon = try TestDaemon(segments: [segment("feed", size: 64)])
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        let publisher = try await client.openPublisher("feed")
+        try publisher.publish([1])
+        XCTAssertEqual(try publisher.flush().lastVersion, 1)
+
+        try daemon.restart()
+        // Publishing resumes once the client has reconnected (a call meanwhile may report the loss).
+        let observer = try await daemon.connect()
+        let deadline = Date().addingTimeInterval(30)
+        var resumed = false
+        while !resumed && Date() < deadline {
+            do {
+                try publisher.publish([2])
+                resumed = try publisher.flush(timeoutNanoseconds: 2_000_000_000).lastVersion >= 1
+            } catch {
+                XCTAssertTrue(error == .disconnected || error.code == .connectionLost || { if case .timedOut = error { return true }; return false }(), "\(error)")
+                try await Task.sleep(nanoseconds: 50_000_000)
+            }
+        }
+        XCTAssertTrue(resumed, "the ring was re-attached to the new daemon")
+        let reader = try await observer.open("feed")
+        XCTAssertEqual(try reader.read()?.bytes, [2])
+    }
+}
