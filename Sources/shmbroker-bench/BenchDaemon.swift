@@ -79,27 +79,31 @@ if not all(k in r for k in ("latency", "throughput", "fanOut")):
 fig, axes = plt.subplots(1, 3, figsize=(16, 5))
 
 ax = axes[0]
-labels, shm, sock = [], [], []
+labels, ring, reqs, sock = [], [], [], []
 for size in ("64B", "4KiB"):
     for p in ("p50_us", "p99_us", "p999_us"):
         labels.append(f"{size}\n{p[:-3]}")
-        shm.append(r["latency"][size]["shm"][p])
+        ring.append(r["latency"][size]["ring"]["shm"][p])
+        reqs.append(r["latency"][size]["requests"]["shm"][p])
         sock.append(r["latency"][size]["socket"][p])
 x = range(len(labels))
-ax.bar([i - 0.2 for i in x], shm, 0.4, label="shmbroker: publish -> verified read")
-ax.bar([i + 0.2 for i in x], sock, 0.4, label="raw Unix socket, one way")
+ax.bar([i - 0.27 for i in x], ring, 0.27, label="shmbroker, publish ring")
+ax.bar([i for i in x], reqs, 0.27, label="shmbroker, PUBLISH request")
+ax.bar([i + 0.27 for i in x], sock, 0.27, label="raw Unix socket, one way")
 ax.set_xticks(list(x)); ax.set_xticklabels(labels); ax.set_yscale("log")
-ax.set_ylabel("latency (µs)"); ax.set_title("End-to-end latency"); ax.legend(fontsize=8)
+ax.set_ylabel("latency (µs)"); ax.set_title("End-to-end latency: publish -> verified read"); ax.legend(fontsize=8)
 
 ax = axes[1]
 order = ["4KiBx1", "64KiBx1", "1MiBx1", "16MiBx1", "64KiBx8", "1MiBx8"]
 cases = [c for c in order if c in r["throughput"]]
 x = range(len(cases))
-ax.bar([i - 0.27 for i in x], [r["throughput"][c]["shm_MBps"] for c in cases], 0.27, label="shmbroker, copying reader")
-ax.bar([i for i in x], [r["throughput"][c]["shm_zero_copy_MBps"] for c in cases], 0.27, label="shmbroker, zero-copy reader")
-ax.bar([i + 0.27 for i in x], [r["throughput"][c]["socket_MBps"] for c in cases], 0.27, label="raw Unix socket")
+w = 0.2
+ax.bar([i - 1.5 * w for i in x], [r["throughput"][c]["shm_zero_copy_MBps"] for c in cases], w, label="ring, zero-copy reader")
+ax.bar([i - 0.5 * w for i in x], [r["throughput"][c]["shm_MBps"] for c in cases], w, label="ring, copying reader")
+ax.bar([i + 0.5 * w for i in x], [r["throughput"][c]["shm_requests_zero_copy_MBps"] for c in cases], w, label="requests, zero-copy reader")
+ax.bar([i + 1.5 * w for i in x], [r["throughput"][c]["socket_MBps"] for c in cases], w, label="raw Unix socket")
 ax.set_xticks(list(x)); ax.set_xticklabels([c.replace("x", "\nx") + " readers" for c in cases], fontsize=8)
-ax.set_ylabel("MB/s delivered"); ax.set_title("Producer -> reader throughput"); ax.legend(fontsize=8)
+ax.set_ylabel("MB/s delivered"); ax.set_title("Producer -> reader throughput"); ax.legend(fontsize=7)
 
 ax = axes[2]
 readers = sorted(r["fanOut"].keys(), key=int)

@@ -138,29 +138,42 @@ struct Run: AsyncParsableCommand {
     func latencyBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
         let rounds: UInt64 = quick ? 300 : 3000
         report.section("End-to-end latency, publish call -> reader holds the verified version (µs; \(rounds) rounds)")
-        report.row(["payload", "shm p50", "p99", "p99.9", "socket p50", "p99", "p99.9", "p50 ratio"])
+        report.row(["payload", "path", "shm p50", "p99", "p99.9", "socket p50", "p99", "p99.9", "p50 ratio"])
         let client = try await daemon.connect()
         var rows: [String: Any] = [:]
         for (size, segment) in [(64, "lat64"), (4096, "lat4k")] {
-            let agent = try AgentProcess(["segment-latency", "--socket", daemon.socketPath, "--segment", segment, "--rounds", "\(rounds)"])
-            try agent.waitUntilReady()
-            var payload = [UInt8](repeating: 0xA5, count: size)
-            for round in 0..<rounds {
-                Stamp.write(&payload, sentAt: Clock.monotonicNanoseconds(), round: round)
-                try await client.publish(segment, bytes: payload)
-                usleep(200)
+            let socket = LatencySummary(try socketLatency(size: size, rounds: rounds, readers: 1).perRound)
+            var row: [String: Any] = ["socket": socket.json]
+            for path in [ProducerPath.requests, .ring] {
+                let agent = try AgentProcess(["segment-latency", "--socket", daemon.socketPath, "--segment", segment, "--rounds", "\(rounds)"])
+                try agent.waitUntilReady()
+                var payload = [UInt8](repeating: 0xA5, count: size)
+                let publisher = path == .ring ? try await client.openPublisher(segment) : nil
+                for round in 0..<rounds {
+                    Stamp.write(&payload, sentAt: Clock.monotonicNanoseconds(), round: round)
+                    if let publisher {
+                        try publisher.publish(payload)
+                    } else {
+                        try await client.publish(segment, bytes: payload)
+                    }
+                    usleep(200)
+                }
+                await publisher?.close()
+                let measured = try agent.latencyResult()
+                let shm = LatencySummary(Array(measured.latencies.values))
+                let split = (toDaemon: Double(measured.toDaemon) / 1000, toReader: Double(measured.toReader) / 1000)
+                let name = path == .ring ? "ring" : "requests"
+                row[name] = ["shm": shm.json, "p50_ratio": shm.p50 / socket.p50,
+                             "median_producer_to_daemon_us": split.toDaemon, "median_daemon_to_reader_us": split.toReader]
+                report.row([sizeName(size), name, fmt(shm.p50), fmt(shm.p99), fmt(shm.p999), fmt(socket.p50), fmt(socket.p99),
+                            fmt(socket.p999), fmt(shm.p50 / socket.p50) + "x"])
+                report.text += "   split (medians): producer call -> daemon publish \(fmt(split.toDaemon)) µs, daemon publish -> reader holds it \(fmt(split.toReader)) µs\n"
+                if path == .ring {
+                    report.goal("end-to-end p50 <= 2x raw socket one-way p50 (\(sizeName(size)), publish ring)",
+                                value: shm.p50 / socket.p50, target: 2, lowerIsBetter: true)
+                }
             }
-            let measured = try agent.latencyResult()
-            let shm = LatencySummary(Array(measured.latencies.values))
-            let socket = try socketLatency(size: size, rounds: rounds, readers: 1).perRound
-            let raw = LatencySummary(socket)
-            let split = (toDaemon: Double(measured.toDaemon) / 1000, toReader: Double(measured.toReader) / 1000)
-            rows[sizeName(size)] = ["shm": shm.json, "socket": raw.json, "p50_ratio": shm.p50 / raw.p50,
-                                    "median_producer_to_daemon_us": split.toDaemon, "median_daemon_to_reader_us": split.toReader]
-            report.row([sizeName(size), fmt(shm.p50), fmt(shm.p99), fmt(shm.p999), fmt(raw.p50), fmt(raw.p99), fmt(raw.p999),
-                        fmt(shm.p50 / raw.p50) + "x"])
-            report.text += "   split (medians): producer call -> daemon publish \(fmt(split.toDaemon)) µs, daemon publish -> reader holds it \(fmt(split.toReader)) µs\n"
-            report.goal("end-to-end p50 <= 2x raw socket one-way p50 (\(sizeName(size)))", value: shm.p50 / raw.p50, target: 2, lowerIsBetter: true)
+            rows[sizeName(size)] = row
         }
         return rows
     }
@@ -195,11 +208,19 @@ struct Run: AsyncParsableCommand {
         }
     }
 
+    /// How the benchmark's producer hands versions to the daemon.
+    enum ProducerPath {
+        /// PUBLISH requests, each answered by a reply, a few in flight.
+        case requests
+        /// A publish ring (`SegmentPublisher`): no request or reply per version.
+        case ring
+    }
+
     func throughputBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
         let trials = quick ? 1 : 3
-        report.section("Producer -> reader throughput (MB/s delivered to readers; \(Self.publishWindow) publishes in flight; "
-                       + "median of \(trials) interleaved trials)")
-        report.row(["payload", "readers", "copying", "zero-copy", "socket", "ratio (copying)", "ratio (zero-copy)"])
+        report.section("Producer -> reader throughput (MB/s delivered to readers; median of \(trials) interleaved trials; "
+                       + "requests: \(Self.publishWindow) PUBLISH requests in flight)")
+        report.row(["payload", "readers", "ring copy", "ring 0-copy", "reqs 0-copy", "socket", "ratio ring 0-copy", "ratio reqs 0-copy"])
         let client = try await daemon.connect()
         var rows: [String: Any] = [:]
         let cases: [(Int, Int)] = [(4 << 10, 1), (64 << 10, 1), (1 << 20, 1), (16 << 20, 1), (64 << 10, 8), (1 << 20, 8)]
@@ -207,37 +228,44 @@ struct Run: AsyncParsableCommand {
             let segment = "tp-\(sizeName(size))"
             let totalBytes = quick ? 64 << 20 : 256 << 20
             let count = max(16, min(20_000, totalBytes / size))
-            // The three transports take turns, so a noisy moment on this shared machine hits one
-            // trial of each rather than all of one.
-            var copyingTrials: [Double] = [], zeroCopyTrials: [Double] = [], socketTrials: [Double] = []
+            // The transports take turns, so a noisy moment on this shared machine hits one trial
+            // of each rather than all of one.
+            var ringCopying: [Double] = [], ringZeroCopy: [Double] = [], requestsZeroCopy: [Double] = [], socketTrials: [Double] = []
             for _ in 0..<trials {
-                copyingTrials.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
-                                                                 readers: readers, zeroCopy: false))
-                zeroCopyTrials.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
-                                                                  readers: readers, zeroCopy: true))
+                ringCopying.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
+                                                               readers: readers, zeroCopy: false, via: .ring))
+                ringZeroCopy.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
+                                                                readers: readers, zeroCopy: true, via: .ring))
+                requestsZeroCopy.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
+                                                                    readers: readers, zeroCopy: true, via: .requests))
                 socketTrials.append(try socketThroughput(size: size, count: count, readers: readers))
             }
             func median(_ values: [Double]) -> Double { values.sorted()[values.count / 2] }
-            let copying = median(copyingTrials), zeroCopy = median(zeroCopyTrials), socket = median(socketTrials)
-            rows["\(sizeName(size))x\(readers)"] = ["shm_MBps": copying, "shm_zero_copy_MBps": zeroCopy, "socket_MBps": socket,
-                                                    "ratio": copying / socket, "ratio_zero_copy": zeroCopy / socket, "published": count]
-            report.row([sizeName(size), "\(readers)", fmt(copying, 0), fmt(zeroCopy, 0), fmt(socket, 0),
-                        fmt(copying / socket) + "x", fmt(zeroCopy / socket) + "x"])
+            let copying = median(ringCopying), zeroCopy = median(ringZeroCopy), requests = median(requestsZeroCopy)
+            let socket = median(socketTrials)
+            rows["\(sizeName(size))x\(readers)"] = [
+                "shm_MBps": copying, "shm_zero_copy_MBps": zeroCopy, "shm_requests_zero_copy_MBps": requests, "socket_MBps": socket,
+                "ratio": copying / socket, "ratio_zero_copy": zeroCopy / socket, "ratio_requests_zero_copy": requests / socket,
+                "published": count,
+            ]
+            report.row([sizeName(size), "\(readers)", fmt(copying, 0), fmt(zeroCopy, 0), fmt(requests, 0), fmt(socket, 0),
+                        fmt(zeroCopy / socket) + "x", fmt(requests / socket) + "x"])
             if readers == 1 && size >= 64 << 10 {
-                report.goal("throughput >= 1x raw socket at \(sizeName(size)) (zero-copy verified reader)", value: zeroCopy / socket, target: 1)
+                report.goal("throughput >= 1x raw socket at \(sizeName(size)) (publish ring, zero-copy verified reader)",
+                            value: zeroCopy / socket, target: 1)
             }
             if readers == 8 {
-                report.goal("throughput with 8 readers >= 3x raw socket (\(sizeName(size)), zero-copy verified readers)",
+                report.goal("throughput with 8 readers >= 3x raw socket (\(sizeName(size)), publish ring, zero-copy verified readers)",
                             value: zeroCopy / socket, target: 3)
             }
         }
         return rows
     }
 
-    /// Publishes `count` versions (a few in flight) while `readers` drain agents read every
-    /// version they can; returns MB/s delivered to all readers together.
+    /// Publishes `count` versions while `readers` drain agents read every version they can;
+    /// returns MB/s delivered to all readers together.
     func segmentThroughput(_ client: ShmBrokerClient, _ daemon: BenchDaemon, segment: String, size: Int, count: Int,
-                           readers: Int, zeroCopy: Bool) async throws -> Double {
+                           readers: Int, zeroCopy: Bool, via path: ProducerPath) async throws -> Double {
         let start = try await client.status().segments.first { $0.name == segment }?.version ?? 0
         let agents = try (0..<readers).map { _ in
             try AgentProcess(["segment-drain", "--socket", daemon.socketPath, "--segment", segment,
@@ -245,19 +273,29 @@ struct Run: AsyncParsableCommand {
         }
         for agent in agents { try agent.waitUntilReady() }
         let payload = [UInt8](repeating: 0x33, count: size)
-        let began = Clock.monotonicNanoseconds()
-        // Like the socket writer, whose kernel buffer lets it run ahead, the producer keeps a
-        // few publishes in flight.
-        let window = Self.publishWindow
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for lane in 0..<window {
-                group.addTask {
-                    for _ in stride(from: lane, to: count, by: window) {
-                        try await client.publish(segment, bytes: payload)
+        var began: UInt64 = 0
+        switch path {
+        case .ring:
+            let publisher = try await client.openPublisher(segment)
+            began = Clock.monotonicNanoseconds()
+            for _ in 0..<count { try publisher.publish(payload) }
+            try publisher.flush(timeoutNanoseconds: 120_000_000_000)
+            await publisher.close()
+        case .requests:
+            began = Clock.monotonicNanoseconds()
+            // Like the socket writer, whose kernel buffer lets it run ahead, the producer keeps a
+            // few publishes in flight.
+            let window = Self.publishWindow
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for lane in 0..<window {
+                    group.addTask {
+                        for _ in stride(from: lane, to: count, by: window) {
+                            try await client.publish(segment, bytes: payload)
+                        }
                     }
                 }
+                try await group.waitForAll()
             }
-            try await group.waitForAll()
         }
         let results = try agents.map { try $0.result() }
         let finished = results.compactMap { ($0["finishedAt"] as? NSNumber)?.uint64Value }.max() ?? began
@@ -286,7 +324,7 @@ struct Run: AsyncParsableCommand {
 
     func fanOutBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
         let rounds: UInt64 = quick ? 50 : 300
-        report.section("Fan-out: publish -> last of N readers holds it (µs, p50 / p99 over \(rounds) rounds)")
+        report.section("Fan-out: publish (through a publish ring) -> last of N readers holds it (µs, p50 / p99 over \(rounds) rounds)")
         report.row(["readers", "shm p50", "shm p99", "socket p50", "socket p99", "p50 ratio"])
         let client = try await daemon.connect()
         var rows: [String: Any] = [:]
@@ -297,12 +335,14 @@ struct Run: AsyncParsableCommand {
             }
             for agent in agents { try agent.waitUntilReady() }
             let spacing = UInt32(2_000 + readers * 150)
+            let publisher = try await client.openPublisher(segment)
             var payload = [UInt8](repeating: 1, count: 64)
             for round in 0..<rounds {
                 Stamp.write(&payload, sentAt: Clock.monotonicNanoseconds(), round: round)
-                try await client.publish(segment, bytes: payload)
+                try publisher.publish(payload)
                 usleep(spacing)
             }
+            await publisher.close()
             let shm = LatencySummary(lastArrivals(try agents.map { try $0.latencies() }, rounds: rounds))
             let socket = LatencySummary(try socketLatency(size: 64, rounds: rounds, readers: readers, spacingMicroseconds: spacing).perRound)
             rows["\(readers)"] = ["shm": shm.json, "socket": socket.json, "p50_ratio": shm.p50 / socket.p50]
@@ -343,7 +383,20 @@ struct Run: AsyncParsableCommand {
         report.row(["one at a time", fmt(sequentialRate, 0) + "/s"])
         report.row(["\(window) in flight", fmt(pipelinedRate, 0) + "/s"])
         report.goal("at least 100,000 publishes/s of 64 B (\(window) in flight)", value: pipelinedRate, target: 100_000)
-        return ["sequential_per_s": sequentialRate, "pipelined_per_s": pipelinedRate, "window": window]
+        // The same producer through a publish ring: each publish is an append, published by the
+        // daemon in batches; flushed at the end so every counted publish is a version.
+        let publisher = try await client.openPublisher("rate")
+        let ringStart = Date()
+        var appended = 0
+        while Date().timeIntervalSince(ringStart) < seconds {
+            for _ in 0..<256 { try publisher.publish(payload) }
+            appended += 256
+        }
+        try publisher.flush(timeoutNanoseconds: 60_000_000_000)
+        let ringRate = Double(appended) / Date().timeIntervalSince(ringStart)
+        await publisher.close()
+        report.row(["through a publish ring (flushed)", fmt(ringRate, 0) + "/s"])
+        return ["sequential_per_s": sequentialRate, "pipelined_per_s": pipelinedRate, "window": window, "ring_per_s": ringRate]
     }
 
     func scaleBenchmark(_ report: inout Report) async throws -> [String: Any] {

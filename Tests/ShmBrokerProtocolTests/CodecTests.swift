@@ -29,6 +29,8 @@ final class CodecTests: XCTestCase {
         try roundTrip(.publish(segment: "x", payload: .inline([0, 1, 2, 255])))
         try roundTrip(.publish(segment: "x", payload: .attachedFile(length: 1 << 33)))
         try roundTrip(.status)
+        try roundTrip(.attachRing(segment: "x"))
+        try roundTrip(.detachRing(segment: "x"))
     }
 
     func testEveryServerMessageRoundTrips() throws {
@@ -40,6 +42,7 @@ final class CodecTests: XCTestCase {
         try roundTrip(.published(info))
         try roundTrip(.statusReport(json: Array("{}".utf8)))
         try roundTrip(.statusReportFile(length: 300_000))
+        try roundTrip(.ringAttached(capacity: 1 << 20, latestVersion: 42))
         try roundTrip(.error(ProtocolError(.noSuchSegment, "no segment named \"q\"")))
         try roundTrip(.versionEvent(segment: "s", info))
         try roundTrip(.retiredEvent(segment: "s"))
@@ -94,7 +97,8 @@ final class CodecTests: XCTestCase {
     }
 
     func testErrorCodesAreStable() {
-        XCTAssertEqual(ErrorCode.allCases.map(\.rawValue), Array(1...16))
+        XCTAssertEqual(ErrorCode.allCases.map(\.rawValue), Array(1...18))
+        XCTAssertEqual(ErrorCode.invalidRing.name, "invalid-ring")
         XCTAssertEqual(ErrorCode.permissionDenied.name, "permission-denied")
         XCTAssertEqual(ControlProtocol.maximumInlinePayload(nameLength: 9), 65536 - 12 - 2 - 9 - 1)
     }
