@@ -91,7 +91,9 @@ let package = Package(
             ],
             path: "Tests/ShmBrokerTestKit"
         ),
-        .testTarget(name: "ShmBrokerCoreTests", dependencies: ["ShmBrokerCore", "ShmBrokerPlatform"]),
+        .testTarget(name: "ShmBrokerCoreTests", dependencies: [
+            "ShmBrokerCore", "ShmBrokerPlatform", .product(name: "SystemPackage", package: "swift-system"),
+        ]),
         .testTarget(name: "ShmBrokerProtocolTests", dependencies: ["ShmBrokerProtocol"]),
         .testTarget(name: "ShmBrokerConfigTests", dependencies: ["ShmBrokerConfig"]),
         .testTarget(
