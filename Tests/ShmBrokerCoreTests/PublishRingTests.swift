@@ -133,7 +133,7 @@ final class PublishRingCoreTests: XCTestCase {
         let full = [UInt8](repeating: 1, count: 4000)
         var appended = 0
         while (try? full.withUnsafeBytes({ try ring.producer.append($0, timeoutNanoseconds: 0) })) != nil { appended += 1 }
-        XCTAssertEqual(appended, 1, "one 4000-byte entry fits beside the 10-byte one")
+        XCTAssertEqual(appended, 2, "two 4000-byte entries fit beside the 10-byte one in 8 KiB")
         nonisolated(unsafe) let consumer = ring.consumer
         let detacher = Thread { usleep(50_000); consumer.detach(code: 13) }
         detacher.start()
