@@ -47,6 +47,11 @@ final class SystemdServiceTests: XCTestCase {
             let reader = try sandbox.inside(sandbox.ctlCommand(["read", "state"]), asNobody: true)
             XCTAssertEqual(reader.status, 0, reader.stderr)
             XCTAssertEqual(reader.stdout, "through systemd")
+            // A publish ring works inside the unit's sandbox too (eventfd check, shared mapping).
+            let ring = try sandbox.inside([sandbox.testKit, "ring-producer", "--socket", sandbox.socketPath,
+                                           "--segment", "state", "--count", "200"])
+            XCTAssertEqual(ring.status, 0, ring.stderr)
+            XCTAssertTrue(ring.stdout.contains("\"lastVersion\":201"), ring.stdout)
             let journal = try sandbox.journal()
             XCTAssertTrue(journal.contains("using the listening socket passed by systemd"), journal)
             // The daemon runs as its own user, so segment memory belongs to it, not to readers.
