@@ -262,7 +262,8 @@ extension BrokerServer {
             },
             clients: clients.values.sorted { $0.id < $1.id }.map {
                 StatusReport.Client(id: $0.id, name: $0.name, pid: $0.credentials.pid, uid: $0.credentials.uid,
-                                    gid: $0.credentials.gid, opened: $0.opened.sorted(), subscriptions: $0.subscriptions.sorted())
+                                    gid: $0.credentials.gid, opened: $0.opened.sorted(), subscriptions: $0.subscriptions.sorted(),
+                                    rings: $0.rings.keys.sorted())
             },
             counters: counters)
         do {

@@ -59,8 +59,11 @@ public struct StatusReport: Codable, Sendable, Equatable {
         public var gid: UInt32
         public var opened: [String]
         public var subscriptions: [String]
+        /// Segments this client has a publish ring attached to.
+        public var rings: [String]
 
-        public init(id: UInt64, name: String, pid: Int32, uid: UInt32, gid: UInt32, opened: [String], subscriptions: [String]) {
+        public init(id: UInt64, name: String, pid: Int32, uid: UInt32, gid: UInt32, opened: [String], subscriptions: [String],
+                    rings: [String] = []) {
             self.id = id
             self.name = name
             self.pid = pid
@@ -68,6 +71,7 @@ public struct StatusReport: Codable, Sendable, Equatable {
             self.gid = gid
             self.opened = opened
             self.subscriptions = subscriptions
+            self.rings = rings
         }
     }
 

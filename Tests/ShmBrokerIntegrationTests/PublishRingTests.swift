@@ -64,6 +64,8 @@ final class PublishRingTests: XCTestCase {
         } catch {
             XCTAssertEqual(error.code, .invalidRing)
         }
+        let listed = try await client.status().clients.first { $0.pid == getpid() }?.rings
+        XCTAssertEqual(listed, ["small"], "STATUS lists the attached ring")
         for value in 1...50 { try publisher.publish([UInt8(value)]) }
         await publisher.close()
         let reader = try await client.open("small")
