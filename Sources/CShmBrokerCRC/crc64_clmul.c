@@ -56,8 +56,13 @@ static inline __m128i fold(__m128i x, __m128i constants) {
 
 __attribute__((target("pclmul,sse4.1")))
 static uint64_t fold_all(uint64_t state, uint8_t *destination, const uint8_t *p, size_t n) {
+    // Whatever is copied is checksummed from the copy: the source may be memory another process
+    // keeps writing (a producer's ring), and the CRC must match the bytes that were stored.
     if (n < 128) {
-        if (destination) memcpy(destination, p, n);
+        if (destination) {
+            memcpy(destination, p, n);
+            p = destination;
+        }
         return bytewise(state, p, n);
     }
     const __m128i k128 = _mm_set_epi64x((long long)fold128_high, (long long)fold128_low);
@@ -97,13 +102,19 @@ static uint64_t fold_all(uint64_t state, uint8_t *destination, const uint8_t *p,
     uint8_t rest[16];
     _mm_storeu_si128((__m128i *)rest, acc);
     uint64_t result = bytewise(0, rest, 16);
-    if (destination) memcpy(destination, p, n);
+    if (destination) {
+        memcpy(destination, p, n);
+        p = destination;
+    }
     return bytewise(result, p, n);
 }
 
 #else
 static uint64_t fold_all(uint64_t state, uint8_t *destination, const uint8_t *p, size_t n) {
-    if (destination) memcpy(destination, p, n);
+    if (destination) {
+        memcpy(destination, p, n);
+        p = destination;
+    }
     return bytewise(state, p, n);
 }
 #endif
