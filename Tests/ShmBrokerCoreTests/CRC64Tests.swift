@@ -56,3 +56,42 @@ final class CRC64Tests: XCTestCase {
         XCTAssertEqual(crc.value, CRC64.checksum(bytes))
     }
 }
+
+/// A copy's CRC is the CRC of the bytes stored, even while another thread keeps rewriting the
+/// source (as a producer may do to its own publish ring while the daemon copies from it).
+final class CopyUnderConcurrentWritesTests: XCTestCase {
+    func testTheChecksumMatchesTheCopyWhileTheSourceChanges() {
+        for length in [64, 100, 127, 128 + 15, 1000, 4096 + 7] {
+            let source = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 64)
+            let destination = UnsafeMutableRawPointer.allocate(byteCount: length, alignment: 64)
+            defer { source.deallocate(); destination.deallocate() }
+            source.initializeMemory(as: UInt8.self, repeating: 0)
+            let running = ManagedFlag()
+            nonisolated(unsafe) let target = source
+            let scribbler = Thread {
+                var value: UInt8 = 0
+                while running.isSet {
+                    for index in 0..<target.count { target[index] = value }
+                    value &+= 1
+                }
+            }
+            running.set(true)
+            scribbler.start()
+            var mismatches = 0
+            for _ in 0..<20_000 {
+                let crc = CRC64.copyAndChecksum(from: UnsafeRawBufferPointer(source), to: destination)
+                if crc != CRC64.checksum(UnsafeRawBufferPointer(start: destination, count: length)) { mismatches += 1 }
+            }
+            running.set(false)
+            while !scribbler.isFinished { usleep(1000) }
+            XCTAssertEqual(mismatches, 0, "length \(length)")
+        }
+    }
+}
+
+final class ManagedFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    var isSet: Bool { lock.withLock { value } }
+    func set(_ newValue: Bool) { lock.withLock { value = newValue } }
+}

@@ -173,6 +173,61 @@ final class PublishRingTests: XCTestCase {
         guard case .statusReport = try raw.request(.status) else { return XCTFail("the hostile connection was dropped") }
     }
 
+    /// A producer that keeps scribbling over its own entries while the daemon copies them garbles
+    /// only its own data: the ring stays attached and every version a reader process checks
+    /// matches its CRC. (The copy itself is tested to the byte, with a much denser scribbler, by
+    /// `CopyUnderConcurrentWritesTests` in the core tests.)
+    func testAProducerScribblingItsEntriesNeverCausesACorruptVersion() async throws {
+        let daemon = try TestDaemon(segments: [segment("noisy", size: 100, slots: 2)])
+        defer { daemon.stop() }
+        let count = 3000
+        let follower = try ChildProcess(Binaries.testKit, ["reader", "--socket", daemon.socketPath, "--segment", "noisy",
+                                                           "--until-version", "\(count)", "--timeout", "120"])
+        XCTAssertTrue(follower.waitForStderr("reading"), follower.stderrText)
+
+        let raw = try RawConnection(socketPath: daemon.socketPath)
+        try raw.hello()
+        let doorbell = try Doorbell()
+        defer { doorbell.close() }
+        let dataSize = 64 << 10
+        let file = try MemoryFile.createScratch(name: "noisy-ring", sealedAgainstShrinking: true)
+        defer { file.closeQuietly() }
+        try file.setSize(PublishRingLayout.headerSize + dataSize)
+        let region = try MappedRegion(mapping: file, length: PublishRingLayout.headerSize + dataSize, writable: true)
+        let ring = PublishRingProducer(formatting: region, dataSize: dataSize)
+        guard case .ringAttached = try raw.request(.attachRing(segment: "noisy"), descriptors: [file, doorbell.descriptor]) else {
+            return XCTFail("the ring was refused")
+        }
+        // Entries of 100 bytes occupy 128-byte blocks: payload bytes are 16..<116 of each block.
+        let stop = ManagedAtomicFlag()
+        nonisolated(unsafe) let data = region.base + PublishRingLayout.headerSize
+        let scribbler = Thread {
+            var generator = SplitMix64(seed: 7)
+            while !stop.isSet {
+                let value = generator.next()
+                let block = Int(value % UInt64(dataSize / 128)), offset = 16 + Int((value >> 20) % 100)
+                data.storeBytes(of: UInt8(truncatingIfNeeded: value >> 40), toByteOffset: block * 128 + offset, as: UInt8.self)
+            }
+        }
+        scribbler.start()
+        let payload = [UInt8](repeating: 0xAB, count: 100)
+        for index in 0..<count {
+            if try payload.withUnsafeBytes({ try ring.append($0, timeoutNanoseconds: 30_000_000_000) }) { doorbell.ring() }
+            if index % 16 == 0 { usleep(100) }  // let the scribbler and the reader in
+        }
+        let results = try ring.waitUntilConsumed(timeoutNanoseconds: 60_000_000_000)
+        stop.set()
+        XCTAssertEqual(results.lastVersion, UInt64(count))
+        XCTAssertEqual(results.detachedCode, 0, "scribbled payloads are not a broken ring")
+
+        let followed = follower.finish(timeout: 120)
+        XCTAssertEqual(followed.status, 0, followed.stderr)
+        let summary = try followed.json()
+        XCTAssertEqual(summary["crcFailures"] as? Int, 0, "every version matched its CRC: \(summary)")
+        XCTAssertEqual(summary["lastVersion"] as? Int, count, "\(summary)")
+        XCTAssertGreaterThan(summary["distinctVersions"] as? Int ?? 0, count / 20, "the reader saw many versions: \(summary)")
+    }
+
     /// After a daemon restart the client re-attaches its ring by itself and publishing resumes.
     func testPublisherResumesAfterADaemonRestart() async throws {
         let daemon = try TestDaemon(segments: [segment("feed", size: 64)])
@@ -200,4 +255,12 @@ final class PublishRingTests: XCTestCase {
         let reader = try await observer.open("feed")
         XCTAssertEqual(try reader.read()?.bytes, [2])
     }
+}
+
+/// A flag one thread sets and another polls.
+final class ManagedAtomicFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    var isSet: Bool { lock.withLock { value } }
+    func set() { lock.withLock { value = true } }
 }
