@@ -73,6 +73,23 @@ public struct StatusReport: Codable, Sendable, Equatable {
             self.subscriptions = subscriptions
             self.rings = rings
         }
+
+        private enum CodingKeys: String, CodingKey {
+            case id, name, pid, uid, gid, opened, subscriptions, rings
+        }
+
+        /// Decodes a client entry; `rings` may be absent (daemons before publish rings).
+        public init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            id = try container.decode(UInt64.self, forKey: .id)
+            name = try container.decode(String.self, forKey: .name)
+            pid = try container.decode(Int32.self, forKey: .pid)
+            uid = try container.decode(UInt32.self, forKey: .uid)
+            gid = try container.decode(UInt32.self, forKey: .gid)
+            opened = try container.decode([String].self, forKey: .opened)
+            subscriptions = try container.decode([String].self, forKey: .subscriptions)
+            rings = try container.decodeIfPresent([String].self, forKey: .rings) ?? []
+        }
     }
 
     public struct Counters: Codable, Sendable, Equatable {
