@@ -51,13 +51,16 @@ struct SegmentLatency: AsyncParsableCommand {
     @Option var rounds: UInt64
 
     func run() async throws {
-        var latencies: [String: UInt64] = [:]
+        let rounds = self.rounds  // read the option once, not per wake-up
+        var latencies = LatencyLog(rounds: rounds)
         var toDaemon: [UInt64] = [], toReader: [UInt64] = []
+        toDaemon.reserveCapacity(Int(rounds))
+        toReader.reserveCapacity(Int(rounds))
         try await followSegment(socket: socket, segment: segment) { info, buffer in
             let received = Clock.monotonicNanoseconds()
             let receivedWall = Clock.realtimeNanoseconds()
             let (sentAt, round) = Stamp.read(buffer)
-            latencies["\(round)"] = received &- sentAt
+            latencies.record(round: round, latency: received &- sentAt)
             // The split: producer call -> daemon's publish, and daemon's publish -> reader has it.
             let sentWall = Stamp.wallClock(buffer)
             if sentWall > 0 && info.publishedAtNanoseconds >= sentWall && receivedWall >= info.publishedAtNanoseconds {
@@ -67,7 +70,26 @@ struct SegmentLatency: AsyncParsableCommand {
             return round + 1 < rounds
         }
         func median(_ values: [UInt64]) -> UInt64 { values.isEmpty ? 0 : values.sorted()[values.count / 2] }
-        emitJSON(["latencies": latencies, "medianToDaemon": median(toDaemon), "medianDaemonToReader": median(toReader)])
+        emitJSON(["latencies": latencies.json, "medianToDaemon": median(toDaemon), "medianDaemonToReader": median(toReader)])
+    }
+}
+
+/// Per-round latencies kept in a preallocated array, so that recording one costs the same small
+/// amount in every agent (no hashing or string building between wake-ups), whatever it measures.
+struct LatencyLog {
+    private var values: [UInt64]
+
+    init(rounds: UInt64) { values = [UInt64](repeating: .max, count: Int(rounds)) }
+
+    mutating func record(round: UInt64, latency: UInt64) {
+        if round < UInt64(values.count) { values[Int(round)] = latency }
+    }
+
+    /// The rounds seen, as `"round": latency`.
+    var json: [String: UInt64] {
+        var result: [String: UInt64] = [:]
+        for (round, latency) in values.enumerated() where latency != .max { result["\(round)"] = latency }
+        return result
     }
 }
 
@@ -98,16 +120,17 @@ struct SocketLatency: AsyncParsableCommand {
 
     func run() throws {
         let fd = try RawStream.connect(path)
+        let rounds = self.rounds
         var buffer = [UInt8](repeating: 0, count: size)
-        var latencies: [String: UInt64] = [:]
+        var latencies = LatencyLog(rounds: rounds)
         announceReady()
         for _ in 0..<rounds {
             guard RawStream.readExactly(fd, &buffer) else { break }
             let received = Clock.monotonicNanoseconds()
             let (sentAt, round) = buffer.withUnsafeBytes { Stamp.read($0) }
-            latencies["\(round)"] = received &- sentAt
+            latencies.record(round: round, latency: received &- sentAt)
         }
-        emitJSON(["latencies": latencies])
+        emitJSON(["latencies": latencies.json])
     }
 }
 
