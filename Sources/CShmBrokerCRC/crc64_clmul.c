@@ -58,36 +58,49 @@ __attribute__((target("pclmul,sse4.1")))
 static uint64_t fold_all(uint64_t state, uint8_t *destination, const uint8_t *p, size_t n) {
     // Whatever is copied is checksummed from the copy: the source may be memory another process
     // keeps writing (a producer's ring), and the CRC must match the bytes that were stored.
-    if (n < 128) {
+    if (n < 16) {
         if (destination) {
             memcpy(destination, p, n);
             p = destination;
         }
         return bytewise(state, p, n);
     }
-    const __m128i k128 = _mm_set_epi64x((long long)fold128_high, (long long)fold128_low);
     const __m128i k16 = _mm_set_epi64x((long long)fold16_high, (long long)fold16_low);
-    __m128i x[8];
-    for (int i = 0; i < 8; i++) x[i] = _mm_loadu_si128((const __m128i *)(p + 16 * i));
-    if (destination) {
-        for (int i = 0; i < 8; i++) _mm_storeu_si128((__m128i *)(destination + 16 * i), x[i]);
-        destination += 128;
-    }
-    x[0] = _mm_xor_si128(x[0], _mm_cvtsi64_si128((long long)state));
-    p += 128;
-    n -= 128;
-    while (n >= 128) {
-        for (int i = 0; i < 8; i++) {
-            __m128i block = _mm_loadu_si128((const __m128i *)(p + 16 * i));
-            if (destination) _mm_storeu_si128((__m128i *)(destination + 16 * i), block);
-            x[i] = _mm_xor_si128(fold(x[i], k128), block);
+    __m128i acc;
+    if (n >= 128) {
+        const __m128i k128 = _mm_set_epi64x((long long)fold128_high, (long long)fold128_low);
+        __m128i x[8];
+        for (int i = 0; i < 8; i++) x[i] = _mm_loadu_si128((const __m128i *)(p + 16 * i));
+        if (destination) {
+            for (int i = 0; i < 8; i++) _mm_storeu_si128((__m128i *)(destination + 16 * i), x[i]);
+            destination += 128;
         }
-        if (destination) destination += 128;
+        x[0] = _mm_xor_si128(x[0], _mm_cvtsi64_si128((long long)state));
         p += 128;
         n -= 128;
+        while (n >= 128) {
+            for (int i = 0; i < 8; i++) {
+                __m128i block = _mm_loadu_si128((const __m128i *)(p + 16 * i));
+                if (destination) _mm_storeu_si128((__m128i *)(destination + 16 * i), block);
+                x[i] = _mm_xor_si128(fold(x[i], k128), block);
+            }
+            if (destination) destination += 128;
+            p += 128;
+            n -= 128;
+        }
+        acc = x[0];
+        for (int i = 1; i < 8; i++) acc = _mm_xor_si128(fold(acc, k16), x[i]);
+    } else {
+        // 16 to 127 bytes: one accumulator, so that short payloads need only 16 table steps.
+        acc = _mm_loadu_si128((const __m128i *)p);
+        if (destination) {
+            _mm_storeu_si128((__m128i *)destination, acc);
+            destination += 16;
+        }
+        acc = _mm_xor_si128(acc, _mm_cvtsi64_si128((long long)state));
+        p += 16;
+        n -= 16;
     }
-    __m128i acc = x[0];
-    for (int i = 1; i < 8; i++) acc = _mm_xor_si128(fold(acc, k16), x[i]);
     while (n >= 16) {
         __m128i block = _mm_loadu_si128((const __m128i *)p);
         if (destination) {

@@ -13,8 +13,8 @@ public struct CRC64: Sendable {
     /// Whether the carry-less-multiply implementation is in use on this CPU.
     public static let isHardwareAccelerated = shmb_crc64_hardware_available() != 0
 
-    /// Below this many bytes the table is as fast as folding.
-    static let foldingThreshold = 64
+    /// Below this many bytes (one 128-bit block) the table does all the work anyway.
+    static let foldingThreshold = 16
 
     /// The reflected ECMA-182 polynomial.
     public static let reflectedPolynomial: UInt64 = 0xC96C_5795_D787_0F42
