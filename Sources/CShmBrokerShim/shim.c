@@ -87,8 +87,13 @@ ssize_t shmb_recv_with_fds(int sock, void *buf, size_t len, int *fds, int max_fd
         for (int i = 0; i < count; i++) {
             int fd;
             memcpy(&fd, &received[i], sizeof fd);
-            if (*nfds < max_fds) fds[(*nfds)++] = fd;
-            else close(fd);
+            if (*nfds < max_fds) {
+                fds[(*nfds)++] = fd;
+            } else {
+                // More than the caller takes: closed, and reported like the kernel's truncation.
+                close(fd);
+                *msg_flags |= MSG_CTRUNC;
+            }
         }
     }
     return n;

@@ -331,6 +331,10 @@ public final class PublishRingConsumer {
         }
     }
 
+    /// The most entries the ring can hold at once: a drain of this many empties it, unless the
+    /// producer keeps appending.
+    public var capacityInEntries: Int { memory.dataSize / PublishRingLayout.alignment }
+
     /// The daemon is about to consume: producers need not signal until it reports idle again.
     public func markAwake() {
         memory.consumerIdle.store(0, ordering: .sequentiallyConsistent)

@@ -526,11 +526,10 @@ public final class BrokerServer {
 
     func disconnect(_ client: ClientConnection, reason: String?) {
         guard clients[client.id] != nil else { return }
-        // What a producer appended before it went away is still published (a bounded amount:
-        // one final pass over each of its rings).
+        // What a producer appended before it went away is still published.
         for token in client.rings.values {
             guard let ring = rings[token] else { continue }
-            drain(ring, maximumEntries: Self.ringFinalPass)
+            finalDrain(ring)
             removeRing(ring, detachCode: nil)
         }
         clients.removeValue(forKey: client.id)

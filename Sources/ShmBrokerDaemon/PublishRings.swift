@@ -30,8 +30,6 @@ final class AttachedRing {
 extension BrokerServer {
     /// Entries consumed from one ring before the loop looks at everything else again.
     static let ringBatch = 32
-    /// Entries still consumed from a ring whose producer disconnected.
-    static let ringFinalPass = 4096
     /// The largest ring file accepted beyond what a segment's capacity needs.
     static let maximumRingFileSize = 1 << 30
 
@@ -108,7 +106,7 @@ extension BrokerServer {
         guard let token = client.rings[name], let ring = rings[token] else {
             return reject(client, requestID: requestID, ProtocolError(.invalidRing, "no publish ring is attached to \"\(name)\" on this connection"))
         }
-        drain(ring)  // what was appended before DETACH_RING is published, as a producer expects
+        finalDrain(ring)  // what was appended before DETACH_RING is published, as a producer expects
         removeRing(ring, detachCode: nil)
         send(ServerMessage.ok.encode(requestID: requestID), to: client)
     }
@@ -167,6 +165,12 @@ extension BrokerServer {
             counters.malformedRequests += 1
             removeRing(ring, detachCode: .invalidRing)
         }
+    }
+
+    /// Publishes everything the ring holds before it is dropped: at most one ring's worth of
+    /// entries, so a producer that keeps appending cannot hold the loop.
+    func finalDrain(_ ring: AttachedRing) {
+        drain(ring, maximumEntries: ring.consumer.capacityInEntries + 1)
     }
 
     /// Stops consuming a ring, telling its producer why (in the ring) when `detachCode` is set.

@@ -28,7 +28,7 @@ extension BrokerServer {
         }
         if message.descriptorsWereTruncated {
             return reject(client, requestID: requestID, ProtocolError(.unexpectedDescriptor,
-                "at most \(ControlProtocol.maximumDescriptors) descriptor may accompany a frame"), descriptors: message.descriptors)
+                "at most \(ControlProtocol.maximumDescriptors) descriptors may accompany a frame (two only with ATTACH_RING)"), descriptors: message.descriptors)
         }
         let request: Request
         do {

@@ -104,6 +104,11 @@ final class ProtocolRobustnessTests: XCTestCase {
         defer { memfd.closeQuietly() }
         for _ in 0..<20 {
             try expectError(raw, Request.status.encode(requestID: 7), .unexpectedDescriptor, descriptors: [memfd])
+            // More descriptors than any request takes (the kernel truncates them): refused, closed.
+            try expectError(raw, Request.attachRing(segment: "data").encode(requestID: 9), .unexpectedDescriptor,
+                            descriptors: [memfd, memfd, memfd])
+            // A refused ATTACH_RING (an unsealed file is no ring) closes both of its descriptors.
+            try expectError(raw, Request.attachRing(segment: "data").encode(requestID: 10), .invalidRing, descriptors: [memfd, memfd])
         }
         XCTAssertLessThanOrEqual(try descriptorCount(of: daemon.pid), before, "the daemon closed the stray descriptors")
 

@@ -32,8 +32,8 @@ int shmb_seal_bit_seal(void);
 ssize_t shmb_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds, int extra_flags);
 
 /// recvmsg with MSG_CMSG_CLOEXEC (plus extra_flags). Received descriptors go to fds (at most max_fds;
-/// any beyond are closed); *nfds gets their count and *msg_flags the kernel's msg_flags
-/// (MSG_TRUNC / MSG_CTRUNC tell of truncation).
+/// any beyond are closed, and MSG_CTRUNC is set as if the kernel had truncated them); *nfds gets
+/// their count and *msg_flags the kernel's msg_flags (MSG_TRUNC / MSG_CTRUNC tell of truncation).
 ssize_t shmb_recv_with_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds,
                            int *msg_flags, int extra_flags);
 
