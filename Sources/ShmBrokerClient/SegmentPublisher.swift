@@ -13,7 +13,8 @@ import SystemPackage
 /// ``flush(timeoutNanoseconds:)`` waits until everything appended so far is published and returns
 /// the latest version. Publish calls block only while the ring is full.
 ///
-/// Calls are serialized; use one publisher per producing thread and segment. After a daemon
+/// Calls are serialized. A client has at most one publisher per segment; ``close()`` it when done
+/// (one dropped without closing stays attached until the connection closes). After a daemon
 /// restart the client re-attaches the ring by itself and the new daemon publishes whatever the
 /// old one had not consumed yet; a publish that was waiting when the connection broke fails with
 /// ``ShmBrokerClientError/disconnected``.
