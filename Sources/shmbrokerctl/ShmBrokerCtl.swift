@@ -162,8 +162,13 @@ struct Publish: AsyncParsableCommand {
     @Argument(help: "The segment name.") var name: String
     @Argument(help: "The file to publish, or - for stdin.") var file: String = "-"
     @Flag(name: .long, help: "Print the receipt as JSON.") var json = false
+    @Flag(name: .long, help: """
+        Publish every line of the input as its own version, as it arrives (newline not included), \
+        through a publish ring: for feeding a segment from a pipeline.
+        """) var lines = false
 
     func run() async throws {
+        if lines { return try await publishLines() }
         let data: Data
         if file == "-" {
             data = FileHandle.standardInput.readDataToEndOfFile()
@@ -178,6 +183,50 @@ struct Publish: AsyncParsableCommand {
             print("{\"segment\":\"\(name)\",\"version\":\(receipt.version),\"length\":\(receipt.length),\"crc64\":\"\(hex(receipt.crc64))\"}")
         } else {
             print("\(name): published version \(receipt.version) (\(receipt.length) bytes, crc64 \(hex(receipt.crc64)))")
+        }
+    }
+
+    /// Streams the input line by line into a publish ring; lines published before an error stay
+    /// published, and the error names the line that was refused.
+    func publishLines() async throws {
+        let input: FileHandle
+        if file == "-" {
+            input = FileHandle.standardInput
+        } else {
+            guard let opened = FileHandle(forReadingAtPath: file) else { throw fail("cannot read \(file)") }
+            input = opened
+        }
+        let client = try await connection.connect()
+        defer { client.close() }
+        let publisher = try await client.openPublisher(name)
+        var pending: [UInt8] = []
+        var published = 0
+        func publish(_ line: ArraySlice<UInt8>) throws {
+            do {
+                try publisher.publish(Array(line))
+            } catch {
+                throw fail("line \(published + 1) (\(line.count) bytes) was not published: \(error); \(published) lines before it were")
+            }
+            published += 1
+        }
+        while true {
+            let chunk = input.availableData
+            if chunk.isEmpty { break }
+            pending.append(contentsOf: chunk)
+            var start = pending.startIndex
+            while let newline = pending[start...].firstIndex(of: 0x0A) {
+                try publish(pending[start..<newline])
+                start = newline + 1
+            }
+            pending.removeSubrange(..<start)
+        }
+        if !pending.isEmpty { try publish(pending[...]) }  // a last line without its newline
+        let results = try publisher.flush(timeoutNanoseconds: 60_000_000_000)
+        await publisher.close()
+        if json {
+            print("{\"segment\":\"\(name)\",\"published\":\(published),\"version\":\(results.lastVersion),\"length\":\(results.lastLength),\"crc64\":\"\(hex(results.lastCRC64))\"}")
+        } else {
+            print("\(name): published \(published) lines; latest version \(results.lastVersion) (\(results.lastLength) bytes, crc64 \(hex(results.lastCRC64)))")
         }
     }
 }

@@ -123,6 +123,30 @@ final class EndToEndTests: XCTestCase {
     }
 
 
+    /// `shmbrokerctl publish --lines` feeds a segment from a pipeline: one version per line, and a
+    /// line longer than the segment is refused by number while the lines before it stay published.
+    func testCtlPublishesEachLineOfAStream() async throws {
+        let daemon = try TestDaemon(segments: [segment("feed", size: 16)])
+        defer { daemon.stop() }
+        let input = (1...1000).map { "line \($0)" }.joined(separator: "\n") + "\n"
+        let streamed = try runToCompletion(Binaries.ctl, ["publish", "feed", "--lines", "--json", "--socket", daemon.socketPath],
+                                           stdin: Data(input.utf8))
+        XCTAssertEqual(streamed.status, 0, streamed.stderr)
+        let receipt = try streamed.json()
+        XCTAssertEqual(receipt["published"] as? Int, 1000)
+        XCTAssertEqual(receipt["version"] as? Int, 1000)
+        let client = try await daemon.connect()
+        let handle = try await client.open("feed")
+        XCTAssertEqual(try handle.read()?.bytes, Array("line 1000".utf8))
+
+        let tooLong = try runToCompletion(Binaries.ctl, ["publish", "feed", "--lines", "--socket", daemon.socketPath],
+                                          stdin: Data("ok 1\nok 2\nthis line is longer than sixteen bytes\nnever\n".utf8))
+        XCTAssertEqual(tooLong.status, 1)
+        XCTAssertTrue(tooLong.stderr.contains("line 3") && tooLong.stderr.contains("capacity of 16"), tooLong.stderr)
+        try await waitUntil { handle.latestVersion == 1002 }
+        XCTAssertEqual(try handle.read()?.bytes, Array("ok 2".utf8), "the lines before the refused one were published")
+    }
+
     /// The library reuses its mapped staging files: payloads that grow, shrink and grow again
     /// (several in flight at once) must each arrive as exactly their own bytes, never with a tail
     /// left from a longer earlier payload or a head from a concurrent one.
