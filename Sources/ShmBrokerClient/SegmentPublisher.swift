@@ -21,8 +21,15 @@ import SystemPackage
 public final class SegmentPublisher: Sendable {
     /// The segment this publisher writes to.
     public let segment: String
-    /// The segment's capacity: the largest payload one publish may carry.
-    public let capacity: Int
+    /// The largest payload one publish may carry: the segment's capacity (as the daemon last
+    /// recorded it in the ring: a reload may resize the segment), within what the ring can hold.
+    public var capacity: Int {
+        let recorded = ring.segmentCapacity
+        return min(recorded > 0 ? recorded : attachedCapacity, ring.maximumPayload)
+    }
+
+    /// The capacity the daemon reported when the ring was attached.
+    private let attachedCapacity: Int
 
     let ring: PublishRingProducer
     let ringFile: FileDescriptor
@@ -38,7 +45,7 @@ public final class SegmentPublisher: Sendable {
     init(segment: String, capacity: Int, ring: PublishRingProducer, ringFile: FileDescriptor, doorbell: Doorbell,
          onClose: @escaping @Sendable (SegmentPublisher) async -> Void) {
         self.segment = segment
-        self.capacity = capacity
+        self.attachedCapacity = capacity
         self.ring = ring
         self.ringFile = ringFile
         self.doorbell = doorbell
@@ -79,8 +86,9 @@ public final class SegmentPublisher: Sendable {
     ///   connection to the daemon broke; `refused` with the daemon's reason if it detached the
     ///   ring (the segment was removed from its config, say), or if the publisher was closed.
     public func publish(_ bytes: UnsafeRawBufferPointer, timeoutNanoseconds: UInt64? = 10_000_000_000) throws(ShmBrokerClientError) {
-        guard bytes.count <= capacity else {
-            throw .refused(ProtocolError(.payloadTooLarge, SegmentError.payloadTooLarge(length: bytes.count, capacity: capacity).description))
+        let limit = capacity
+        guard bytes.count <= limit else {
+            throw .refused(ProtocolError(.payloadTooLarge, SegmentError.payloadTooLarge(length: bytes.count, capacity: limit).description))
         }
         let appended = state.withLock { state -> Result<Bool, ShmBrokerClientError> in
             guard !state.closed else { return .failure(Self.closedError) }

@@ -48,6 +48,8 @@ public enum PublishRingLayout {
         public static let lastRefusalCode = 0xF0
         /// Daemon-owned: non-zero once the daemon stopped consuming; the value is an error code.
         public static let detachedCode = 0xF4
+        /// Daemon-owned: the segment's current capacity (it can change on a reload).
+        public static let segmentCapacity = 0xF8
     }
 
     /// The bytes an entry of `payloadLength` bytes occupies, header and padding included.
@@ -173,6 +175,11 @@ public final class PublishRingProducer: @unchecked Sendable {
         // Until a daemon says otherwise, every append signals: a ring attached to a daemon that
         // has not looked at it yet must not wait for nothing.
         memory.consumerIdle.store(1, ordering: .sequentiallyConsistent)
+    }
+
+    /// The segment's capacity as the daemon last recorded it (0 before it attached the ring).
+    public var segmentCapacity: Int {
+        Int(clamping: memory.load(UInt64.self, at: PublishRingLayout.Header.segmentCapacity))
     }
 
     /// The largest payload one entry can carry: half the data area less the entry header, so that
@@ -334,6 +341,12 @@ public final class PublishRingConsumer {
     /// The most entries the ring can hold at once: a drain of this many empties it, unless the
     /// producer keeps appending.
     public var capacityInEntries: Int { memory.dataSize / PublishRingLayout.alignment }
+
+    /// Records the segment's capacity for the producer (at attaching, and after a reload resized it).
+    public func recordSegmentCapacity(_ capacity: Int) {
+        let field = PublishRingLayout.Header.segmentCapacity
+        if memory.load(UInt64.self, at: field) != UInt64(capacity) { memory.store(UInt64(capacity), at: field) }
+    }
 
     /// The daemon is about to consume: producers need not signal until it reports idle again.
     public func markAwake() {

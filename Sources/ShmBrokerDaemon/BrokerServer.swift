@@ -349,6 +349,9 @@ public final class BrokerServer {
         segmentOrder = newConfiguration.segments.map(\.name)
         configuration.limits = newConfiguration.limits
         configuration.segments = newConfiguration.segments
+        // Rings of removed segments (or of producers no longer allowed) are detached now, with
+        // the reason; the others learn their segment's capacity, which may have changed.
+        for ring in Array(rings.values) { _ = currentSegment(of: ring) }
         counters.reloads += 1
         notifier.ready(status: statusLine())
         logger.notice("reloaded", metadata: ["segments": "\(segments.count)"])

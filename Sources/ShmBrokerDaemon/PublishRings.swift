@@ -53,6 +53,7 @@ extension BrokerServer {
             return reject(client, requestID: requestID, ProtocolError(.badDescriptor,
                 "the second descriptor of ATTACH_RING must be an eventfd (the ring's doorbell)"), descriptors: [doorbell])
         }
+        consumer.recordSegmentCapacity(segment.writer.layout.capacity)
         let ring = AttachedRing(token: nextRingToken, clientID: client.id, segmentName: name, consumer: consumer, doorbell: doorbell)
         do {
             try epoll.add(doorbell, events: [.readable, .edgeTriggered], token: ring.token)
@@ -129,16 +130,29 @@ extension BrokerServer {
         }
     }
 
+    /// The segment a ring feeds, if it may still: else the ring is detached with the reason. Also
+    /// records the segment's capacity in the ring, for the producer (a reload may resize it).
+    func currentSegment(of ring: AttachedRing) -> ManagedSegment? {
+        guard let client = clients[ring.clientID] else {
+            removeRing(ring, detachCode: nil)
+            return nil
+        }
+        guard let segment = segments[ring.segmentName] else {
+            removeRing(ring, detachCode: .segmentRetired)
+            return nil
+        }
+        guard segment.definition.publishers.allows(client.credentials, daemonUID: daemonUID) else {
+            removeRing(ring, detachCode: .permissionDenied)
+            return nil
+        }
+        ring.consumer.recordSegmentCapacity(segment.writer.layout.capacity)
+        return segment
+    }
+
     /// Consumes one batch of a ring into its segment; a ring whose producer broke its rules, whose
     /// segment is gone or whose producer may no longer publish is detached with the reason.
     func drain(_ ring: AttachedRing, maximumEntries: Int = BrokerServer.ringBatch) {
-        guard let client = clients[ring.clientID] else { return removeRing(ring, detachCode: nil) }
-        guard let segment = segments[ring.segmentName] else {
-            return removeRing(ring, detachCode: .segmentRetired)
-        }
-        guard segment.definition.publishers.allows(client.credentials, daemonUID: daemonUID) else {
-            return removeRing(ring, detachCode: .permissionDenied)
-        }
+        guard let segment = currentSegment(of: ring) else { return }
         let outcome = ring.consumer.drain(maximumEntries: maximumEntries) { payload in
             let receipt: PublishReceipt
             do {
@@ -160,7 +174,8 @@ extension BrokerServer {
             }
         case .broken(let reason):
             logger.notice("publish ring broke its rules; detached", metadata: [
-                "segment": "\(ring.segmentName)", "client": "\(client.id)", "pid": "\(client.credentials.pid)", "reason": "\(reason)",
+                "segment": "\(ring.segmentName)", "client": "\(ring.clientID)",
+                "pid": "\(clients[ring.clientID]?.credentials.pid ?? 0)", "reason": "\(reason)",
             ])
             counters.malformedRequests += 1
             removeRing(ring, detachCode: .invalidRing)

@@ -47,7 +47,8 @@ final class PublishRingCoreTests: XCTestCase {
                         "producerWaiting": h.producerWaiting, "tail": h.tail, "tailFutex": h.tailFutex,
                         "consumerIdle": h.consumerIdle, "consumedEntries": h.consumedEntries, "lastVersion": h.lastVersion,
                         "lastCrc64": h.lastCRC64, "lastLength": h.lastLength, "lastPublishedAt": h.lastPublishedAt,
-                        "refusedEntries": h.refusedEntries, "lastRefusalCode": h.lastRefusalCode, "detachedCode": h.detachedCode]
+                        "refusedEntries": h.refusedEntries, "lastRefusalCode": h.lastRefusalCode, "detachedCode": h.detachedCode,
+                        "segmentCapacity": h.segmentCapacity]
         XCTAssertEqual(documented, expected)
         withUnsafeBytes(of: PublishRingLayout.magic.littleEndian) { XCTAssertEqual(Array($0), Array("SHMBRING".utf8)) }
     }

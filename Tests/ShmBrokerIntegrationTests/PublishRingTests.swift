@@ -228,6 +228,40 @@ final class PublishRingTests: XCTestCase {
         XCTAssertGreaterThan(summary["distinctVersions"] as? Int ?? 0, 1, "the reader checked versions as they came: \(summary)")
     }
 
+    /// A reload that resizes the segment keeps its ring working (into the new segment); one that
+    /// removes the segment detaches the ring, and the producer learns why.
+    func testReloadResizingKeepsTheRingAndRemovingDetachesIt() async throws {
+        let daemon = try TestDaemon(segments: [segment("a", size: 64), segment("b", size: 64)], withNotifySocket: true)
+        defer { daemon.stop() }
+        let notify = try XCTUnwrap(daemon.notify)
+        let client = try await daemon.connect()
+        let toResize = try await client.openPublisher("a")
+        let toRemove = try await client.openPublisher("b")
+        try toResize.publish([1])
+        try toRemove.publish([1])
+        XCTAssertEqual(try toResize.flush().lastVersion, 1)
+        XCTAssertEqual(try toRemove.flush().lastVersion, 1)
+
+        try daemon.rewriteConfig(segments: [segment("a", size: 128)])
+        daemon.child.signal(SIGHUP)
+        XCTAssertNotNil(notify.waitFor("RELOADING=1"))
+        XCTAssertNotNil(notify.waitFor("READY=1"))
+
+        try toResize.publish([UInt8](repeating: 2, count: 100))
+        let resized = try toResize.flush()
+        XCTAssertEqual(resized.lastLength, 100, "the entry went into the resized segment")
+        let reader = try await client.open("a")
+        XCTAssertEqual(try reader.read()?.bytes, [UInt8](repeating: 2, count: 100))
+
+        do {
+            try toRemove.publish([2])
+            try toRemove.flush()
+            XCTFail("a ring to a removed segment kept working")
+        } catch {
+            XCTAssertEqual(error.code, .segmentRetired, "\(error)")
+        }
+    }
+
     /// After a daemon restart the client re-attaches its ring by itself and publishing resumes.
     func testPublisherResumesAfterADaemonRestart() async throws {
         let daemon = try TestDaemon(segments: [segment("feed", size: 64)])
