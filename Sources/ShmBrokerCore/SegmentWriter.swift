@@ -97,8 +97,10 @@ public final class SegmentWriter: @unchecked Sendable {
             throw .payloadTooLarge(length: bytes.count, capacity: layout.capacity)
         }
         let (version, slot) = beginWrite()
-        // Copy and checksum in one pass over memory.
-        let crc = CRC64.copyAndChecksum(from: bytes, to: memory.slotData(slot))
+        // Copy and checksum: in one pass, or for mid sizes in two (see CRC64.copyThenChecksum).
+        let crc = CRC64.isHardwareAccelerated && CRC64.twoPassPublishSizes.contains(bytes.count)
+            ? CRC64.copyThenChecksum(from: bytes, to: memory.slotData(slot))
+            : CRC64.copyAndChecksum(from: bytes, to: memory.slotData(slot))
         return commit(version: version, slot: slot, length: bytes.count, crc: crc)
     }
 

@@ -167,7 +167,7 @@ extension BrokerServer {
     }
 
     /// Copies a payload from a producer's file into the segment. A file sealed against shrinking
-    /// is mapped (the mapping cached per connection) and copied with the CRC in one pass; any
+    /// is mapped (the mapping cached per connection) and copied straight into the slot; any
     /// other file is read with `pread`, so a producer that truncates it mid-copy causes a short
     /// read (an error reply), never a SIGBUS in the daemon.
     func publish(from file: FileDescriptor, length: UInt64, into segment: ManagedSegment,

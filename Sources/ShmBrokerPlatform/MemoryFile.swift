@@ -31,7 +31,7 @@ public enum MemoryFile {
     /// Creates an empty memfd that grows as it is written: a producer's staging file.
     ///
     /// - Parameter sealedAgainstShrinking: add `F_SEAL_SHRINK`, which lets the daemon map the
-    ///   file safely (nobody can truncate it under the mapping) and copy from it in one pass.
+    ///   file safely (nobody can truncate it under the mapping) and copy from it directly.
     public static func createScratch(name: String, sealedAgainstShrinking: Bool = false) throws(Errno) -> FileDescriptor {
         let fd = FileDescriptor(rawValue: try retryingInterrupts { shmb_memfd_create(name) })
         if sealedAgainstShrinking {

@@ -30,6 +30,10 @@ final class CRC64Tests: XCTestCase {
                     let copied = destination.withUnsafeMutableBytes { CRC64.copyAndChecksum(from: slice, to: $0.baseAddress! + 3) }
                     XCTAssertEqual(copied, expected, "fused copy, start \(start) length \(length)")
                     XCTAssertEqual(Array(destination[3..<3 + length]), Array(slice), "fused copy bytes")
+                    destination.withUnsafeMutableBytes { _ = $0.initializeMemory(as: UInt8.self, repeating: 0) }
+                    let twoPass = destination.withUnsafeMutableBytes { CRC64.copyThenChecksum(from: slice, to: $0.baseAddress! + 5) }
+                    XCTAssertEqual(twoPass, expected, "two-pass copy, start \(start) length \(length)")
+                    XCTAssertEqual(Array(destination[5..<5 + length]), Array(slice), "two-pass copy bytes")
                 }
             }
         }
@@ -78,8 +82,9 @@ final class CopyUnderConcurrentWritesTests: XCTestCase {
             running.set(true)
             scribbler.start()
             var mismatches = 0
-            for _ in 0..<20_000 {
-                let crc = CRC64.copyAndChecksum(from: UnsafeRawBufferPointer(source), to: destination)
+            for round in 0..<20_000 {
+                let crc = round % 2 == 0 ? CRC64.copyAndChecksum(from: UnsafeRawBufferPointer(source), to: destination)
+                                         : CRC64.copyThenChecksum(from: UnsafeRawBufferPointer(source), to: destination)
                 if crc != CRC64.checksum(UnsafeRawBufferPointer(start: destination, count: length)) { mismatches += 1 }
             }
             running.set(false)
