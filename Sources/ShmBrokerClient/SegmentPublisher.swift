@@ -14,7 +14,7 @@ import SystemPackage
 /// the latest version. Publish calls block only while the ring is full.
 ///
 /// Calls are serialized. A client has at most one publisher per segment; ``close()`` it when done
-/// (one dropped without closing stays attached until the connection closes). After a daemon
+/// (one that is dropped is detached in the background). After a daemon
 /// restart the client re-attaches the ring by itself and the new daemon publishes whatever the
 /// old one had not consumed yet; a publish that was waiting when the connection broke fails with
 /// ``ShmBrokerClientError/disconnected``.
@@ -35,7 +35,12 @@ public final class SegmentPublisher: Sendable {
     let ringFile: FileDescriptor
     let doorbell: Doorbell
     private let state = Mutex(State())
-    private let onClose: @Sendable (SegmentPublisher) async -> Void
+    /// Detaches the ring from the daemon (which first publishes what it holds), given the segment
+    /// and this publisher's serial number.
+    private let detach: @Sendable (String, UInt64) async -> Void
+    /// Unique among the publishers of this process (unlike an address, never reused).
+    let serialNumber = SegmentPublisher.serialNumbers.add(1, ordering: .relaxed).newValue
+    private static let serialNumbers = Atomic<UInt64>(0)
 
     private struct State {
         var closed = false
@@ -43,18 +48,24 @@ public final class SegmentPublisher: Sendable {
     }
 
     init(segment: String, capacity: Int, ring: PublishRingProducer, ringFile: FileDescriptor, doorbell: Doorbell,
-         onClose: @escaping @Sendable (SegmentPublisher) async -> Void) {
+         detach: @escaping @Sendable (String, UInt64) async -> Void) {
         self.segment = segment
         self.attachedCapacity = capacity
         self.ring = ring
         self.ringFile = ringFile
         self.doorbell = doorbell
-        self.onClose = onClose
+        self.detach = detach
     }
 
     deinit {
         ringFile.closeQuietly()
         doorbell.close()
+        // Dropped without close(): detach anyway, so the segment can take a new publisher. The
+        // daemon keeps its own mapping until then and publishes what the ring still holds.
+        if !state.withLock({ $0.closed }) {
+            let (segment, detach, serialNumber) = (self.segment, self.detach, self.serialNumber)
+            Task { await detach(segment, serialNumber) }
+        }
     }
 
     /// Creates a ring sized for `capacity` (two full-size entries, at least 256 KiB).
@@ -138,7 +149,7 @@ public final class SegmentPublisher: Sendable {
             defer { state.closed = true }
             return !state.closed
         }
-        if wasOpen { await onClose(self) }
+        if wasOpen { await detach(segment, serialNumber) }
     }
 
     static let closedError = ShmBrokerClientError.refused(ProtocolError(.invalidRing, "the publisher was closed"))

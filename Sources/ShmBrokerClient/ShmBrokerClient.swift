@@ -38,6 +38,8 @@ public final class ShmBrokerClient: Sendable {
 
     private struct WeakPublisher {
         weak var publisher: SegmentPublisher?
+        /// Which publisher this entry is for, even after it was deallocated.
+        let serialNumber: UInt64
     }
 
     private struct SubscriptionEntry {
@@ -295,23 +297,24 @@ public final class ShmBrokerClient: Sendable {
                 throw error
             }
             let publisher = SegmentPublisher(segment: name, capacity: min(segmentCapacity, ring.maximumPayload), ring: ring,
-                                             ringFile: file, doorbell: doorbell) { [weak self] publisher in
-                await self?.closePublisher(publisher)
+                                             ringFile: file, doorbell: doorbell) { [weak self] segment, serialNumber in
+                await self?.detachPublisher(of: segment, serialNumber: serialNumber)
             }
-            state.withLock { $0.publishers[name] = WeakPublisher(publisher: publisher) }
+            state.withLock { $0.publishers[name] = WeakPublisher(publisher: publisher, serialNumber: publisher.serialNumber) }
             return publisher
         }
         throw .protocolViolation("the daemon kept reporting a capacity the ring cannot hold")
     }
 
-    /// Detaches a closed publisher's ring (the daemon first publishes what is left in it).
-    private nonisolated(nonsending) func closePublisher(_ publisher: SegmentPublisher) async {
+    /// Detaches the ring of a publisher that was closed or dropped (the daemon first publishes
+    /// what is left in it).
+    private nonisolated(nonsending) func detachPublisher(of segment: String, serialNumber: UInt64) async {
         let current = state.withLock { state -> Bool in
-            guard state.publishers[publisher.segment]?.publisher === publisher else { return false }
-            state.publishers.removeValue(forKey: publisher.segment)
+            guard state.publishers[segment]?.serialNumber == serialNumber else { return false }  // a newer one
+            state.publishers.removeValue(forKey: segment)
             return true
         }
-        if current { _ = try? await request(.detachRing(segment: publisher.segment)) }
+        if current { _ = try? await request(.detachRing(segment: segment)) }
     }
 
     /// Attaches every open publisher's ring to a new connection; the new daemon continues where

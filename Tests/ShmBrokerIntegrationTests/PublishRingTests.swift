@@ -83,6 +83,25 @@ final class PublishRingTests: XCTestCase {
         XCTAssertEqual(try again.flush().lastVersion, 51)
     }
 
+    /// A publisher dropped without close() is detached in the background: what it appended is
+    /// published and the segment takes a new publisher on the same client.
+    func testADroppedPublisherIsDetachedAndItsEntriesPublished() async throws {
+        let daemon = try TestDaemon(segments: [segment("dropped", size: 64)])
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        do {
+            let publisher = try await client.openPublisher("dropped")
+            for value in 1...20 { try publisher.publish([UInt8(value)]) }
+        }
+        try await waitUntil { try await client.status().clients.allSatisfy { $0.rings.isEmpty } }
+        let reader = try await client.open("dropped")
+        XCTAssertEqual(try reader.read()?.bytes, [20])
+        let again = try await client.openPublisher("dropped")
+        try again.publish([21])
+        XCTAssertEqual(try again.flush().lastVersion, 21)
+        await again.close()
+    }
+
     /// A producer that exits without flushing still has its appended payloads published.
     func testPayloadsOfAProducerThatExitedArePublished() async throws {
         let daemon = try TestDaemon(segments: [segment("last-words", size: 64)])
