@@ -68,7 +68,7 @@ public final class SegmentPublisher: Sendable {
         }
     }
 
-    /// Creates a ring sized for `capacity` (two full-size entries, at least 256 KiB).
+    /// Creates a ring sized for `capacity` (see ``PublishRingLayout/dataSize(forCapacity:minimum:)``).
     static func makeRing(capacity: Int) throws(ShmBrokerClientError) -> (PublishRingProducer, FileDescriptor, Doorbell) {
         let dataSize = PublishRingLayout.dataSize(forCapacity: capacity)
         do throws(Errno) {

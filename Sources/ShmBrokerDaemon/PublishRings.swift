@@ -158,7 +158,7 @@ extension BrokerServer {
             do {
                 receipt = try segment.writer.publish(payload)
             } catch {
-                counters.errorReplies += 1
+                counters.errorReplies += 1  // the ring's answer to this entry, as an ERROR is to a PUBLISH
                 return .failure(RingRefusal(code: UInt32(ErrorCode.payloadTooLarge.rawValue)))
             }
             recordPublish(receipt, of: segment)
