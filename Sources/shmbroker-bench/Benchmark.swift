@@ -26,6 +26,16 @@ struct Run: AsyncParsableCommand {
         Run only these benchmarks (comma-separated: crc, read, latency, throughput, fanout, rate, \
         scale); the JSON, text and plot then hold only those.
         """) var only: String?
+    @Option(help: """
+        Throughput cases to run instead of the standard six, as payloadKiB:readers pairs \
+        (for example 64:1,1024:8), for investigating one case.
+        """) var throughputCases: String?
+    @Option(help: "Interleaved trials per throughput case (default 5; 1 with --quick).") var trials: Int?
+
+    func validate() throws {
+        if let trials, trials < 1 { throw ValidationError("--trials must be at least 1") }
+        if let throughputCases { _ = try Self.parseCases(throughputCases) }
+    }
 
     /// Whether the benchmark `name` was asked for (all are, without `--only`).
     func selected(_ name: String) -> Bool {
@@ -217,13 +227,14 @@ struct Run: AsyncParsableCommand {
     }
 
     func throughputBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
-        let trials = quick ? 1 : 5
+        let trials = self.trials ?? (quick ? 1 : 5)
         report.section("Producer -> reader throughput (MB/s delivered to readers; median of \(trials) interleaved trials; "
                        + "requests: \(Self.publishWindow) PUBLISH requests in flight)")
         report.row(["payload", "readers", "ring copy", "ring 0-copy", "reqs 0-copy", "socket", "ratio ring 0-copy", "ratio reqs 0-copy"])
         let client = try await daemon.connect()
         var rows: [String: Any] = [:]
-        let cases: [(Int, Int)] = [(4 << 10, 1), (64 << 10, 1), (1 << 20, 1), (16 << 20, 1), (64 << 10, 8), (1 << 20, 8)]
+        let standardCases: [(Int, Int)] = [(4 << 10, 1), (64 << 10, 1), (1 << 20, 1), (16 << 20, 1), (64 << 10, 8), (1 << 20, 8)]
+        let cases = try throughputCases.map(Self.parseCases) ?? standardCases
         for (size, readers) in cases {
             let segment = "tp-\(sizeName(size))"
             let totalBytes = quick ? 64 << 20 : 256 << 20
@@ -260,6 +271,17 @@ struct Run: AsyncParsableCommand {
             }
         }
         return rows
+    }
+
+    /// Parses `payloadKiB:readers,...` into (bytes, readers) pairs of sizes the bench daemon serves.
+    static func parseCases(_ text: String) throws -> [(Int, Int)] {
+        try text.split(separator: ",").map { pair in
+            let parts = pair.split(separator: ":").compactMap { Int($0) }
+            guard parts.count == 2, [4, 64, 1024, 16384].contains(parts[0]), parts[1] > 0 else {
+                throw ValidationError("a throughput case is payloadKiB:readers with payloadKiB 4, 64, 1024 or 16384, not '\(pair)'")
+            }
+            return (parts[0] << 10, parts[1])
+        }
     }
 
     /// Publishes `count` versions while `readers` drain agents read every version they can;
