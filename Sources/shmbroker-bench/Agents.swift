@@ -95,13 +95,14 @@ struct LatencyLog {
 
 /// Opens a segment, announces readiness, then hands each new version (read verified into a
 /// reusable buffer, woken by the futex) to `body` until it returns false or 10 s pass idle.
-func followSegment(socket: String, segment: String,
+func followSegment(socket: String, segment: String, afterReady: () -> Void = {},
                    _ body: (SegmentReader.CopiedVersion, UnsafeRawBufferPointer) -> Bool) async throws {
     let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "bench-reader")
     let handle = try await client.open(segment)
     var buffer = [UInt8](repeating: 0, count: handle.capacity)
     var last = handle.latestVersion
     announceReady()
+    afterReady()
     while true {
         if handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000) == last { return }
         let outcome = try buffer.withUnsafeMutableBytes { try handle.reader.readOnce(into: $0) }
@@ -144,11 +145,13 @@ struct SegmentDrain: AsyncParsableCommand {
 
     func run() async throws {
         var bytes = 0, versions = 0
+        var cpuAtReady: UInt64 = 0
         if zeroCopy {
             let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "bench-reader")
             let handle = try await client.open(segment)
             var last = handle.latestVersion
             announceReady()
+            cpuAtReady = ownCPUNanoseconds()
             while last < until {
                 if handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000) == last { break }
                 guard let (version, length) = try handle.reader.withLatestVersion(verifyingChecksum: true, { borrowed in
@@ -159,13 +162,14 @@ struct SegmentDrain: AsyncParsableCommand {
                 versions += 1
             }
         } else {
-            try await followSegment(socket: socket, segment: segment) { info, _ in
+            try await followSegment(socket: socket, segment: segment, afterReady: { cpuAtReady = ownCPUNanoseconds() }) { info, _ in
                 bytes += info.length
                 versions += 1
                 return info.version < until
             }
         }
-        emitJSON(["bytes": bytes, "versions": versions, "finishedAt": Clock.monotonicNanoseconds()])
+        emitJSON(["bytes": bytes, "versions": versions, "finishedAt": Clock.monotonicNanoseconds(),
+                  "cpuNanoseconds": ownCPUNanoseconds() - cpuAtReady])
     }
 }
 
@@ -180,12 +184,13 @@ struct SocketDrain: AsyncParsableCommand {
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
         var received = 0
         announceReady()
+        let cpuAtReady = ownCPUNanoseconds()
         while received < total {
             let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, min($0.count, total - received)) }
             if n <= 0 { break }
             received += n
         }
-        emitJSON(["bytes": received, "finishedAt": Clock.monotonicNanoseconds()])
+        emitJSON(["bytes": received, "finishedAt": Clock.monotonicNanoseconds(), "cpuNanoseconds": ownCPUNanoseconds() - cpuAtReady])
     }
 }
 

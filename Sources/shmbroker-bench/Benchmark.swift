@@ -31,10 +31,23 @@ struct Run: AsyncParsableCommand {
         (for example 64:1,1024:8), for investigating one case.
         """) var throughputCases: String?
     @Option(help: "Interleaved trials per throughput case (default 5; 1 with --quick).") var trials: Int?
+    @Option(help: """
+        Throughput transports to run (comma-separated: ring-copy, ring, requests, socket; default \
+        all), for profiling one alone; ratios need ring and socket.
+        """) var throughputPaths: String?
 
     func validate() throws {
         if let trials, trials < 1 { throw ValidationError("--trials must be at least 1") }
         if let throughputCases { _ = try Self.parseCases(throughputCases) }
+        let unknown = Set(selectedPaths).subtracting(Self.allPaths)
+        if !unknown.isEmpty { throw ValidationError("unknown throughput paths \(unknown.sorted()); known: \(Self.allPaths.joined(separator: ", "))") }
+    }
+
+    static let allPaths = ["ring-copy", "ring", "requests", "socket"]
+
+    /// The throughput transports asked for (all, without `--throughput-paths`).
+    var selectedPaths: [String] {
+        throughputPaths.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } } ?? Self.allPaths
     }
 
     /// Whether the benchmark `name` was asked for (all are, without `--only`).
@@ -241,26 +254,49 @@ struct Run: AsyncParsableCommand {
             let count = max(16, min(20_000, totalBytes / size))
             // The transports take turns, so a noisy moment on this shared machine hits one trial
             // of each rather than all of one.
-            var ringCopying: [Double] = [], ringZeroCopy: [Double] = [], requestsZeroCopy: [Double] = [], socketTrials: [Double] = []
+            var ringCopying: [ThroughputTrial] = [], ringZeroCopy: [ThroughputTrial] = []
+            var requestsZeroCopy: [ThroughputTrial] = [], socketTrials: [ThroughputTrial] = []
+            let paths = selectedPaths
             for _ in 0..<trials {
-                ringCopying.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
-                                                               readers: readers, zeroCopy: false, via: .ring))
-                ringZeroCopy.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
-                                                                readers: readers, zeroCopy: true, via: .ring))
-                requestsZeroCopy.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
-                                                                    readers: readers, zeroCopy: true, via: .requests))
-                socketTrials.append(try socketThroughput(size: size, count: count, readers: readers))
+                if paths.contains("ring-copy") {
+                    ringCopying.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
+                                                                   readers: readers, zeroCopy: false, via: .ring))
+                }
+                if paths.contains("ring") {
+                    ringZeroCopy.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
+                                                                    readers: readers, zeroCopy: true, via: .ring))
+                }
+                if paths.contains("requests") {
+                    requestsZeroCopy.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
+                                                                        readers: readers, zeroCopy: true, via: .requests))
+                }
+                if paths.contains("socket") { socketTrials.append(try socketThroughput(size: size, count: count, readers: readers)) }
             }
-            func median(_ values: [Double]) -> Double { values.sorted()[values.count / 2] }
-            let copying = median(ringCopying), zeroCopy = median(ringZeroCopy), requests = median(requestsZeroCopy)
-            let socket = median(socketTrials)
+            /// The median trial by throughput (nil for a transport left out).
+            func median(_ trials: [ThroughputTrial]) -> ThroughputTrial? {
+                trials.isEmpty ? nil : trials.sorted { $0.megabytesPerSecond < $1.megabytesPerSecond }[trials.count / 2]
+            }
+            let copyingTrial = median(ringCopying), zeroCopyTrial = median(ringZeroCopy)
+            let requestsTrial = median(requestsZeroCopy), socketTrial = median(socketTrials)
+            // A transport left out reads as NaN ("n/a" in the table, null in the JSON).
+            let copying = copyingTrial?.megabytesPerSecond ?? .nan, zeroCopy = zeroCopyTrial?.megabytesPerSecond ?? .nan
+            let requests = requestsTrial?.megabytesPerSecond ?? .nan, socket = socketTrial?.megabytesPerSecond ?? .nan
+            func json(_ value: Double) -> Any { value.isNaN ? NSNull() : value }
             rows["\(sizeName(size))x\(readers)"] = [
-                "shm_MBps": copying, "shm_zero_copy_MBps": zeroCopy, "shm_requests_zero_copy_MBps": requests, "socket_MBps": socket,
-                "ratio": copying / socket, "ratio_zero_copy": zeroCopy / socket, "ratio_requests_zero_copy": requests / socket,
-                "published": count,
+                "shm_MBps": json(copying), "shm_zero_copy_MBps": json(zeroCopy), "shm_requests_zero_copy_MBps": json(requests),
+                "socket_MBps": json(socket), "ratio": json(copying / socket), "ratio_zero_copy": json(zeroCopy / socket),
+                "ratio_requests_zero_copy": json(requests / socket), "published": count,
+                "cpu_cores_median_trial": [
+                    "ring_copy": copyingTrial?.cpu.json, "ring_zero_copy": zeroCopyTrial?.cpu.json,
+                    "requests_zero_copy": requestsTrial?.cpu.json, "socket": socketTrial?.cpu.json,
+                ].compactMapValues { $0 },
             ]
             report.row([sizeName(size), "\(readers)", fmt(copying, 0), fmt(zeroCopy, 0), fmt(requests, 0), fmt(socket, 0),
-                        fmt(zeroCopy / socket) + "x", fmt(requests / socket) + "x"])
+                        ratioCell(zeroCopy / socket), ratioCell(requests / socket)])
+            let shares = [("ring 0-copy", zeroCopyTrial), ("socket", socketTrial)].compactMap { name, trial in
+                trial.map { "\(name) \($0.cpu.cell)" }
+            }
+            if !shares.isEmpty { report.note("CPU, cores (daemon / producer / readers): " + shares.joined(separator: "; ")) }
             if readers == 1 && size >= 64 << 10 {
                 report.goal("throughput >= 1x raw socket at \(sizeName(size)) (publish ring, zero-copy verified reader)",
                             value: zeroCopy / socket, target: 1)
@@ -285,9 +321,9 @@ struct Run: AsyncParsableCommand {
     }
 
     /// Publishes `count` versions while `readers` drain agents read every version they can;
-    /// returns MB/s delivered to all readers together.
+    /// returns MB/s delivered to all readers together and the CPU each party used meanwhile.
     func segmentThroughput(_ client: ShmBrokerClient, _ daemon: BenchDaemon, segment: String, size: Int, count: Int,
-                           readers: Int, zeroCopy: Bool, via path: ProducerPath) async throws -> Double {
+                           readers: Int, zeroCopy: Bool, via path: ProducerPath) async throws -> ThroughputTrial {
         let start = try await client.status().segments.first { $0.name == segment }?.version ?? 0
         let agents = try (0..<readers).map { _ in
             try AgentProcess(["segment-drain", "--socket", daemon.socketPath, "--segment", segment,
@@ -296,9 +332,12 @@ struct Run: AsyncParsableCommand {
         for agent in agents { try agent.waitUntilReady() }
         let payload = [UInt8](repeating: 0x33, count: size)
         var began: UInt64 = 0
+        var daemonCPU = cpuNanoseconds(ofProcess: daemon.pid), producerCPU = ownCPUNanoseconds()
         switch path {
         case .ring:
             let publisher = try await client.openPublisher(segment)
+            daemonCPU = cpuNanoseconds(ofProcess: daemon.pid)
+            producerCPU = ownCPUNanoseconds()
             began = Clock.monotonicNanoseconds()
             for _ in 0..<count { try publisher.publish(payload) }
             try publisher.flush(timeoutNanoseconds: 120_000_000_000)
@@ -319,13 +358,25 @@ struct Run: AsyncParsableCommand {
                 try await group.waitForAll()
             }
         }
+        producerCPU = ownCPUNanoseconds() - producerCPU
         let results = try agents.map { try $0.result() }
-        let finished = results.compactMap { ($0["finishedAt"] as? NSNumber)?.uint64Value }.max() ?? began
-        let delivered = results.compactMap { $0["bytes"] as? Int }.reduce(0, +)
-        return Double(delivered) / Double(max(finished - began, 1)) * 1000
+        daemonCPU = cpuNanoseconds(ofProcess: daemon.pid) - daemonCPU
+        return throughputTrial(results, began: began, producerCPU: producerCPU, daemonCPU: daemonCPU)
     }
 
-    func socketThroughput(size: Int, count: Int, readers: Int) throws -> Double {
+    /// MB/s and CPU shares from the agents' reports; the wall time runs from the first publish
+    /// until the last reader had the last version.
+    func throughputTrial(_ results: [[String: Any]], began: UInt64, producerCPU: UInt64, daemonCPU: UInt64) -> ThroughputTrial {
+        let finished = results.compactMap { ($0["finishedAt"] as? NSNumber)?.uint64Value }.max() ?? began
+        let delivered = results.compactMap { $0["bytes"] as? Int }.reduce(0, +)
+        let readersCPU = results.compactMap { ($0["cpuNanoseconds"] as? NSNumber)?.uint64Value }.reduce(0, +)
+        let wall = Double(max(finished - began, 1))
+        return ThroughputTrial(megabytesPerSecond: Double(delivered) / wall * 1000,
+                               cpu: CPUShares(daemon: Double(daemonCPU) / wall, producer: Double(producerCPU) / wall,
+                                              readers: Double(readersCPU) / wall))
+    }
+
+    func socketThroughput(size: Int, count: Int, readers: Int) throws -> ThroughputTrial {
         let path = NSTemporaryDirectory() + "shmbroker-bench-tp-\(getpid()).sock"
         let listener = try RawStream.listen(path)
         defer { close(listener); unlink(path) }
@@ -334,14 +385,13 @@ struct Run: AsyncParsableCommand {
         defer { connections.forEach { close($0) } }
         for agent in agents { try agent.waitUntilReady() }
         let payload = [UInt8](repeating: 0x44, count: size)
+        let writerCPU = ownCPUNanoseconds()
         let began = Clock.monotonicNanoseconds()
         for _ in 0..<count {
             payload.withUnsafeBytes { bytes in connections.forEach { RawStream.writeAll($0, bytes) } }
         }
-        let results = try agents.map { try $0.result() }
-        let finished = results.compactMap { ($0["finishedAt"] as? NSNumber)?.uint64Value }.max() ?? began
-        let delivered = results.compactMap { $0["bytes"] as? Int }.reduce(0, +)
-        return Double(delivered) / Double(max(finished - began, 1)) * 1000
+        let writer = ownCPUNanoseconds() - writerCPU
+        return throughputTrial(try agents.map { try $0.result() }, began: began, producerCPU: writer, daemonCPU: 0)
     }
 
     func fanOutBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
@@ -510,6 +560,9 @@ func machineDescription() -> String {
     return "\(cpu), \(ProcessInfo.processInfo.activeProcessorCount) cores"
 }
 
+/// A ratio for the table: "1.23x", or "n/a" when one side was not measured.
+func ratioCell(_ ratio: Double) -> String { ratio.isNaN ? "n/a" : fmt(ratio) + "x" }
+
 func sizeName(_ size: Int) -> String {
     size >= 1 << 20 ? "\(size >> 20)MiB" : size >= 1 << 10 ? "\(size >> 10)KiB" : "\(size)B"
 }
@@ -532,7 +585,11 @@ struct Report {
         }.joined() + "\n"
     }
 
+    /// An indented line under the last row.
+    mutating func note(_ line: String) { text += "   \(line)\n" }
+
     mutating func goal(_ name: String, value: Double, target: Double, lowerIsBetter: Bool = false) {
+        guard !value.isNaN else { return }  // not measured in this run
         let met = lowerIsBetter ? value <= target : value >= target
         goals.append(["goal": name, "value": value, "target": target, "met": met])
         text += "   goal: \(name): \(fmt(value)) -> \(met ? "met" : "NOT met")\n"

@@ -123,6 +123,40 @@ enum LZMA {
     }()
 }
 
+/// CPU time this process has used so far (user and system, all threads), in nanoseconds.
+func ownCPUNanoseconds() -> UInt64 {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    func nanoseconds(_ time: timeval) -> UInt64 { UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_usec) * 1000 }
+    return nanoseconds(usage.ru_utime) + nanoseconds(usage.ru_stime)
+}
+
+/// CPU time another process has used so far, summed over its threads from
+/// /proc/PID/task/*/schedstat (nanosecond resolution, unlike the tick counts in /proc/PID/stat).
+func cpuNanoseconds(ofProcess pid: Int32) -> UInt64 {
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+    return tasks.reduce(0) { total, task in
+        let text = (try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/schedstat", encoding: .utf8)) ?? ""
+        return total + (text.split(separator: " ").first.flatMap { UInt64($0) } ?? 0)
+    }
+}
+
+/// Where the CPU went during one throughput trial, in cores (CPU time over wall time).
+struct CPUShares {
+    var daemon: Double
+    var producer: Double
+    var readers: Double
+
+    var json: [String: Double] { ["daemon": daemon, "producer": producer, "readers": readers] }
+    var cell: String { "\(fmt(daemon)) / \(fmt(producer)) / \(fmt(readers))" }
+}
+
+/// One throughput trial: MB/s delivered to all readers together, and who used the CPU for it.
+struct ThroughputTrial {
+    var megabytesPerSecond: Double
+    var cpu: CPUShares
+}
+
 /// Resident memory of a process from /proc/PID/status, in KiB.
 func residentMemory(of pid: Int32) -> (anonymous: Int, file: Int, shared: Int) {
     let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
