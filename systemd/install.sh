@@ -24,7 +24,7 @@ swift build -c release --static-swift-stdlib --product shmbrokerd
 swift build -c release --static-swift-stdlib --product shmbrokerctl
 BIN=$(swift build -c release --static-swift-stdlib --show-bin-path)
 
-install -d -m 0755 "$PREFIX/bin" "$PREFIX/share/shmbroker" "$PREFIX/share/doc/shmbroker" /etc/shmbroker /etc/sysusers.d
+install -d -m 0755 "$PREFIX/bin" "$PREFIX/share/shmbroker" "$PREFIX/share/doc/shmbroker/examples" /etc/shmbroker /etc/sysusers.d
 install -m 0755 "$BIN/shmbrokerd" "$BIN/shmbrokerctl" "$PREFIX/bin/"
 sed "s|/usr/local/bin/shmbrokerd|$PREFIX/bin/shmbrokerd|; s|/usr/local/share|$PREFIX/share|" \
     systemd/shmbroker.service > /etc/systemd/system/shmbroker.service
@@ -33,6 +33,7 @@ install -m 0644 systemd/shmbroker.socket /etc/systemd/system/shmbroker.socket
 install -m 0644 systemd/shmbroker.sysusers.conf /etc/sysusers.d/shmbroker.conf
 install -m 0644 config/shmbroker.schema.json "$PREFIX/share/shmbroker/"
 install -m 0644 README.md docs/LAYOUT.md docs/PROTOCOL.md "$PREFIX/share/doc/shmbroker/"
+install -m 0644 docs/examples/reader.py docs/examples/reader.c "$PREFIX/share/doc/shmbroker/examples/"
 if [ -e /etc/shmbroker/shmbroker.json ]; then
     echo "keeping the existing /etc/shmbroker/shmbroker.json"
 else
