@@ -336,6 +336,7 @@ struct Run: AsyncParsableCommand {
         switch path {
         case .ring:
             let publisher = try await client.openPublisher(segment)
+            // The clocks start once the ring is attached, as the wall clock does.
             daemonCPU = cpuNanoseconds(ofProcess: daemon.pid)
             producerCPU = ownCPUNanoseconds()
             began = Clock.monotonicNanoseconds()
