@@ -47,13 +47,13 @@ struct Run: AsyncParsableCommand {
 
     /// The throughput transports asked for (all, without `--throughput-paths`).
     var selectedPaths: [String] {
-        throughputPaths.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } } ?? Self.allPaths
+        throughputPaths.map(commaSeparatedList) ?? Self.allPaths
     }
 
     /// Whether the benchmark `name` was asked for (all are, without `--only`).
     func selected(_ name: String) -> Bool {
         guard let only else { return true }
-        return only.split(separator: ",").contains { $0.trimmingCharacters(in: .whitespaces) == name }
+        return commaSeparatedList(only).contains(name)
     }
 
     func run() async throws {
@@ -559,6 +559,11 @@ func machineDescription() -> String {
         .split(separator: "\n").first { $0.hasPrefix("model name") }?
         .split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "unknown CPU"
     return "\(cpu), \(ProcessInfo.processInfo.activeProcessorCount) cores"
+}
+
+/// The items of an option like `--only crc, read`, spaces trimmed.
+func commaSeparatedList(_ text: String) -> [String] {
+    text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
 }
 
 /// A ratio for the table: "1.23x", or "n/a" when one side was not measured.
