@@ -46,7 +46,23 @@ public struct SocketSettings: Sendable, Equatable {
 
 /// Resource limits of the control channel.
 public struct Limits: Sendable, Equatable {
+    /// Most connections at once, from everyone (`limits.maxClients`).
     public var maximumClients = 1024
+    /// Most connections at once from one uid other than root and the daemon's own
+    /// (`limits.maxClientsPerUser`); nil means a quarter of ``maximumClients``, at least 1.
+    public var configuredMaximumClientsPerUser: Int?
+    /// Connections only root and the daemon's own uid may use (`limits.reservedClients`); nil
+    /// means a sixteenth of ``maximumClients``, between 1 and 32 (0 when `maxClients` is 1).
+    public var configuredReservedClients: Int?
+
+    public init() {}
+
+    /// The per-user limit in force.
+    public var maximumClientsPerUser: Int { configuredMaximumClientsPerUser ?? max(1, maximumClients / 4) }
+    /// The slots kept for root and the daemon's uid, never all of them.
+    public var reservedClients: Int {
+        min(configuredReservedClients ?? min(32, max(1, maximumClients / 16)), maximumClients - 1)
+    }
     /// How long a subscriber's socket may stay full before it is disconnected.
     public var subscriberStallTimeoutSeconds = 10.0
 }
@@ -226,9 +242,19 @@ private struct Checker {
 
     mutating func limits(_ value: JSONValue, at path: String) -> Limits {
         var limits = Limits()
-        guard let fields = members(value, at: path, allowed: ["maxClients", "subscriberStallTimeoutSeconds"]) else { return limits }
+        guard let fields = members(value, at: path, allowed: ["maxClients", "maxClientsPerUser", "reservedClients", "subscriberStallTimeoutSeconds"]) else { return limits }
         if let value = fields["maxClients"], let number = integer(value, at: "\(path).maxClients", in: 1...65_536) {
             limits.maximumClients = number
+        }
+        if let value = fields["maxClientsPerUser"], let number = integer(value, at: "\(path).maxClientsPerUser", in: 1...65_536) {
+            limits.configuredMaximumClientsPerUser = number
+        }
+        if let value = fields["reservedClients"], let number = integer(value, at: "\(path).reservedClients", in: 0...65_535) {
+            if number >= limits.maximumClients {
+                problem("\(path).reservedClients", "must be smaller than maxClients (\(limits.maximumClients)), got \(number)")
+            } else {
+                limits.configuredReservedClients = number
+            }
         }
         if let value = fields["subscriberStallTimeoutSeconds"] {
             if case .number(let text) = value, let seconds = Double(text), seconds > 0, seconds <= 3600 {

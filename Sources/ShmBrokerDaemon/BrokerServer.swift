@@ -42,6 +42,12 @@ public final class BrokerServer {
     var segments: [String: ManagedSegment] = [:]
     var segmentOrder: [String] = []
     var clients: [UInt64: ClientConnection] = [:]
+    /// Connections held by each uid, for `limits.maxClientsPerUser`.
+    var connectionsPerUID: [UInt32: Int] = [:]
+    /// Whether the listener is out of the epoll set because accept ran out of descriptors.
+    var listenerPaused = false
+    var acceptPauses = 0
+    var lastAcceptPauseLog: UInt64 = 0
     var nextClientID = Token.firstClient
     /// Attached publish rings, by their doorbell's token.
     var rings: [UInt64: AttachedRing] = [:]
@@ -94,6 +100,7 @@ public final class BrokerServer {
     /// Creates every segment, listens on the control socket, and reports READY=1: in that order,
     /// so a reader that sees the daemon ready can open every configured segment.
     public func start() throws {
+        try checkDescriptorBudget(configuration, context: "start")
         for definition in configuration.segments {
             addSegment(try restoreOrCreate(definition))
         }
@@ -121,6 +128,34 @@ public final class BrokerServer {
             "watchdog": "\(watchdogIntervalNanoseconds.map { "\($0 / 1_000_000)ms" } ?? "off")",
         ])
         notifier.ready(status: statusLine())
+    }
+
+    /// Descriptors the daemon needs besides one per segment and one per client: epoll, signalfd,
+    /// timer, listener, standard streams, the notify socket, and room for replies in flight.
+    static let descriptorHeadroom = 64
+
+    /// Each segment holds a descriptor (its memfd) and each client one (its socket): a config
+    /// whose segments alone do not fit `RLIMIT_NOFILE` is refused, naming the numbers; one whose
+    /// segments plus `maxClients` do not fit is logged, since the client limit cannot then be
+    /// reached.
+    func checkDescriptorBudget(_ configuration: BrokerConfiguration, context: String) throws {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max else { return }
+        let available = Int(clamping: limit.rlim_cur)
+        let segmentCount = configuration.segments.count
+        // On reload the running segments stay open until the new ones exist.
+        let during = context == "reload" ? segmentCount + segments.count : segmentCount
+        guard during + Self.descriptorHeadroom <= available else {
+            throw DaemonError.descriptorLimit(segments: segmentCount, needed: during + Self.descriptorHeadroom, limit: available)
+        }
+        let wanted = segmentCount + configuration.limits.maximumClients + Self.descriptorHeadroom
+        if wanted > available {
+            logger.warning("the descriptor limit is below what the config can use", metadata: [
+                "segments": "\(segmentCount)", "maxClients": "\(configuration.limits.maximumClients)",
+                "needed": "\(wanted)", "rlimitNofile": "\(available)",
+                "hint": "raise LimitNOFILE= in the unit or lower limits.maxClients",
+            ])
+        }
     }
 
     /// Takes a segment back from the fd store if an earlier run stored it, else creates it.
@@ -260,6 +295,7 @@ public final class BrokerServer {
             entry.socket.closeQuietly()
             return true
         }
+        resumeListener()
         if let interval = watchdogIntervalNanoseconds, now &- lastWatchdogPing >= interval / 2 {
             // Sent from the loop itself: if the loop hangs, the pings stop and systemd steps in.
             notifier.watchdogAlive()
@@ -313,6 +349,14 @@ public final class BrokerServer {
         }
         if newConfiguration.socket != configuration.socket {
             logger.warning("socket settings changed; they take effect on restart")
+        }
+        do {
+            try checkDescriptorBudget(newConfiguration, context: "reload")
+        } catch {
+            counters.failedReloads += 1
+            logger.error("reload rejected; keeping the running configuration", metadata: ["error": "\(error)"])
+            notifier.ready(status: "reload failed (\(error)); " + statusLine())
+            return
         }
         var created: [ManagedSegment] = []
         do {
@@ -371,37 +415,29 @@ public final class BrokerServer {
     // MARK: Clients
 
     func acceptClients() {
-        guard let listener else { return }
+        guard let listener, !listenerPaused else { return }
         for _ in 0..<64 {
             let accepted: FileDescriptor?
             do {
                 accepted = try SeqpacketSocket.accept(listener)
             } catch {
-                logger.warning("accept failed", metadata: ["error": "\(error)"])
+                if [.tooManyOpenFiles, .tooManyOpenFilesInSystem, .noMemory, .noBufferSpace].contains(error) {
+                    pauseListener(reason: error)
+                } else {
+                    logger.warning("accept failed", metadata: ["error": "\(error)"])
+                }
                 return
             }
             guard let socket = accepted else { return }
-            guard clients.count < configuration.limits.maximumClients else {
-                counters.clientsRefused += 1
-                let refusal = ServerMessage.error(ProtocolError(.tooManyClients,
-                    "the daemon serves at most \(configuration.limits.maximumClients) clients (limits.maxClients)"))
-                _ = refusal.encode(requestID: 0).withUnsafeBytes { try? SeqpacketSocket.send(socket, $0) }
-                // Closing now, with the client's HELLO unread, would reset the connection and
-                // discard the refusal before the client reads it: end our side, close later.
-                _ = shutdown(socket.rawValue, Int32(SHUT_WR))
-                if refusedSockets.count < 256 {
-                    refusedSockets.append((socket, Clock.monotonicNanoseconds() + 1_000_000_000))
-                } else {
-                    socket.closeQuietly()
-                }
-                logger.warning("client refused: limit reached", metadata: ["limit": "\(configuration.limits.maximumClients)"])
-                continue
-            }
             let credentials: PeerCredentials
             do {
                 credentials = try SeqpacketSocket.peerCredentials(socket)
             } catch {
                 socket.closeQuietly()
+                continue
+            }
+            if let refusal = admissionRefusal(for: credentials) {
+                refuse(socket, credentials: credentials, message: refusal)
                 continue
             }
             let client = ClientConnection(id: nextClientID, socket: socket, credentials: credentials)
@@ -413,9 +449,81 @@ public final class BrokerServer {
                 continue
             }
             clients[client.id] = client
+            connectionsPerUID[credentials.uid, default: 0] += 1
             counters.clientsAccepted += 1
             logger.debug("client connected", metadata: ["client": "\(client.id)", "pid": "\(credentials.pid)", "uid": "\(credentials.uid)"])
         }
+    }
+
+    /// Why a new connection may not be served, or nil if it may. Root and the daemon's own uid
+    /// may use every slot; everyone else leaves `limits.reservedClients` free and holds at most
+    /// `limits.maxClientsPerUser`, so no unprivileged user can lock the others (or root) out.
+    func admissionRefusal(for peer: PeerCredentials) -> String? {
+        let limits = configuration.limits
+        if peer.uid == 0 || peer.uid == daemonUID {
+            guard clients.count < limits.maximumClients else {
+                return "the daemon serves at most \(limits.maximumClients) clients (limits.maxClients)"
+            }
+            return nil
+        }
+        guard clients.count < limits.maximumClients - limits.reservedClients else {
+            return "the daemon serves at most \(limits.maximumClients) clients, \(limits.reservedClients) of them kept for root and the daemon's user (limits.maxClients, limits.reservedClients)"
+        }
+        let held = connectionsPerUID[peer.uid, default: 0]
+        guard held < limits.maximumClientsPerUser else {
+            return "uid \(peer.uid) already has \(held) connections, the most one user may hold (limits.maxClientsPerUser)"
+        }
+        return nil
+    }
+
+    /// Answers a connection that may not be served with `too-many-clients`, then closes it.
+    func refuse(_ socket: FileDescriptor, credentials: PeerCredentials, message: String) {
+        counters.clientsRefused += 1
+        let refusal = ServerMessage.error(ProtocolError(.tooManyClients, message))
+        _ = refusal.encode(requestID: 0).withUnsafeBytes { try? SeqpacketSocket.send(socket, $0) }
+        // Closing now, with the client's HELLO unread, would reset the connection and
+        // discard the refusal before the client reads it: end our side, close later.
+        _ = shutdown(socket.rawValue, Int32(SHUT_WR))
+        if refusedSockets.count < 256 {
+            refusedSockets.append((socket, Clock.monotonicNanoseconds() + 1_000_000_000))
+        } else {
+            socket.closeQuietly()
+        }
+        logger.warning("client refused", metadata: ["uid": "\(credentials.uid)", "pid": "\(credentials.pid)", "reason": "\(message)"])
+    }
+
+    /// Out of descriptors (or kernel memory): stop watching the listener, so a level-triggered
+    /// epoll does not report it ready again at once and spin. Connections wait in the backlog
+    /// until a descriptor frees (a client leaves) or the next timer tick retries.
+    func pauseListener(reason: Errno) {
+        guard let listener, !listenerPaused else { return }
+        listenerPaused = true
+        epoll.remove(listener)
+        acceptPauses += 1
+        let now = Clock.monotonicNanoseconds()
+        if now &- lastAcceptPauseLog >= 10_000_000_000 {
+            lastAcceptPauseLog = now
+            var limit = rlimit()
+            _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+            logger.error("cannot accept connections: \(reason); waiting until a descriptor frees", metadata: [
+                "clients": "\(clients.count)", "segments": "\(segments.count)", "rlimitNofile": "\(limit.rlim_cur)",
+                "pausesSinceLastLog": "\(acceptPauses)",
+            ])
+            acceptPauses = 0
+        }
+    }
+
+    /// Watches the listener again after a pause; queued connections are accepted at once.
+    func resumeListener() {
+        guard let listener, listenerPaused else { return }
+        listenerPaused = false
+        do {
+            try epoll.add(listener, events: .readable, token: Token.listener)
+        } catch {
+            listenerPaused = true
+            return
+        }
+        acceptClients()
     }
 
     func handleClient(_ id: UInt64, events: Epoll.Events) {
@@ -536,10 +644,14 @@ public final class BrokerServer {
             removeRing(ring, detachCode: nil)
         }
         clients.removeValue(forKey: client.id)
+        if let held = connectionsPerUID[client.credentials.uid] {
+            connectionsPerUID[client.credentials.uid] = held > 1 ? held - 1 : nil
+        }
         epoll.remove(client.socket)
         for name in client.subscriptions { segments[name]?.subscribers.remove(client.id) }
         for name in client.opened { segments[name]?.readers.remove(client.id) }
         client.close()
+        if listenerPaused && running { resumeListener() }
         if let reason {
             logger.notice("client disconnected", metadata: ["client": "\(client.id)", "pid": "\(client.credentials.pid)", "reason": "\(reason)"])
         } else {
@@ -553,9 +665,12 @@ public enum DaemonError: Error, CustomStringConvertible {
     case socketInUse(String)
     case socketOwnership(String, Errno)
     case cannotListen(String, String)
+    case descriptorLimit(segments: Int, needed: Int, limit: Int)
 
     public var description: String {
         switch self {
+        case let .descriptorLimit(segments, needed, limit):
+            return "the config's \(segments) segments need \(needed) open files but the descriptor limit (RLIMIT_NOFILE) is \(limit); raise LimitNOFILE= or ulimit -n, or configure fewer segments"
         case .socketInUse(let path): return "another process is already serving \(path)"
         case let .socketOwnership(path, error): return "cannot set the owner of \(path): \(error)"
         case let .cannotListen(path, reason): return "cannot listen on \(path): \(reason)"

@@ -26,6 +26,19 @@ extension BrokerServer {
                 "frame exceeds the maximum of \(ControlProtocol.maximumFrameSize) bytes; publish larger payloads as an attached memfd"),
                 descriptors: message.descriptors)
         }
+        if message.descriptorsWereTruncated && message.descriptors.count < ControlProtocol.maximumDescriptors {
+            // The kernel stops installing passed descriptors when the receiver (this daemon) is
+            // out of them: the client did nothing wrong, and must learn whose resource ran out.
+            counters.descriptorLimitRefusals += 1
+            var limit = rlimit()
+            _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+            logger.error("a client's descriptors were dropped: the daemon is at its descriptor limit", metadata: [
+                "client": "\(client.id)", "rlimitNofile": "\(limit.rlim_cur)", "clients": "\(clients.count)",
+            ])
+            return reject(client, requestID: requestID, ProtocolError(.descriptorLimit,
+                "the daemon could not receive the request's descriptors: it has reached its own limit of \(limit.rlim_cur) open files (RLIMIT_NOFILE); retry later"),
+                descriptors: message.descriptors)
+        }
         if message.descriptorsWereTruncated {
             return reject(client, requestID: requestID, ProtocolError(.unexpectedDescriptor,
                 "at most \(ControlProtocol.maximumDescriptors) descriptors may accompany a frame (two only with ATTACH_RING)"), descriptors: message.descriptors)
@@ -246,12 +259,20 @@ extension BrokerServer {
         }
     }
 
+    /// STATUS shows each peer only what it may see: segments whose `readers` list admits it (a
+    /// segment it may not read is left out, so its version, length, CRC and timing stay secret),
+    /// and clients only to root and the daemon's user — everyone else sees its own uid's
+    /// connections. Counters are daemon-wide totals.
     func handleStatus(requestID: UInt32, client: ClientConnection) {
+        let peer = client.credentials
+        let privileged = peer.uid == 0 || peer.uid == daemonUID
         let report = StatusReport(
             daemon: StatusReport.Daemon(version: Self.version, pid: getpid(), startedAt: startedAt.timeIntervalSince1970,
                                         configPath: configPath, socketPath: configuration.socket.path,
                                         protocolVersion: ControlProtocol.version),
-            segments: segmentOrder.compactMap { segments[$0] }.map { segment in
+            segments: segmentOrder.compactMap { segments[$0] }
+                .filter { $0.definition.readers.allows(peer, daemonUID: daemonUID) }
+                .map { segment in
                 let receipt = segment.writer.latestReceipt
                 return StatusReport.Segment(
                     name: segment.name, capacity: UInt64(segment.definition.capacity), slots: UInt32(segment.definition.slots),
@@ -260,7 +281,7 @@ extension BrokerServer {
                     lastPublishedAt: receipt.map { Double($0.publishedAtNanoseconds) / 1e9 },
                     readers: segment.readers.count, subscribers: segment.subscribers.count)
             },
-            clients: clients.values.sorted { $0.id < $1.id }.map {
+            clients: clients.values.filter { privileged || $0.credentials.uid == peer.uid }.sorted { $0.id < $1.id }.map {
                 StatusReport.Client(id: $0.id, name: $0.name, pid: $0.credentials.pid, uid: $0.credentials.uid,
                                     gid: $0.credentials.gid, opened: $0.opened.sorted(), subscriptions: $0.subscriptions.sorted(),
                                     rings: $0.rings.keys.sorted())

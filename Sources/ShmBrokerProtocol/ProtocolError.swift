@@ -20,6 +20,8 @@ public enum ErrorCode: UInt16, Sendable, CaseIterable, Codable {
     case tooManyClients = 16
     case invalidRing = 17
     case connectionLost = 18
+    case descriptorLimit = 19
+    case ownerPublishes = 20
 
     /// A short stable name, as printed by tools and written in the docs.
     public var name: String {
@@ -42,6 +44,8 @@ public enum ErrorCode: UInt16, Sendable, CaseIterable, Codable {
         case .tooManyClients: return "too-many-clients"
         case .invalidRing: return "invalid-ring"
         case .connectionLost: return "connection-lost"
+        case .descriptorLimit: return "descriptor-limit"
+        case .ownerPublishes: return "owner-publishes"
         }
     }
 }

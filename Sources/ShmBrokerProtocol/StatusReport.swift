@@ -103,8 +103,33 @@ public struct StatusReport: Codable, Sendable, Equatable {
         public var errorReplies: UInt64 = 0
         public var reloads: UInt64 = 0
         public var failedReloads: UInt64 = 0
+        /// Requests whose descriptors the kernel dropped because the daemon was at its
+        /// descriptor limit (answered `descriptor-limit`).
+        public var descriptorLimitRefusals: UInt64 = 0
 
         public init() {}
+
+        private enum CodingKeys: String, CodingKey {
+            case clientsAccepted, clientsRefused, publishes, eventsSent, eventsCoalesced, slowSubscribersDisconnected
+            case malformedRequests, errorReplies, reloads, failedReloads, descriptorLimitRefusals
+        }
+
+        /// Decodes counters; a counter an older daemon does not report reads as 0.
+        public init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            func value(_ key: CodingKeys) throws -> UInt64 { try container.decodeIfPresent(UInt64.self, forKey: key) ?? 0 }
+            clientsAccepted = try value(.clientsAccepted)
+            clientsRefused = try value(.clientsRefused)
+            publishes = try value(.publishes)
+            eventsSent = try value(.eventsSent)
+            eventsCoalesced = try value(.eventsCoalesced)
+            slowSubscribersDisconnected = try value(.slowSubscribersDisconnected)
+            malformedRequests = try value(.malformedRequests)
+            errorReplies = try value(.errorReplies)
+            reloads = try value(.reloads)
+            failedReloads = try value(.failedReloads)
+            descriptorLimitRefusals = try value(.descriptorLimitRefusals)
+        }
     }
 
     public var daemon: Daemon

@@ -172,6 +172,7 @@ final class TestDaemon {
     let notify: NotifyListener?
     private(set) var child: ChildProcess
     private let environment: [String: String]
+    private let launcher: [String]
 
     /// Writes a config with `segments` and starts the daemon.
     ///
@@ -181,7 +182,7 @@ final class TestDaemon {
     ///   - withNotifySocket: give the daemon a NOTIFY_SOCKET and wait for READY=1 there
     ///     (otherwise wait until the control socket accepts connections).
     init(segments: [[String: Any]], limits: [String: Any] = [:], withNotifySocket: Bool = false,
-         waitUntilReady: Bool = true, extraEnvironment: [String: String] = [:]) throws {
+         waitUntilReady: Bool = true, extraEnvironment: [String: String] = [:], launcher: [String] = []) throws {
         let base = "/tmp/shmbroker-test-\(getpid())-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
         directory = base
@@ -195,7 +196,8 @@ final class TestDaemon {
         if let notify { environment["NOTIFY_SOCKET"] = notify.path }
         environment.merge(extraEnvironment) { $1 }
         self.environment = environment
-        child = try ChildProcess(Binaries.daemon, ["--config", configPath, "--log-level", "debug"], environment: environment)
+        self.launcher = launcher
+        child = try TestDaemon.launch(launcher, configPath: configPath, environment: environment)
         if waitUntilReady {
             if let notify {
                 guard notify.waitFor("READY=1") != nil else { throw TestFailure("daemon never sent READY=1: \(child.stderrText)") }
@@ -203,6 +205,13 @@ final class TestDaemon {
                 try waitUntilAccepting()
             }
         }
+    }
+
+    /// Starts the daemon, through `launcher` (such as `prlimit … --`) when one is given.
+    static func launch(_ launcher: [String], configPath: String, environment: [String: String]) throws -> ChildProcess {
+        let arguments = ["--config", configPath, "--log-level", "debug"]
+        guard let tool = launcher.first else { return try ChildProcess(Binaries.daemon, arguments, environment: environment) }
+        return try ChildProcess(tool, Array(launcher.dropFirst()) + [Binaries.daemon] + arguments, environment: environment)
     }
 
     static func writeConfig(at path: String, socketPath: String, segments: [[String: Any]], limits: [String: Any] = [:]) throws {
@@ -235,7 +244,7 @@ final class TestDaemon {
     func restart() throws {
         child.signal(SIGTERM)
         _ = child.finish(timeout: 30)
-        child = try ChildProcess(Binaries.daemon, ["--config", configPath, "--log-level", "debug"], environment: environment)
+        child = try TestDaemon.launch(launcher, configPath: configPath, environment: environment)
         try waitUntilAccepting()
     }
 

@@ -97,7 +97,9 @@ final class CodecTests: XCTestCase {
     }
 
     func testErrorCodesAreStable() {
-        XCTAssertEqual(ErrorCode.allCases.map(\.rawValue), Array(1...18))
+        XCTAssertEqual(ErrorCode.allCases.map(\.rawValue), Array(1...20))
+        XCTAssertEqual(ErrorCode.descriptorLimit.name, "descriptor-limit")
+        XCTAssertEqual(ErrorCode.ownerPublishes.name, "owner-publishes")
         XCTAssertEqual(ErrorCode.invalidRing.name, "invalid-ring")
         XCTAssertEqual(ErrorCode.permissionDenied.name, "permission-denied")
         XCTAssertEqual(ControlProtocol.maximumInlinePayload(nameLength: 9), 65536 - 12 - 2 - 9 - 1)
