@@ -1,4 +1,5 @@
 import CShmBrokerCRC
+import Glibc
 
 /// CRC-64/XZ (also called CRC-64/GO-ECMA): the ECMA-182 polynomial, reflected, initial value and
 /// final XOR all ones. Check value: `CRC64.checksum("123456789") == 0x995DC9BBDF1939FA`.
@@ -6,12 +7,51 @@ import CShmBrokerCRC
 /// This is the checksum stored with every published version, so a reader in any language can
 /// verify content with a standard library routine (for example liblzma's `lzma_crc64`).
 ///
-/// On CPUs with carry-less multiplication (PCLMULQDQ, checked once at run time) inputs of 64 bytes
-/// or more are folded 128 bytes at a time in `CShmBrokerCRC`; elsewhere a portable slicing-by-8
-/// table does the work. Both give identical results (the tests compare them).
+/// The widest implementation the CPU has is chosen once, at run time (``Path``): 512-bit
+/// VPCLMULQDQ folding, 256-bit VPCLMULQDQ, 128-bit PCLMULQDQ, or a portable slicing-by-8 table.
+/// All give identical results (the tests compare each against the bit-at-a-time definition).
+/// `SHMBROKER_CRC64_PATH` (`portable`, `clmul128`, `vpclmul256`, `vpclmul512`) caps the choice,
+/// for measuring one path against another.
 public struct CRC64: Sendable {
-    /// Whether the carry-less-multiply implementation is in use on this CPU.
-    public static let isHardwareAccelerated = shmb_crc64_hardware_available() != 0
+    /// One implementation of the checksum.
+    public enum Path: Int32, Sendable, CaseIterable, CustomStringConvertible, Comparable {
+        /// Slicing-by-8 tables, on any CPU.
+        case portable = 0
+        /// PCLMULQDQ + SSE4.1, 128 bits per fold.
+        case clmul128 = 1
+        /// VPCLMULQDQ + AVX2, 256 bits per fold.
+        case vpclmul256 = 2
+        /// VPCLMULQDQ + AVX-512F, 512 bits per fold.
+        case vpclmul512 = 3
+
+        public var description: String {
+            switch self {
+            case .portable: return "portable"
+            case .clmul128: return "clmul128"
+            case .vpclmul256: return "vpclmul256"
+            case .vpclmul512: return "vpclmul512"
+            }
+        }
+
+        /// Whether this CPU can run the path.
+        public var isSupported: Bool { shmb_crc64_path_supported(rawValue) != 0 }
+
+        public static func < (a: Path, b: Path) -> Bool { a.rawValue < b.rawValue }
+    }
+
+    /// Every path this CPU can run, narrowest first.
+    public static var supportedPaths: [Path] { Path.allCases.filter(\.isSupported) }
+
+    /// The path in use: the widest the CPU supports, capped by `SHMBROKER_CRC64_PATH`.
+    public static let activePath: Path = {
+        let best = Path(rawValue: shmb_crc64_best_path()) ?? .portable
+        guard let requested = getenv("SHMBROKER_CRC64_PATH").map({ String(cString: $0) }),
+              let cap = Path.allCases.first(where: { $0.description == requested }) else { return best }
+        return min(cap, best)
+    }()
+
+    /// Whether a carry-less-multiply implementation is in use on this CPU.
+    public static let isHardwareAccelerated = activePath >= .clmul128
 
     /// Below this many bytes (one 128-bit block) the table does all the work anyway.
     static let foldingThreshold = 16
@@ -48,12 +88,21 @@ public struct CRC64: Sendable {
 
     /// Feeds `bytes` into the checksum.
     public mutating func update(_ bytes: UnsafeRawBufferPointer) {
-        if CRC64.isHardwareAccelerated && bytes.count >= CRC64.foldingThreshold {
-            state = shmb_crc64_update_clmul(state, bytes.baseAddress, bytes.count)
+        update(bytes, path: CRC64.activePath)
+    }
+
+    /// Feeds `bytes` through a chosen implementation (the widest supported one below it, if the
+    /// CPU lacks it): for tests and benchmarks that compare paths.
+    public mutating func update(_ bytes: UnsafeRawBufferPointer, path: Path) {
+        if path >= .clmul128 && bytes.count >= CRC64.foldingThreshold && CRC64.isHardwareAvailable {
+            state = shmb_crc64_update_path(path.rawValue, state, bytes.baseAddress, bytes.count)
         } else {
             updatePortably(bytes)
         }
     }
+
+    /// Whether the CPU has PCLMULQDQ at all (whatever `SHMBROKER_CRC64_PATH` says).
+    static let isHardwareAvailable = shmb_crc64_hardware_available() != 0
 
     /// Feeds `bytes` through the portable table implementation, whatever the CPU.
     public mutating func updatePortably(_ bytes: UnsafeRawBufferPointer) {
@@ -67,10 +116,12 @@ public struct CRC64: Sendable {
     /// - Parameters:
     ///   - source: the bytes to copy and check.
     ///   - destination: at least `source.count` writable bytes, not overlapping `source`.
-    public static func copyAndChecksum(from source: UnsafeRawBufferPointer, to destination: UnsafeMutableRawPointer) -> UInt64 {
+    ///   - path: the implementation (default: ``activePath``).
+    public static func copyAndChecksum(from source: UnsafeRawBufferPointer, to destination: UnsafeMutableRawPointer,
+                                       path: Path = activePath) -> UInt64 {
         guard let base = source.baseAddress else { return 0 }
-        if isHardwareAccelerated && source.count >= foldingThreshold {
-            return ~shmb_crc64_copy_clmul(~0, destination, base, source.count)
+        if path >= .clmul128 && source.count >= foldingThreshold && isHardwareAvailable {
+            return ~shmb_crc64_copy_path(path.rawValue, ~0, destination, base, source.count)
         }
         destination.copyMemory(from: base, byteCount: source.count)
         var crc = CRC64()
@@ -98,9 +149,12 @@ public struct CRC64: Sendable {
     public var value: UInt64 { ~state }
 
     /// The CRC-64/XZ of `bytes`.
-    public static func checksum(_ bytes: UnsafeRawBufferPointer) -> UInt64 {
+    /// - Parameters:
+    ///   - bytes: the input.
+    ///   - path: the implementation (default: ``activePath``).
+    public static func checksum(_ bytes: UnsafeRawBufferPointer, path: Path = activePath) -> UInt64 {
         var crc = CRC64()
-        crc.update(bytes)
+        crc.update(bytes, path: path)
         return crc.value
     }
 

@@ -110,16 +110,31 @@ func medianThroughput(bytes: Int, runs: Int, _ body: () -> Void) -> Double {
     return rates.sorted()[rates.count / 2]
 }
 
-/// liblzma's `lzma_crc64`, loaded at run time so only the benchmark depends on it.
-enum LZMA {
-    typealias CRC64Function = @convention(c) (UnsafePointer<UInt8>?, Int, UInt64) -> UInt64
-    static let crc64: CRC64Function? = {
-        for name in ["liblzma.so.5", "liblzma.so"] {
-            if let handle = dlopen(name, RTLD_NOW), let symbol = dlsym(handle, "lzma_crc64") {
-                return unsafeBitCast(symbol, to: CRC64Function.self)
-            }
+/// Other libraries' CRC-64/XZ, loaded at run time so that only the benchmark depends on them:
+/// liblzma's `lzma_crc64` and isa-l's `crc64_ecma_refl` (Debian `liblzma5`, `libisal2`).
+enum CRCBaseline {
+    typealias Function = @Sendable (UnsafePointer<UInt8>?, Int) -> UInt64
+
+    static func symbol(_ name: String, in libraries: [String]) -> UnsafeMutableRawPointer? {
+        for library in libraries {
+            if let handle = dlopen(library, RTLD_NOW), let symbol = dlsym(handle, name) { return symbol }
         }
         return nil
+    }
+
+    static let liblzma: Function? = {
+        typealias C = @convention(c) (UnsafePointer<UInt8>?, Int, UInt64) -> UInt64
+        guard let found = symbol("lzma_crc64", in: ["liblzma.so.5", "liblzma.so"]) else { return nil }
+        let function = unsafeBitCast(found, to: C.self)
+        return { function($0, $1, 0) }
+    }()
+
+    /// isa-l's reflected ECMA-182 CRC: with seed 0 it is CRC-64/XZ (it inverts on entry and exit).
+    static let isal: Function? = {
+        typealias C = @convention(c) (UInt64, UnsafePointer<UInt8>?, UInt64) -> UInt64
+        guard let found = symbol("crc64_ecma_refl", in: ["libisal.so.2", "libisal.so"]) else { return nil }
+        let function = unsafeBitCast(found, to: C.self)
+        return { function(0, $0, UInt64($1)) }
     }()
 }
 
