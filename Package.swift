@@ -6,6 +6,8 @@ let package = Package(
     products: [
         .executable(name: "shmbrokerd", targets: ["shmbrokerd"]),
         .executable(name: "shmbrokerctl", targets: ["shmbrokerctl"]),
+        // Embed the owner: an application that creates, serves and publishes its own segments.
+        .library(name: "ShmBroker", targets: ["ShmBroker"]),
         .library(name: "ShmBrokerClient", targets: ["ShmBrokerClient"]),
         .library(name: "ShmBrokerCore", targets: ["ShmBrokerCore"]),
     ],
@@ -46,18 +48,20 @@ let package = Package(
         .target(name: "ShmBrokerConfig", dependencies: ["ShmBrokerCore", "ShmBrokerPlatform"]),
         // The control-channel wire codec shared by the daemon and every client.
         .target(name: "ShmBrokerProtocol", dependencies: ["ShmBrokerCore"]),
-        // The daemon: config, access control, segment registry, event loop, systemd glue.
+        // The owner: segment registry, access control, the control-socket event loop, reload,
+        // systemd glue, and in-process publishing. `shmbrokerd` and embedding applications use it.
         .target(
-            name: "ShmBrokerDaemon",
+            name: "ShmBroker",
             dependencies: [
                 "ShmBrokerCore", "ShmBrokerProtocol", "ShmBrokerPlatform", "ShmBrokerConfig", "CSystemd",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),
         .executableTarget(
             name: "shmbrokerd",
             dependencies: [
-                "ShmBrokerDaemon",
+                "ShmBroker",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -93,6 +97,7 @@ let package = Package(
         ),
         .testTarget(name: "ShmBrokerCoreTests", dependencies: [
             "ShmBrokerCore", "ShmBrokerPlatform", .product(name: "SystemPackage", package: "swift-system"),
+            .product(name: "Atomics", package: "swift-atomics"),
         ]),
         .testTarget(name: "ShmBrokerProtocolTests", dependencies: ["ShmBrokerProtocol"]),
         .testTarget(name: "ShmBrokerConfigTests", dependencies: ["ShmBrokerConfig"]),

@@ -37,12 +37,20 @@ public final class SegmentHandle: Sendable {
     }
 
     /// Blocks the calling thread until a version newer than `version` is published, the segment
-    /// is retired, or the timeout passes, by sleeping on the segment's futex word: the lowest-latency
-    /// wait there is, with no socket involved. Use it from a dedicated thread, not an async task.
+    /// is retired, or the timeout passes. No socket is involved. Use it from a dedicated thread,
+    /// not an async task.
     ///
+    /// - Parameters:
+    ///   - version: the version the caller already has.
+    ///   - timeoutNanoseconds: the longest wait; nil waits indefinitely.
+    ///   - strategy: `.futex` (default) sleeps on the segment's futex word, using no CPU while
+    ///     waiting; `.spin` busy-polls the version word — the version is seen a cache-line
+    ///     transfer after it exists, but a core stays busy (for a reader that owns one);
+    ///     `.spinThenFutex(nanoseconds:)` spins for that long, then sleeps.
     /// - Returns: the latest version when it returned.
-    public func waitForVersion(after version: UInt64, timeoutNanoseconds: UInt64? = nil) -> UInt64 {
-        reader.waitForVersion(after: version, timeoutNanoseconds: timeoutNanoseconds)
+    public func waitForVersion(after version: UInt64, timeoutNanoseconds: UInt64? = nil,
+                               strategy: SegmentReader.WaitStrategy = .futex) -> UInt64 {
+        reader.waitForVersion(after: version, timeoutNanoseconds: timeoutNanoseconds, strategy: strategy)
     }
 
     /// Whether the daemon has retired the segment (it no longer publishes here).

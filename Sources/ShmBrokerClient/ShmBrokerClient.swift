@@ -350,8 +350,17 @@ public final class ShmBrokerClient: Sendable {
         } catch {
             throw .system(operation: "mmap of segment \(name)", errno: error)
         }
+        // The wait board (second descriptor): this process counts its sleeping threads there.
+        var board: MappedRegion?
+        if reply.descriptors.count >= 2 {
+            do {
+                board = try MappedRegion(mapping: reply.descriptors[1], length: SegmentLayout.WaitBoard.size, writable: true)
+            } catch {
+                throw .system(operation: "mmap of the wait board of \(name)", errno: error)
+            }
+        }
         do {
-            return SegmentHandle(name: name, reader: try SegmentReader(region: region))
+            return SegmentHandle(name: name, reader: try SegmentReader(region: region, board: board))
         } catch {
             throw .segment(error)
         }

@@ -6,8 +6,9 @@
 public struct SegmentLayout: Sendable, Equatable {
     /// `"SHMBROKR"` as bytes, read as a little-endian `UInt64`.
     public static let magic: UInt64 = 0x524B_4F52_424D_4853
-    /// Bumped on any incompatible change to this layout.
-    public static let layoutVersion: UInt32 = 1
+    /// Bumped on any incompatible change to this layout. Version 2 added the wait board: the
+    /// writer skips the futex wake-up when no reader says it sleeps.
+    public static let layoutVersion: UInt32 = 2
     /// Size of the segment header; the first slot starts here.
     public static let headerSize = 256
     /// Size of each slot's descriptor; the slot's data follows it.
@@ -47,6 +48,19 @@ public struct SegmentLayout: Sendable, Equatable {
     public enum Flags {
         /// The daemon no longer publishes to this segment (it was removed from the config).
         public static let retired: UInt32 = 1
+        /// The writer wakes futex waiters only while the wait board counts a sleeper: a reader
+        /// must register there before it sleeps (see ``WaitBoard``).
+        public static let sleeperBoard: UInt32 = 2
+    }
+
+    /// The wait board: a separate 4096-byte memfd, writable by readers, in which a reader counts
+    /// itself while it sleeps on the segment's futex word, so that the writer makes no system
+    /// call for a publish nobody sleeps on.
+    public enum WaitBoard {
+        /// Size of the board file.
+        public static let size = 4096
+        /// **Atomic** `u32`: readers sleeping (or about to sleep) on the segment's futex word.
+        public static let sleepers = 0x00
     }
 
     /// Most bytes one version may hold.

@@ -11,6 +11,9 @@ import ShmBrokerPlatform
 /// Not thread-safe: exactly one thread of one process may publish to a segment.
 public final class SegmentWriter: @unchecked Sendable {
     @usableFromInline let memory: SegmentMemory
+    /// The wait board's mapping and its sleeper count; without one, every publish wakes.
+    public let board: MappedRegion?
+    private let sleepers: UnsafeAtomic<UInt32>?
 
     /// The segment's layout.
     public var layout: SegmentLayout { memory.layout }
@@ -23,14 +26,18 @@ public final class SegmentWriter: @unchecked Sendable {
     ///   - region: a writable mapping of at least `layout.totalSize` bytes.
     ///   - layout: capacity and slot count.
     ///   - name: the segment name recorded in the header (at most 64 UTF-8 bytes).
-    public init(formatting region: MappedRegion, layout: SegmentLayout, name: String) {
+    ///   - board: a writable mapping of the segment's wait board (``SegmentLayout/WaitBoard``), or
+    ///     nil to wake futex waiters on every publish.
+    public init(formatting region: MappedRegion, layout: SegmentLayout, name: String, board: MappedRegion? = nil) {
         precondition(region.isWritable && region.length >= layout.totalSize)
         memory = SegmentMemory(region: region, layout: layout)
+        self.board = board
+        sleepers = board.map(Self.sleeperCount)
         memory.store(SegmentLayout.layoutVersion, at: SegmentLayout.Header.layoutVersion)
         memory.store(UInt32(SegmentLayout.headerSize), at: SegmentLayout.Header.headerSize)
         memory.store(UInt64(layout.capacity), at: SegmentLayout.Header.capacity)
         memory.store(UInt32(layout.slotCount), at: SegmentLayout.Header.slotCount)
-        memory.store(UInt32(0), at: SegmentLayout.Header.flags)
+        memory.store(board == nil ? 0 : SegmentLayout.Flags.sleeperBoard, at: SegmentLayout.Header.flags)
         memory.store(UInt64(layout.slotStride), at: SegmentLayout.Header.slotStride)
         memory.store(Clock.realtimeNanoseconds(), at: SegmentLayout.Header.createdAt)
         let nameBytes = Array(name.utf8.prefix(SegmentLayout.maximumNameLength))
@@ -45,11 +52,17 @@ public final class SegmentWriter: @unchecked Sendable {
     /// Takes over a segment written by an earlier writer process (after a restart), checking its
     /// header and the CRC-64 of its current version. Publishing continues from that version.
     ///
+    /// - Parameters:
+    ///   - region: a writable mapping of the whole segment.
+    ///   - board: the segment's wait board (the earlier writer's, so sleeping readers stay
+    ///     counted), or nil to wake on every publish.
     /// - Throws: ``SegmentError`` if the header is not valid or the current version fails its CRC.
-    public init(adopting region: MappedRegion) throws(SegmentError) {
+    public init(adopting region: MappedRegion, board: MappedRegion? = nil) throws(SegmentError) {
         precondition(region.isWritable)
         let layout = try SegmentMemory.validate(region)
         memory = SegmentMemory(region: region, layout: layout)
+        self.board = board
+        sleepers = board.map(Self.sleeperCount)
         let version = memory.latestVersion.load(ordering: .acquiring)
         if version > 0 {
             let slot = layout.slotOffset(forVersion: version)
@@ -66,7 +79,12 @@ public final class SegmentWriter: @unchecked Sendable {
             guard stored == computed else { throw .checksumMismatch(version: version, stored: stored, computed: computed) }
         }
         // A previous writer may have died while its retired flag was set; adoption revives it.
-        memory.atomic32(at: SegmentLayout.Header.flags).store(0, ordering: .releasing)
+        memory.atomic32(at: SegmentLayout.Header.flags).store(board == nil ? 0 : SegmentLayout.Flags.sleeperBoard, ordering: .releasing)
+    }
+
+    private static func sleeperCount(_ board: MappedRegion) -> UnsafeAtomic<UInt32> {
+        precondition(board.isWritable && board.length >= SegmentLayout.WaitBoard.size)
+        return UnsafeAtomic(at: (board.base + SegmentLayout.WaitBoard.sleepers).assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
     }
 
     /// The name stored in the header.
@@ -75,16 +93,23 @@ public final class SegmentWriter: @unchecked Sendable {
     /// The most recent version published (0: never published).
     public var latestVersion: UInt64 { memory.latestVersion.load(ordering: .relaxed) }
 
-    /// The receipt of the latest version, if any.
+    /// The receipt of the latest version, if any. Safe to call from another thread while this
+    /// writer publishes: the slot's sequence is checked around the read, as a reader does.
     public var latestReceipt: PublishReceipt? {
-        let version = latestVersion
-        guard version > 0 else { return nil }
-        let slot = layout.slotOffset(forVersion: version)
-        return PublishReceipt(
-            version: version,
-            length: Int(memory.load(UInt64.self, at: slot + SegmentLayout.Slot.length)),
-            crc64: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64),
-            publishedAtNanoseconds: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt))
+        while true {
+            let version = memory.latestVersion.load(ordering: .acquiring)
+            guard version > 0 else { return nil }
+            let slot = layout.slotOffset(forVersion: version)
+            let sequence = memory.slotSequence(slot)
+            guard sequence.load(ordering: .acquiring) == version else { continue }
+            let receipt = PublishReceipt(
+                version: version,
+                length: Int(memory.load(UInt64.self, at: slot + SegmentLayout.Slot.length)),
+                crc64: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64),
+                publishedAtNanoseconds: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt))
+            atomicMemoryFence(ordering: .acquiring)
+            if sequence.load(ordering: .relaxed) == version { return receipt }
+        }
     }
 
     /// Publishes `bytes` as the next version.
@@ -153,11 +178,24 @@ public final class SegmentWriter: @unchecked Sendable {
     /// Marks the segment retired: readers' waits return and reads report ``SegmentError/retired``.
     public func retire() {
         memory.atomic32(at: SegmentLayout.Header.flags).store(SegmentLayout.Flags.retired, ordering: .releasing)
-        wakeWaiters()
+        memory.futexWord.wrappingIncrement(ordering: .sequentiallyConsistent)
+        wakeAllWaiters()
     }
 
+    /// Bumps the futex word and wakes its sleepers, unless the wait board says there are none:
+    /// then a publish makes no system call. The increment and the board's load are sequentially
+    /// consistent, pairing with a reader's "count myself, then re-check the version": either the
+    /// writer sees the sleeper, or the sleeper sees the new version and does not sleep.
     private func wakeWaiters() {
-        memory.futexWord.wrappingIncrement(ordering: .releasing)
+        memory.futexWord.wrappingIncrement(ordering: .sequentiallyConsistent)
+        if let sleepers, sleepers.load(ordering: .sequentiallyConsistent) == 0 { return }
+        Futex.wakeAll(memory.futexAddress)
+    }
+
+    /// Wakes every futex waiter whatever the board says: a backstop, called now and then by the
+    /// owner for segments that changed, so a reader whose count another reader erased (the board
+    /// is writable by every reader) waits at most until the next backstop, never forever.
+    public func wakeAllWaiters() {
         Futex.wakeAll(memory.futexAddress)
     }
 }

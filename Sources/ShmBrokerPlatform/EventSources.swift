@@ -101,6 +101,13 @@ public final class PeriodicTimer {
     public func acknowledge() -> Int64 { max(0, shmb_timerfd_read(descriptor.rawValue)) }
 }
 
+/// Busy-wait helpers.
+public enum Spin {
+    /// Tells the CPU the caller is spinning (PAUSE on x86-64): no system call.
+    @inline(__always)
+    public static func relax() { shmb_cpu_relax() }
+}
+
 /// Process-shared futex operations on a 32-bit word that lives in a shared mapping.
 ///
 /// Both sides use the non-private operations: a private wait is never woken by a shared wake.

@@ -35,6 +35,11 @@ extension FileDescriptor {
         _ = try? close()
     }
 
+    /// A second descriptor for the same open file description, close-on-exec (`F_DUPFD_CLOEXEC`).
+    public func duplicateClosingOnExec() throws(Errno) -> FileDescriptor {
+        FileDescriptor(rawValue: try retryingInterrupts { fcntl(rawValue, F_DUPFD_CLOEXEC, 0) })
+    }
+
     /// The descriptor's size in bytes (`fstat`'s `st_size`).
     public func fileSize() throws(Errno) -> Int {
         var info = Glibc.stat()

@@ -1,7 +1,7 @@
 import ArgumentParser
 import Logging
 import ShmBrokerConfig
-import ShmBrokerDaemon
+import ShmBroker
 
 /// `shmbrokerd`: the shared-memory broker daemon.
 struct ShmBrokerDaemonCommand: ParsableCommand {

@@ -58,7 +58,8 @@ static size_t put_string(uint8_t *out, const char *text) {
 }
 
 /* Sends one request and returns the reply's type; body and length of the reply in `frame`. */
-static uint16_t request(int sock, uint16_t type, const uint8_t *body, uint32_t length, uint32_t *reply_length, int *fd) {
+/* Descriptors of the reply go to fds[0], fds[1] (-1 when absent). */
+static uint16_t request(int sock, uint16_t type, const uint8_t *body, uint32_t length, uint32_t *reply_length, int *fds) {
     uint8_t out[12 + 256];
     uint32_t id = next_request++;
     uint16_t flags = 0;
@@ -75,8 +76,16 @@ static uint16_t request(int sock, uint16_t type, const uint8_t *body, uint32_t l
         ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
         if (n <= 0) fail(1, "the daemon closed the connection");
         if (n < 12 || (msg.msg_flags & MSG_TRUNC)) fail(1, "malformed frame from the daemon");
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
-            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && fd) memcpy(fd, CMSG_DATA(c), sizeof(int));
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+            size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            int received[4];
+            memcpy(received, CMSG_DATA(c), count * sizeof(int));
+            for (size_t i = 0; i < count; i++) {
+                if (fds && i < 2) fds[i] = received[i];
+                else close(received[i]);
+            }
+        }
         uint16_t reply_type;
         uint32_t reply_id;
         memcpy(&reply_type, frame, 2);
@@ -157,21 +166,26 @@ int main(int argc, char **argv) {
     if (request(sock, 0x0001, body, (uint32_t)n, &reply_length, NULL) != 0x8001) fail(1, "no HELLO_OK");
 
     if (strlen(argv[2]) > 64) fail(1, "segment names are at most 64 bytes");
-    int fd = -1;
+    int fds[2] = { -1, -1 };
     n = put_string(body, argv[2]);
-    if (request(sock, 0x0002, body, (uint32_t)n, &reply_length, &fd) != 0x8002 || fd < 0) fail(1, "no OPENED");
+    if (request(sock, 0x0002, body, (uint32_t)n, &reply_length, fds) != 0x8002 || fds[0] < 0 || fds[1] < 0)
+        fail(1, "no OPENED with the segment and its wait board");
     uint64_t mapping_size;
     memcpy(&mapping_size, frame + 12 + 16, 8); /* after capacity, slotCount, layoutVersion */
-    const uint8_t *base = mmap(NULL, mapping_size, PROT_READ, MAP_SHARED, fd, 0);
+    const uint8_t *base = mmap(NULL, mapping_size, PROT_READ, MAP_SHARED, fds[0], 0);
     if (base == MAP_FAILED) fail(1, "mmap failed");
-    close(fd);
+    /* The wait board, read-write: we count ourselves in its u32 at offset 0 while we sleep. */
+    uint32_t *sleepers = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fds[1], 0);
+    if (sleepers == MAP_FAILED) fail(1, "mmap of the wait board failed");
+    close(fds[0]);
+    close(fds[1]);
 
     struct segment s = { .base = base };
     uint64_t magic;
     uint32_t layout;
     memcpy(&magic, base, 8);
     memcpy(&layout, base + 0x08, 4);
-    if (magic != 0x524B4F52424D4853ull || layout != 1) fail(1, "not a layout-1 shmbroker segment");
+    if (magic != 0x524B4F52424D4853ull || layout != 2) fail(1, "not a layout-2 shmbroker segment");
     memcpy(&s.header_size, base + 0x0C, 4);
     memcpy(&s.capacity, base + 0x10, 8);
     memcpy(&s.slot_count, base + 0x18, 4);
@@ -183,6 +197,9 @@ int main(int argc, char **argv) {
     if (mine == 0) printf("{\"version\": 0}\n"); else print_version(mine, content, length, crc);
     fflush(stdout);
 
+    /* Registered for the whole wait loop: the writer wakes us only while sleepers > 0. The add
+     * is sequentially consistent and comes before the re-check of the version below. */
+    __atomic_add_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
     for (long seen = 0; seen < more;) {
         uint32_t word = load_acquire32(base + 0x88);
         uint32_t flags = load_acquire32(base + 0x1C);
@@ -198,5 +215,6 @@ int main(int argc, char **argv) {
         if (syscall(SYS_futex, base + 0x88, FUTEX_WAIT, word, &timeout, NULL, 0) != 0 && errno == ETIMEDOUT)
             fail(1, "no new version within 10 s");
     }
+    __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
     return 0;
 }

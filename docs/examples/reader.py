@@ -7,6 +7,7 @@
 import array
 import json
 import mmap
+import os
 import socket
 import struct
 import sys
@@ -77,8 +78,8 @@ def string(text):
 # --- Reading (LAYOUT.md, "How to read") ---
 def read_latest(mem):
     magic, layout_version, header_size, capacity, slot_count = struct.unpack_from("<QIIQI", mem, 0)
-    if magic != 0x524B4F52424D4853 or layout_version != 1:
-        raise RuntimeError("not a layout-1 shmbroker segment")
+    if magic != 0x524B4F52424D4853 or layout_version != 2:
+        raise RuntimeError("not a layout-2 shmbroker segment")
     (stride,) = struct.unpack_from("<Q", mem, 0x20)
     for _ in range(10000):
         (version,) = struct.unpack_from("<Q", mem, 0x80)
@@ -109,6 +110,8 @@ def main():
     _, opened, fds = conn.request(0x0002, string(segment))
     capacity, slots, layout, mapping_size, latest = struct.unpack("<QIIQQ", opened)
     mem = mmap.mmap(fds[0], mapping_size, mmap.MAP_SHARED, mmap.PROT_READ)
+    for fd in fds:  # the mapping stays; this reader follows events, so it needs no wait board (fds[1])
+        os.close(fd)
     print(json.dumps({"latest": read_latest(mem), "capacity": capacity, "slots": slots}), flush=True)
     if watch:
         conn.request(0x0003, string(segment))

@@ -84,4 +84,14 @@ uint64_t shmb_realtime_ns(void);
 /// Current CLOCK_MONOTONIC in nanoseconds.
 uint64_t shmb_monotonic_ns(void);
 
+/// A hint to the CPU that the caller is spinning on a memory location (x86 PAUSE, arm64 YIELD):
+/// it saves power and frees the core's shared resources without leaving user space.
+static inline void shmb_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
 #endif

@@ -1,3 +1,4 @@
+import Atomics
 import Foundation
 import Logging
 import ShmBrokerConfig
@@ -20,6 +21,8 @@ public final class BrokerServer {
         static let listener: UInt64 = 1
         static let signals: UInt64 = 2
         static let timer: UInt64 = 3
+        /// The owner's doorbell: tasks posted from other threads, announcements of in-process publishes.
+        static let wakeup: UInt64 = 4
         static let firstClient: UInt64 = 16
         /// Publish rings' doorbells; client tokens never reach this.
         static let firstRing: UInt64 = 1 << 62
@@ -29,7 +32,16 @@ public final class BrokerServer {
     let configPath: String
     let logger: Logger
     let notifier: SystemdNotifier
-    let signals: SignalDescriptor
+    let signals: SignalDescriptor?
+    /// Rung (never read; edge-triggered) by other threads of an embedding owner process.
+    let wakeup: Doorbell
+    private let taskLock = NSLock()
+    private var tasks: [(id: UInt64, body: (BrokerServer) -> Void)] = []
+    private var nextTaskID: UInt64 = 0
+    /// Whether ``run()`` is looping, for threads that post tasks.
+    let loopRunning = ManagedAtomic<Bool>(false)
+    /// Every segment an embedding application claimed, also after a reload retired it.
+    var ownedSegments: [OwnedSegment] = []
     let epoll: Epoll
     var listener: FileDescriptor?
     var ownsSocketPath = false
@@ -78,7 +90,7 @@ public final class BrokerServer {
     ///   - logger: where events go.
     ///   - inherited: descriptors from systemd: a listening socket and stored segment memfds.
     ///   - allowDebugHang: let SIGUSR2 hang the event loop, to test the watchdog. Never in production.
-    public init(configuration: BrokerConfiguration, configPath: String, signals: SignalDescriptor, logger: Logger,
+    public init(configuration: BrokerConfiguration, configPath: String, signals: SignalDescriptor?, logger: Logger,
                 notifier: SystemdNotifier = SystemdNotifier(), inherited: InheritedDescriptors = InheritedDescriptors(),
                 allowDebugHang: Bool = false) throws {
         self.configuration = configuration
@@ -89,6 +101,7 @@ public final class BrokerServer {
         self.logger = logger
         self.notifier = notifier
         self.epoll = try Epoll()
+        self.wakeup = try Doorbell()
     }
 
     deinit {
@@ -100,9 +113,18 @@ public final class BrokerServer {
     /// Creates every segment, listens on the control socket, and reports READY=1: in that order,
     /// so a reader that sees the daemon ready can open every configured segment.
     public func start() throws {
+        try start(claims: [])
+    }
+
+    /// ``start()`` for an embedding owner: `claims` are bound to their segments after the
+    /// segments exist and before the socket listens, so no client can publish to them first.
+    func start(claims: [OwnedSegment]) throws {
         try checkDescriptorBudget(configuration, context: "start")
         for definition in configuration.segments {
             addSegment(try restoreOrCreate(definition))
+        }
+        for owned in claims {
+            if let failure = claim(owned) { throw failure }
         }
         for (name, descriptor) in inherited.segments {
             logger.notice("stored segment is no longer configured; dropping it", metadata: ["segment": "\(name)"])
@@ -110,19 +132,26 @@ public final class BrokerServer {
             descriptor.closeQuietly()
         }
         inherited.segments = [:]
+        for (name, descriptor) in inherited.boards {
+            notifier.removeStored(name: InheritedDescriptors.boardNamePrefix + name)
+            descriptor.closeQuietly()
+        }
+        inherited.boards = [:]
         for (descriptor, name) in inherited.unrecognised {
             logger.warning("closing an unrecognised descriptor passed by systemd", metadata: ["name": "\(name)"])
             descriptor.closeQuietly()
         }
         inherited.unrecognised = []
         try listen()
-        try epoll.add(signals.descriptor, events: .readable, token: Token.signals)
+        if let signals { try epoll.add(signals.descriptor, events: .readable, token: Token.signals) }
+        try epoll.add(wakeup.descriptor, events: [.readable, .edgeTriggered], token: Token.wakeup)
         watchdogIntervalNanoseconds = notifier.watchdogIntervalMicroseconds().map { $0 * 1000 }
         var tick: UInt64 = 250_000_000
         if let watchdog = watchdogIntervalNanoseconds { tick = min(tick, max(watchdog / 4, 1_000_000)) }
         let timer = try PeriodicTimer(intervalNanoseconds: tick)
         try epoll.add(timer.descriptor, events: .readable, token: Token.timer)
         self.timer = timer
+        loopRunning.store(true, ordering: .releasing)  // from here on, tasks go to the loop
         logger.info("ready", metadata: [
             "segments": "\(segments.count)", "socket": "\(configuration.socket.path)",
             "watchdog": "\(watchdogIntervalNanoseconds.map { "\($0 / 1_000_000)ms" } ?? "off")",
@@ -144,11 +173,12 @@ public final class BrokerServer {
         let available = Int(clamping: limit.rlim_cur)
         let segmentCount = configuration.segments.count
         // On reload the running segments stay open until the new ones exist.
-        let during = context == "reload" ? segmentCount + segments.count : segmentCount
+        // Two per segment: its memfd and its wait board.
+        let during = 2 * (context == "reload" ? segmentCount + segments.count : segmentCount)
         guard during + Self.descriptorHeadroom <= available else {
             throw DaemonError.descriptorLimit(segments: segmentCount, needed: during + Self.descriptorHeadroom, limit: available)
         }
-        let wanted = segmentCount + configuration.limits.maximumClients + Self.descriptorHeadroom
+        let wanted = 2 * segmentCount + configuration.limits.maximumClients + Self.descriptorHeadroom
         if wanted > available {
             logger.warning("the descriptor limit is below what the config can use", metadata: [
                 "segments": "\(segmentCount)", "maxClients": "\(configuration.limits.maximumClients)",
@@ -161,13 +191,16 @@ public final class BrokerServer {
     /// Takes a segment back from the fd store if an earlier run stored it, else creates it.
     /// A stored segment that fails its checks is logged and recreated empty, never served.
     func restoreOrCreate(_ definition: SegmentDefinition) throws -> ManagedSegment {
+        let storedBoard = inherited.boards.removeValue(forKey: definition.name)
         guard let stored = inherited.segments.removeValue(forKey: definition.name) else {
+            storedBoard?.closeQuietly()
             let segment = try ManagedSegment(creating: definition)
-            notifier.store(segment.memoryFile, name: segment.storeName)
+            storeInSystemd(segment)
             return segment
         }
         do {
-            let segment = try ManagedSegment(adopting: stored, definition: definition)
+            let segment = try ManagedSegment(adopting: stored, board: storedBoard, definition: definition)
+            if segment.boardFile != storedBoard { notifier.store(segment.boardFile, name: segment.boardStoreName) }
             logger.info("segment restored from the fd store", metadata: [
                 "segment": "\(definition.name)", "version": "\(segment.writer.latestVersion)",
             ])
@@ -184,9 +217,16 @@ public final class BrokerServer {
             }
             stored.closeQuietly()
             notifier.removeStored(name: replacement.storeName)
-            notifier.store(replacement.memoryFile, name: replacement.storeName)
+            notifier.removeStored(name: replacement.boardStoreName)
+            storeInSystemd(replacement)
             return replacement
         }
+    }
+
+    /// Puts a segment's memfd and wait board in systemd's fd store, so a restart keeps both.
+    func storeInSystemd(_ segment: ManagedSegment) {
+        notifier.store(segment.memoryFile, name: segment.storeName)
+        notifier.store(segment.boardFile, name: segment.boardStoreName)
     }
 
     func listen() throws {
@@ -230,12 +270,18 @@ public final class BrokerServer {
 
     /// Runs the loop until SIGTERM or SIGINT, then says STOPPING=1 and closes everything.
     public func run() throws {
+        loopRunning.store(true, ordering: .releasing)
+        defer {
+            loopRunning.store(false, ordering: .releasing)
+            runTasks()  // anything posted while the loop was ending
+        }
         while running {
             for (token, events) in try epoll.wait(timeoutMilliseconds: activeRings.isEmpty ? -1 : 0) {
                 switch token {
                 case Token.listener: acceptClients()
                 case Token.signals: handleSignals()
                 case Token.timer: handleTimer()
+                case Token.wakeup: handleWakeup()
                 case Token.firstRing...: handleDoorbell(token)
                 default: handleClient(token, events: events)
                 }
@@ -247,6 +293,7 @@ public final class BrokerServer {
 
     func shutDown() {
         notifier.stopping(status: "stopping: closing \(clients.count) clients")
+        for owned in ownedSegments { owned.exclusively { owned.bind(writer: nil, signals: nil) } }
         logger.info("stopping", metadata: ["clients": "\(clients.count)", "publishes": "\(counters.publishes)"])
         for client in clients.values { disconnect(client, reason: nil) }
         refusedSockets.forEach { $0.socket.closeQuietly() }
@@ -260,7 +307,7 @@ public final class BrokerServer {
     }
 
     func handleSignals() {
-        for signal in signals.drain() {
+        for signal in signals?.drain() ?? [] {
             switch signal {
             case SIGTERM, SIGINT:
                 logger.notice("received \(signal == SIGTERM ? "SIGTERM" : "SIGINT"), shutting down")
@@ -301,6 +348,14 @@ public final class BrokerServer {
             notifier.watchdogAlive()
             lastWatchdogPing = now
         }
+        announceOwnedSegments(onlyPending: false)
+        for segment in segments.values {
+            let latest = segment.writer.latestVersion
+            if latest != segment.versionAtLastBackstop {
+                segment.versionAtLastBackstop = latest
+                segment.writer.wakeAllWaiters()
+            }
+        }
         let stallLimit = UInt64(configuration.limits.subscriberStallTimeoutSeconds * 1e9)
         for client in Array(clients.values) {
             if let since = client.stalledSince, now &- since >= stallLimit {
@@ -320,8 +375,13 @@ public final class BrokerServer {
     func retireSegment(named name: String) {
         guard let segment = segments.removeValue(forKey: name) else { return }
         segmentOrder.removeAll { $0 == name }
+        if let owned = segment.owner {
+            owned.exclusively { owned.bind(writer: nil, signals: nil) }
+            logger.notice("owned segment removed from the config; its publishes now fail", metadata: ["segment": "\(name)"])
+        }
         segment.retire()
         notifier.removeStored(name: segment.storeName)
+        notifier.removeStored(name: segment.boardStoreName)
         let event = ServerMessage.retiredEvent(segment: name).encode(requestID: 0)
         for id in segment.subscribers.union(segment.readers) {
             guard let client = clients[id] else { continue }
@@ -335,6 +395,10 @@ public final class BrokerServer {
     /// SIGHUP: re-reads the config. New segments appear, removed ones are retired, unchanged
     /// ones keep their content and version; an invalid file leaves everything as it was.
     func reload() {
+        guard !configPath.isEmpty else {
+            logger.notice("SIGHUP ignored: the configuration was built in code, there is no file to re-read")
+            return
+        }
         notifier.reloading(status: "reloading \(configPath)")
         logger.notice("reloading configuration", metadata: ["path": "\(configPath)"])
         let newConfiguration: BrokerConfiguration
@@ -377,7 +441,18 @@ public final class BrokerServer {
             retireSegment(named: name)
         }
         for segment in created {
-            if let old = segments[segment.name] {
+            if let old = segments[segment.name], let owned = old.owner {
+                // The application's publisher moves to the new segment with publishes excluded,
+                // so no version lands in the old one after its content was carried over.
+                owned.exclusively {
+                    carryOver(from: old.writer, to: segment)
+                    owned.bind(writer: segment.writer, signals: segment.signals)
+                }
+                segment.owner = owned
+                old.owner = nil
+                logger.notice("owned segment resized", metadata: ["segment": "\(segment.name)", "capacity": "\(segment.definition.capacity)"])
+                retireSegment(named: segment.name)
+            } else if let old = segments[segment.name] {
                 carryOver(from: old.writer, to: segment)
                 logger.notice("segment resized", metadata: ["segment": "\(segment.name)", "capacity": "\(segment.definition.capacity)"])
                 retireSegment(named: segment.name)
@@ -385,7 +460,7 @@ public final class BrokerServer {
                 logger.notice("segment added", metadata: ["segment": "\(segment.name)", "capacity": "\(segment.definition.capacity)"])
             }
             addSegment(segment)
-            notifier.store(segment.memoryFile, name: segment.storeName)
+            storeInSystemd(segment)
         }
         for definition in newConfiguration.segments {
             segments[definition.name]?.updateAccess(from: definition)
@@ -409,7 +484,85 @@ public final class BrokerServer {
     }
 
     func statusLine() -> String {
-        "serving \(segments.count) segment\(segments.count == 1 ? "" : "s") to \(clients.count) client\(clients.count == 1 ? "" : "s"); \(counters.publishes) publishes"
+        "serving \(segments.count) segment\(segments.count == 1 ? "" : "s") to \(clients.count) client\(clients.count == 1 ? "" : "s"); \(totalPublishes) publishes"
+    }
+
+    /// Publishes through the control channel and rings, plus the embedding application's own.
+    var totalPublishes: UInt64 {
+        ownedSegments.reduce(counters.publishes) { $0 &+ $1.publishCount }
+    }
+
+    // MARK: The embedding owner
+
+    /// Makes `owned` the only writer of its segment (on the loop's thread, or before it runs).
+    /// What clients' rings still hold is published first; then they are detached.
+    func claim(_ owned: OwnedSegment) -> OwnerError? {
+        guard let segment = segments[owned.name] else { return .noSuchSegment(owned.name) }
+        if segment.owner === owned { return nil }
+        for ring in Array(rings.values) where ring.segmentName == owned.name {
+            finalDrain(ring)
+            removeRing(ring, detachCode: .ownerPublishes)
+        }
+        owned.exclusively { owned.bind(writer: segment.writer, signals: segment.signals) }
+        segment.owner = owned
+        segment.lastAnnouncedVersion = segment.writer.latestVersion
+        if !ownedSegments.contains(where: { $0 === owned }) { ownedSegments.append(owned) }
+        logger.info("segment published by the owner process", metadata: ["segment": "\(owned.name)"])
+        return nil
+    }
+
+    /// Runs `body` on the loop's thread and returns its result; from any other thread. If the
+    /// loop is not running (stopped, or not yet started), `body` runs on the calling thread.
+    func runOnLoop(_ body: @escaping (BrokerServer) -> OwnerError?) -> OwnerError? {
+        guard loopRunning.load(ordering: .acquiring) else { return body(self) }
+        let done = DispatchSemaphore(value: 0)
+        nonisolated(unsafe) var result: OwnerError?
+        taskLock.lock()
+        let id = nextTaskID
+        nextTaskID += 1
+        tasks.append((id, { server in
+            result = body(server)
+            done.signal()
+        }))
+        taskLock.unlock()
+        wakeup.ring()
+        while done.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
+            guard !loopRunning.load(ordering: .acquiring) else { continue }
+            // The loop ended before it took the task: take it back and run it here.
+            taskLock.lock()
+            let index = tasks.firstIndex { $0.id == id }
+            if let index { tasks.remove(at: index) }
+            taskLock.unlock()
+            if index != nil { return body(self) }
+        }
+        return result
+    }
+
+    func runTasks() {
+        taskLock.lock()
+        let pending = tasks
+        tasks.removeAll()
+        taskLock.unlock()
+        for task in pending { task.body(self) }
+    }
+
+    func handleWakeup() {
+        runTasks()
+        announceOwnedSegments(onlyPending: true)
+    }
+
+    /// Sends VERSION events for versions the application published in-process: for segments it
+    /// flagged (`onlyPending`), or, from the timer, for any whose latest version was not yet
+    /// announced (a publish that raced a new subscription).
+    func announceOwnedSegments(onlyPending: Bool) {
+        for owned in ownedSegments {
+            guard let segment = segments[owned.name], segment.owner === owned else { continue }
+            let flagged = segment.signals.announcePending.exchange(false, ordering: .acquiringAndReleasing)
+            guard flagged || !onlyPending, !segment.subscribers.isEmpty,
+                  let receipt = segment.writer.latestReceipt, receipt.version > segment.lastAnnouncedVersion else { continue }
+            segment.lastAnnouncedVersion = receipt.version
+            announce(VersionInfo(receipt), of: segment)
+        }
     }
 
     // MARK: Clients

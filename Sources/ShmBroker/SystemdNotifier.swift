@@ -53,11 +53,15 @@ public struct SystemdNotifier: Sendable {
 public struct InheritedDescriptors {
     /// The prefix of the fd-store name of each segment memfd: `segment-NAME`.
     public static let segmentNamePrefix = "segment-"
+    /// The prefix of the fd-store name of each segment's wait board: `board-NAME`.
+    public static let boardNamePrefix = "board-"
 
     /// A listening `SOCK_SEQPACKET` socket from the socket unit.
     public var listener: FileDescriptor?
     /// Stored segment memfds by segment name.
     public var segments: [String: FileDescriptor] = [:]
+    /// Stored wait boards by segment name.
+    public var boards: [String: FileDescriptor] = [:]
     /// Other descriptors, with their names: logged and closed by the daemon.
     public var unrecognised: [(descriptor: FileDescriptor, name: String)] = []
 
@@ -88,6 +92,10 @@ public struct InheritedDescriptors {
                 let segment = String(name.dropFirst(segmentNamePrefix.count))
                 if let duplicate = result.segments[segment] { result.unrecognised.append((duplicate, name)) }
                 result.segments[segment] = descriptor
+            } else if name.hasPrefix(boardNamePrefix), (try? descriptor.isRegularFile()) == true {
+                let segment = String(name.dropFirst(boardNamePrefix.count))
+                if let duplicate = result.boards[segment] { result.unrecognised.append((duplicate, name)) }
+                result.boards[segment] = descriptor
             } else {
                 result.unrecognised.append((descriptor, name))
             }

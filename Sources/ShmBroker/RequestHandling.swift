@@ -120,6 +120,11 @@ extension BrokerServer {
             reject(client, requestID: requestID, ProtocolError(.noSuchSegment, "no segment named \"\(name)\""))
             return nil
         }
+        if publishing, segment.owner != nil {
+            reject(client, requestID: requestID, ProtocolError(.ownerPublishes,
+                "segment \"\(name)\" is published by its owner process (pid \(getpid())) itself; a segment has one writer, so clients may read it but not publish"))
+            return nil
+        }
         let access = publishing ? segment.definition.publishers : segment.definition.readers
         guard access.allows(client.credentials, daemonUID: daemonUID) else {
             logger.notice("access denied", metadata: [
@@ -136,10 +141,17 @@ extension BrokerServer {
     func handleOpen(_ name: String, requestID: UInt32, client: ClientConnection) {
         guard let segment = lookUp(name, requestID: requestID, client: client, publishing: false) else { return }
         let descriptor: FileDescriptor
+        let board: FileDescriptor
         do {
             descriptor = try segment.readOnlyDescriptor()
         } catch {
             return reject(client, requestID: requestID, ProtocolError(.internalError, "cannot open a read-only descriptor: \(error)"))
+        }
+        do {
+            board = try segment.boardDescriptor()
+        } catch {
+            descriptor.closeQuietly()
+            return reject(client, requestID: requestID, ProtocolError(.internalError, "cannot duplicate the wait board: \(error)"))
         }
         let layout = segment.writer.layout
         let reply = ServerMessage.opened(OpenedSegment(
@@ -148,7 +160,7 @@ extension BrokerServer {
             latestVersion: segment.writer.latestVersion))
         segment.readers.insert(client.id)
         client.opened.insert(name)
-        send(reply.encode(requestID: requestID), to: client, descriptors: [descriptor])
+        send(reply.encode(requestID: requestID), to: client, descriptors: [descriptor, board])
     }
 
     func handlePublish(_ segment: ManagedSegment, payload: PublishPayload, attached: FileDescriptor?,
@@ -176,6 +188,7 @@ extension BrokerServer {
     /// Counts a new version and announces it to the segment's subscribers.
     func recordPublish(_ receipt: PublishReceipt, of segment: ManagedSegment) {
         counters.publishes += 1
+        segment.lastAnnouncedVersion = receipt.version
         announce(VersionInfo(receipt), of: segment)
     }
 
@@ -286,7 +299,7 @@ extension BrokerServer {
                                     gid: $0.credentials.gid, opened: $0.opened.sorted(), subscriptions: $0.subscriptions.sorted(),
                                     rings: $0.rings.keys.sorted())
             },
-            counters: counters)
+            counters: { var total = counters; total.publishes = totalPublishes; return total }())
         do {
             let json = try report.encoded()
             if json.count <= ControlProtocol.maximumFrameSize - ControlProtocol.headerSize {

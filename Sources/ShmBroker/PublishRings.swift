@@ -145,6 +145,10 @@ extension BrokerServer {
             removeRing(ring, detachCode: .permissionDenied)
             return nil
         }
+        guard segment.owner == nil else {
+            removeRing(ring, detachCode: .ownerPublishes)
+            return nil
+        }
         ring.consumer.recordSegmentCapacity(segment.writer.layout.capacity)
         return segment
     }

@@ -1,0 +1,362 @@
+import Atomics
+import Foundation
+import Logging
+@_exported import ShmBrokerConfig
+@_exported import ShmBrokerCore
+import ShmBrokerPlatform
+import ShmBrokerProtocol
+
+/// An application that *is* the owner of its segments: it creates them from a config, serves
+/// readers on the control socket exactly as `shmbrokerd` does (HELLO, OPEN, SUBSCRIBE, STATUS,
+/// access lists, events, retirement on reload, sd_notify, the fd store, socket activation), and
+/// publishes to them in-process, with no socket hop and no other process in the path.
+///
+/// ```swift
+/// let owner = try ShmBrokerOwner(configPath: "/etc/myapp/shmbroker.json")  // first thing in main
+/// let clock = try owner.segment("clock")       // claim it: clients may read, not publish
+/// try owner.start()                            // segments exist, socket listens, READY=1
+/// while !owner.isStopped {
+///     try clock.publish(Array("\(Date())".utf8))
+///     sleep(1)
+/// }
+/// ```
+///
+/// Threads: the control socket is served by one event-loop thread that ``start()`` creates.
+/// ``segment(_:)``, ``start()``, ``stop()`` and ``waitUntilStopped()`` may be called from any
+/// thread. Each ``OwnedSegment`` is published from one thread at a time (enforced). With
+/// `handlesSignals` (the default) create the owner before any other thread starts: it blocks
+/// SIGTERM, SIGINT and SIGHUP so that only its event loop receives them (stop, stop, reload).
+public final class ShmBrokerOwner: @unchecked Sendable {
+    /// How the owner fits into its process.
+    public struct Options: Sendable {
+        /// Take SIGTERM and SIGINT (graceful stop) and SIGHUP (reload the config file). Needs the
+        /// owner to be created before any other thread; turn it off in a process that handles
+        /// signals itself and calls ``ShmBrokerOwner/stop()``.
+        public var handlesSignals = true
+        /// Where the owner logs; default: stderr with journald priority prefixes, at `info`.
+        public var logger: Logger?
+        /// Adopt descriptors systemd passes (`LISTEN_FDS`): the listening socket and stored segments.
+        public var adoptsSystemdDescriptors = true
+
+        public init(handlesSignals: Bool = true, logger: Logger? = nil, adoptsSystemdDescriptors: Bool = true) {
+            self.handlesSignals = handlesSignals
+            self.logger = logger
+            self.adoptsSystemdDescriptors = adoptsSystemdDescriptors
+        }
+    }
+
+    private let server: BrokerServer
+    private let lock = NSLock()
+    private var claims: [String: OwnedSegment] = [:]
+    private var started = false
+    private let finished = DispatchSemaphore(value: 0)
+    private let stoppedFlag = ManagedAtomic<Bool>(false)
+
+    /// Prepares an owner for a validated configuration; nothing is created until ``start()``.
+    ///
+    /// - Parameters:
+    ///   - configuration: segments, socket and limits, from a file or built in code.
+    ///   - configPath: the file SIGHUP re-reads; nil when the configuration was built in code.
+    ///   - options: signals, logging, systemd descriptors.
+    public init(configuration: BrokerConfiguration, configPath: String? = nil, options: Options = Options()) throws(OwnerError) {
+        ProcessSignals.ignoreBrokenPipe()
+        let signals: SignalDescriptor?
+        if options.handlesSignals {
+            do {
+                signals = try SignalDescriptor(signals: [SIGTERM, SIGINT, SIGHUP])
+            } catch {
+                throw .startFailed("cannot create a signalfd: \(error)")
+            }
+        } else {
+            signals = nil
+        }
+        let logger = options.logger ?? Logger(label: "shmbroker-owner") { JournalLogHandler(label: $0) }
+        do {
+            server = try BrokerServer(configuration: configuration, configPath: configPath ?? "", signals: signals, logger: logger,
+                                      inherited: options.adoptsSystemdDescriptors ? InheritedDescriptors.takeFromSystemd() : InheritedDescriptors())
+        } catch {
+            throw .startFailed("\(error)")
+        }
+    }
+
+    /// Loads and validates a config file (the same JSON format `shmbrokerd` reads).
+    ///
+    /// - Throws: ``OwnerError/invalidConfiguration(_:)`` listing every problem with its JSON path.
+    public convenience init(configPath: String, options: Options = Options()) throws(OwnerError) {
+        let absolute = URL(fileURLWithPath: configPath).standardizedFileURL.path
+        let configuration: BrokerConfiguration
+        do {
+            configuration = try BrokerConfiguration.load(path: absolute)
+        } catch {
+            throw .invalidConfiguration(error.description)
+        }
+        try self.init(configuration: configuration, configPath: absolute, options: options)
+    }
+
+    /// Claims a configured segment for in-process publishing. From then on the owner is its only
+    /// writer: clients' PUBLISH and ATTACH_RING are refused with `owner-publishes`. Claim before
+    /// ``start()`` to refuse them from the first moment; a claim after it first publishes what
+    /// clients' publish rings still hold, then detaches them.
+    ///
+    /// - Parameter name: a segment of the configuration.
+    /// - Returns: the handle to publish with; the same handle for the same name.
+    public func segment(_ name: String) throws(OwnerError) -> OwnedSegment {
+        lock.lock()
+        if let existing = claims[name] {
+            lock.unlock()
+            return existing
+        }
+        guard server.configuration.segments.contains(where: { $0.name == name }) else {
+            lock.unlock()
+            throw .noSuchSegment(name)
+        }
+        let owned = OwnedSegment(name: name, doorbell: server.wakeup)
+        claims[name] = owned
+        let isStarted = started
+        lock.unlock()
+        if isStarted {
+            let result = server.runOnLoop { server in server.claim(owned) }
+            if let failure = result { throw failure }
+        }
+        return owned
+    }
+
+    /// Creates (or takes back from systemd's fd store) every segment, binds the claimed ones,
+    /// listens on the control socket, sends READY=1, and starts the event-loop thread.
+    public func start() throws(OwnerError) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !started else { return }
+        do {
+            try server.start(claims: Array(claims.values))
+        } catch let error as OwnerError {
+            throw error
+        } catch {
+            throw .startFailed("\(error)")
+        }
+        started = true
+        let thread = Thread { [self] in
+            do {
+                try server.run()
+            } catch {
+                server.logger.critical("event loop failed: \(error)")
+                server.shutDown()
+            }
+            stoppedFlag.store(true, ordering: .releasing)
+            finished.signal()
+        }
+        thread.name = "shmbroker-owner-loop"
+        thread.start()
+    }
+
+    /// Whether the event loop has stopped (after SIGTERM, SIGINT or ``stop()``).
+    public var isStopped: Bool { stoppedFlag.load(ordering: .acquiring) }
+
+    /// Blocks until the event loop stops: after SIGTERM or SIGINT (with `handlesSignals`) or ``stop()``.
+    public func waitUntilStopped() {
+        lock.lock()
+        let isStarted = started
+        lock.unlock()
+        guard isStarted, !isStopped else { return }
+        finished.wait()
+        finished.signal()  // let every other waiter through too
+    }
+
+    /// Stops serving: sends STOPPING=1, closes every client and the socket. Segment memory stays
+    /// valid for readers that mapped it; owned segments refuse further publishes.
+    public func stop() {
+        lock.lock()
+        let isStarted = started
+        lock.unlock()
+        guard isStarted, !isStopped else { return }
+        _ = server.runOnLoop { server -> OwnerError? in
+            server.running = false
+            return nil
+        }
+        waitUntilStopped()
+    }
+
+    deinit {
+        stop()
+    }
+}
+
+/// A segment the owner publishes in-process.
+///
+/// `publish` copies and checksums straight into the segment's next slot and wakes readers
+/// blocked on its futex from the calling thread; subscribers' VERSION events go out from the
+/// event loop afterwards, without delaying the call (one wake-up of the loop per burst, so
+/// events may skip versions when publishes come faster than the loop sends, always carrying the
+/// latest). One thread at a time may publish to a segment: a second concurrent call fails with
+/// ``OwnerError/concurrentPublish(_:)`` instead of corrupting the slot.
+public final class OwnedSegment: @unchecked Sendable {
+    /// The segment's name.
+    public let name: String
+
+    /// 0: idle, 1: a publish is running, 2: the event loop is swapping or retiring the target.
+    private let access = ManagedAtomic<Int>(0)
+    private var writer: SegmentWriter?
+    private var signals: SegmentSignals?
+    private let doorbell: Doorbell
+    private let publishes = ManagedAtomic<UInt64>(0)
+
+    init(name: String, doorbell: Doorbell) {
+        self.name = name
+        self.doorbell = doorbell
+    }
+
+    /// Publishes `bytes` as the next version.
+    ///
+    /// - Returns: the new version, its length, CRC-64 and publish time.
+    /// - Throws: ``OwnerError/payloadTooLarge(segment:length:capacity:)`` (nothing written),
+    ///   ``OwnerError/retired(_:)`` after the segment left the config or the owner stopped,
+    ///   ``OwnerError/concurrentPublish(_:)``.
+    @discardableResult
+    public func publish(_ bytes: UnsafeRawBufferPointer) throws(OwnerError) -> PublishReceipt {
+        let writer = try enter()
+        defer { leave() }
+        let receipt: PublishReceipt
+        do {
+            receipt = try writer.publish(bytes)
+        } catch {
+            throw .payloadTooLarge(segment: name, length: bytes.count, capacity: writer.layout.capacity)
+        }
+        announce()
+        return receipt
+    }
+
+    /// Publishes a byte array as the next version (see ``publish(_:)-(UnsafeRawBufferPointer)``).
+    @discardableResult
+    public func publish(_ bytes: [UInt8]) throws(OwnerError) -> PublishReceipt {
+        let outcome = bytes.withUnsafeBytes { buffer in Result { () throws(OwnerError) in try publish(buffer) } }
+        return try outcome.get()
+    }
+
+    /// Publishes the next version by letting `fill` write it straight into the slot: zero-copy.
+    /// The CRC is computed over the slot after `fill` returns.
+    ///
+    /// - Parameters:
+    ///   - length: the payload's length, checked against the capacity before anything is touched.
+    ///   - fill: writes exactly `length` bytes into the buffer it gets. If it throws, readers keep
+    ///     the previous version and the error is rethrown.
+    @discardableResult
+    public func publish(length: Int, _ fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws -> PublishReceipt {
+        let writer = try enter()
+        defer { leave() }
+        let receipt: PublishReceipt
+        do {
+            receipt = try writer.publish(length: length) { (buffer: UnsafeMutableRawBufferPointer) throws(AnyFillError) in
+                do { try fill(buffer) } catch { throw AnyFillError(error: error) }
+            }
+        } catch {
+            switch error {
+            case .segment: throw OwnerError.payloadTooLarge(segment: name, length: length, capacity: writer.layout.capacity)
+            case .fill(let failure): throw failure.error
+            }
+        }
+        announce()
+        return receipt
+    }
+
+    /// The latest version published (0: never), from any thread.
+    public var latestVersion: UInt64 {
+        while access.compareExchange(expected: 0, desired: 2, ordering: .acquiring).original != 0 { sched_yield() }
+        defer { access.store(0, ordering: .releasing) }
+        return writer?.latestVersion ?? 0
+    }
+
+    /// The segment's capacity in bytes (0 once retired).
+    public var capacity: Int {
+        while access.compareExchange(expected: 0, desired: 2, ordering: .acquiring).original != 0 { sched_yield() }
+        defer { access.store(0, ordering: .releasing) }
+        return writer?.layout.capacity ?? 0
+    }
+
+    /// Publishes made through this handle.
+    public var publishCount: UInt64 { publishes.load(ordering: .relaxed) }
+
+    private func enter() throws(OwnerError) -> SegmentWriter {
+        while true {
+            let (exchanged, original) = access.compareExchange(expected: 0, desired: 1, ordering: .acquiring)
+            if exchanged { break }
+            if original == 1 { throw .concurrentPublish(name) }
+            sched_yield()  // the event loop is swapping the segment (a reload): a moment
+        }
+        guard let writer else {
+            access.store(0, ordering: .releasing)
+            throw .retired(name)
+        }
+        return writer
+    }
+
+    private func leave() {
+        access.store(0, ordering: .releasing)
+    }
+
+    /// After a publish: count it, and ask the loop to tell subscribers (once per burst).
+    private func announce() {
+        publishes.store(publishes.load(ordering: .relaxed) &+ 1, ordering: .relaxed)  // one writer
+        guard let signals, signals.subscriberCount.load(ordering: .relaxed) > 0,
+              !signals.announcePending.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        doorbell.ring()
+    }
+
+    /// Runs `body` on the event loop's thread with every publish excluded (waiting for one in progress).
+    func exclusively(_ body: () -> Void) {
+        while access.compareExchange(expected: 0, desired: 2, ordering: .acquiring).original != 0 { sched_yield() }
+        body()
+        access.store(0, ordering: .releasing)
+    }
+
+    /// Points the handle at a segment's writer (nil: retired). Called with publishes excluded.
+    func bind(writer: SegmentWriter?, signals: SegmentSignals?) {
+        self.writer = writer
+        self.signals = signals
+    }
+}
+
+/// Carries a fill closure's untyped error through ``SegmentWriter``'s typed throws.
+struct AnyFillError: Error {
+    let error: any Error
+}
+
+/// Why the owner could not do what was asked. Each case has a stable ``code``.
+public enum OwnerError: Error, Equatable, CustomStringConvertible {
+    /// The configuration file is invalid; the text lists every problem.
+    case invalidConfiguration(String)
+    /// The configuration has no segment of this name.
+    case noSuchSegment(String)
+    /// Segments could not be created or the socket could not listen.
+    case startFailed(String)
+    /// The payload is longer than the segment's capacity; nothing was written.
+    case payloadTooLarge(segment: String, length: Int, capacity: Int)
+    /// The segment left the configuration (a reload) or the owner stopped.
+    case retired(String)
+    /// Another thread is publishing to the same segment right now.
+    case concurrentPublish(String)
+
+    /// A short stable name for the case.
+    public var code: String {
+        switch self {
+        case .invalidConfiguration: return "invalid-configuration"
+        case .noSuchSegment: return "no-such-segment"
+        case .startFailed: return "start-failed"
+        case .payloadTooLarge: return "payload-too-large"
+        case .retired: return "segment-retired"
+        case .concurrentPublish: return "concurrent-publish"
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .invalidConfiguration(let text): return "\(code): \(text)"
+        case .noSuchSegment(let name): return "\(code): the configuration has no segment named \"\(name)\""
+        case .startFailed(let reason): return "\(code): \(reason)"
+        case let .payloadTooLarge(segment, length, capacity):
+            return "\(code): \(length) bytes do not fit segment \"\(segment)\" (capacity \(capacity)); nothing was written"
+        case .retired(let name): return "\(code): segment \"\(name)\" is no longer served (removed by a reload, or the owner stopped)"
+        case .concurrentPublish(let name):
+            return "\(code): another thread is publishing to \"\(name)\"; a segment has one publishing thread at a time"
+        }
+    }
+}
