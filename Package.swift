@@ -6,6 +6,7 @@ let package = Package(
     products: [
         .executable(name: "shmbrokerd", targets: ["shmbrokerd"]),
         .executable(name: "shmbrokerctl", targets: ["shmbrokerctl"]),
+        .executable(name: "shmbroker-sysload", targets: ["shmbroker-sysload"]),
         // Embed the owner: an application that creates, serves and publishes its own segments.
         .library(name: "ShmBroker", targets: ["ShmBroker"]),
         .library(name: "ShmBrokerClient", targets: ["ShmBrokerClient"]),
@@ -65,6 +66,14 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // An example owner: publishes the system load to a segment it owns (a page of code).
+        .executableTarget(
+            name: "shmbroker-sysload",
+            dependencies: [
+                "ShmBroker",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
         .target(
             name: "ShmBrokerClient",
             dependencies: ["ShmBrokerCore", "ShmBrokerProtocol", "ShmBrokerPlatform"]
@@ -101,9 +110,11 @@ let package = Package(
         ]),
         .testTarget(name: "ShmBrokerProtocolTests", dependencies: ["ShmBrokerProtocol"]),
         .testTarget(name: "ShmBrokerConfigTests", dependencies: ["ShmBrokerConfig"]),
+        .testTarget(name: "ShmBrokerTests", dependencies: ["ShmBroker", "ShmBrokerClient", "ShmBrokerProtocol"]),
         .testTarget(
             name: "ShmBrokerIntegrationTests",
-            dependencies: ["ShmBrokerClient", "ShmBrokerCore", "ShmBrokerPlatform", "ShmBrokerProtocol", "shmbroker-testkit"]
+            dependencies: ["ShmBrokerClient", "ShmBrokerCore", "ShmBrokerPlatform", "ShmBrokerProtocol", "shmbroker-testkit",
+                           "shmbroker-sysload"]
         ),
     ],
     swiftLanguageModes: [.v6]

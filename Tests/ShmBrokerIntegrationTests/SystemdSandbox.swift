@@ -12,7 +12,9 @@ import XCTest
 /// state directory outside /tmp, removed at the end. Always call ``powerOff()``.
 final class SystemdSandbox {
     let state: String
-    let socketPath = "/run/shmbroker/control.sock"
+    /// The unit under test: `shmbroker` (the daemon) or `shmbroker-sysload` (the example owner).
+    let unit: String
+    var socketPath: String { "/run/\(unit)/control.sock" }
     private let unshare: Process
     private(set) var systemdPID: Int32 = 0
 
@@ -35,8 +37,12 @@ final class SystemdSandbox {
     /// - Parameters:
     ///   - segments: the config's segments.
     ///   - serviceOverrides: extra `[Service]` lines for a drop-in (e.g. a short `WatchdogSec=`).
-    init(segments: [[String: Any]], serviceOverrides: [String] = []) throws {
+    ///   - unit: which unit files of `systemd/` to install (`NAME.service`, `NAME.socket`).
+    ///   - executable: the binary its ExecStart runs, with `arguments` after `--config PATH`.
+    init(segments: [[String: Any]], serviceOverrides: [String] = [], unit: String = "shmbroker",
+         executable: String = "shmbrokerd", arguments: String = "--debug-allow-hang") throws {
         try SystemdSandbox.requirements()
+        self.unit = unit
         let state = "/var/lib/shmbroker-tests/\(getpid())-\(UUID().uuidString.prefix(8))"
         let configPath = state + "/shmbroker.json"
         self.state = state
@@ -44,19 +50,20 @@ final class SystemdSandbox {
         try fm.createDirectory(atPath: state + "/bin", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
         try fm.createDirectory(atPath: state + "/units", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
         _ = chmod("/var/lib/shmbroker-tests", 0o755)
-        for binary in ["shmbrokerd", "shmbrokerctl", "shmbroker-testkit"] {
+        for binary in ["shmbrokerd", "shmbrokerctl", "shmbroker-testkit", "shmbroker-sysload"] {
             try fm.copyItem(atPath: Binaries.path(binary), toPath: "\(state)/bin/\(binary)")
         }
-        try TestDaemon.writeConfig(at: configPath, socketPath: socketPath, segments: segments)
+        try TestDaemon.writeConfig(at: configPath, socketPath: "/run/\(unit)/control.sock", segments: segments)
         _ = chmod(configPath, 0o644)
 
         let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         let units = repository.appendingPathComponent("systemd")
-        let service = try String(contentsOf: units.appendingPathComponent("shmbroker.service"), encoding: .utf8)
-            .replacingOccurrences(of: "/usr/local/bin/shmbrokerd --config /etc/shmbroker/shmbroker.json",
-                                  with: "\(state)/bin/shmbrokerd --config \(configPath) --debug-allow-hang")
-        try service.write(toFile: state + "/units/shmbroker.service", atomically: true, encoding: .utf8)
-        try fm.copyItem(atPath: units.appendingPathComponent("shmbroker.socket").path, toPath: state + "/units/shmbroker.socket")
+        let service = try String(contentsOf: units.appendingPathComponent("\(unit).service"), encoding: .utf8)
+            .split(separator: "\n", omittingEmptySubsequences: false)
+            .map { $0.hasPrefix("ExecStart=") ? "ExecStart=\(state)/bin/\(executable) --config \(configPath) \(arguments)" : String($0) }
+            .joined(separator: "\n")
+        try service.write(toFile: state + "/units/\(unit).service", atomically: true, encoding: .utf8)
+        try fm.copyItem(atPath: units.appendingPathComponent("\(unit).socket").path, toPath: state + "/units/\(unit).socket")
         try fm.copyItem(atPath: units.appendingPathComponent("shmbroker.sysusers.conf").path, toPath: state + "/units/shmbroker.sysusers.conf")
         let dropIn = "[Service]\n" + serviceOverrides.joined(separator: "\n") + "\n"
         try dropIn.write(toFile: state + "/units/override.conf", atomically: true, encoding: .utf8)
@@ -78,9 +85,9 @@ final class SystemdSandbox {
         chmod 0644 \(state)/root/etc/passwd \(state)/root/etc/group
         mount --bind \(state)/root/etc/passwd /etc/passwd
         mount --bind \(state)/root/etc/group /etc/group
-        cp \(state)/units/shmbroker.service \(state)/units/shmbroker.socket /etc/systemd/system/
-        mkdir -p /etc/systemd/system/shmbroker.service.d
-        cp \(state)/units/override.conf /etc/systemd/system/shmbroker.service.d/override.conf
+        cp \(state)/units/\(unit).service \(state)/units/\(unit).socket /etc/systemd/system/
+        mkdir -p /etc/systemd/system/\(unit).service.d
+        cp \(state)/units/override.conf /etc/systemd/system/\(unit).service.d/override.conf
         exec env container=unshare /lib/systemd/systemd --system --log-target=journal --log-level=info
         """
         try boot.write(toFile: state + "/boot.sh", atomically: true, encoding: .utf8)
@@ -150,7 +157,7 @@ final class SystemdSandbox {
     }
 
     func property(_ name: String) throws -> String {
-        try systemctl("show", "-p", name, "--value", "shmbroker.service").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        try systemctl("show", "-p", name, "--value", "\(unit).service").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     func mainPID() throws -> Int32 { Int32(try property("MainPID")) ?? 0 }
@@ -170,7 +177,26 @@ final class SystemdSandbox {
     }
 
     func journal() throws -> String {
-        try inside(["/usr/bin/journalctl", "-u", "shmbroker", "--no-pager", "-o", "cat"]).stdout
+        try inside(["/usr/bin/journalctl", "-u", unit, "--no-pager", "-o", "cat"]).stdout
+    }
+
+    /// The host's pid of a process that has `namespacePID` inside the sandbox.
+    func hostPID(_ namespacePID: Int32) throws -> Int32 {
+        for entry in try FileManager.default.contentsOfDirectory(atPath: "/proc") {
+            guard let pid = Int32(entry),
+                  let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+                  let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") }) else { continue }
+            let ids = line.split(whereSeparator: { $0 == "\t" || $0 == " " }).dropFirst().compactMap { Int32($0) }
+            if ids.count >= 2, ids.last == namespacePID, contains(pid) { return pid }
+        }
+        throw TestFailure("no host pid for namespace pid \(namespacePID)")
+    }
+
+    /// Whether host process `pid` lives in this sandbox's PID namespace.
+    func contains(_ pid: Int32) -> Bool {
+        let mine = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/pid")
+        let theirs = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(systemdPID)/ns/pid")
+        return mine != nil && mine == theirs
     }
 
     /// Powers the namespace's systemd off (SIGKILL if that fails) and removes the state directory.

@@ -176,7 +176,7 @@ final class SystemdServiceTests: XCTestCase {
 
             // 2. twenty kill -9s of the main process (Restart=on-failure)
             for round in 0..<20 {
-                XCTAssertEqual(kill(try hostPID(sandbox, pid), SIGKILL), 0)
+                XCTAssertEqual(kill(try sandbox.hostPID(pid), SIGKILL), 0)
                 pid = try sandbox.waitForNewMainPID(other: pid)
                 let now = try versionOf("state")
                 XCTAssertGreaterThanOrEqual(now, version, "round \(round): version went back")
@@ -184,7 +184,7 @@ final class SystemdServiceTests: XCTestCase {
             }
 
             // 3. the event loop hangs: WATCHDOG=1 stops, systemd kills and restarts the daemon.
-            XCTAssertEqual(kill(try hostPID(sandbox, pid), SIGUSR2), 0)
+            XCTAssertEqual(kill(try sandbox.hostPID(pid), SIGUSR2), 0)
             pid = try sandbox.waitForNewMainPID(other: pid, timeout: 60)
             XCTAssertTrue(try sandbox.journal().contains("hanging the event loop"))
             let systemdLog = try sandbox.inside(["/usr/bin/journalctl", "--no-pager", "-o", "cat"]).stdout
@@ -234,20 +234,4 @@ final class SystemdServiceTests: XCTestCase {
 
     /// The main PID as seen from the host (systemd reports it in its own PID namespace).
     /// (`NSpid:` in the host's /proc lists a process's pid in each namespace, outermost first.)
-    func hostPID(_ sandbox: SystemdSandbox, _ namespacePID: Int32) throws -> Int32 {
-        for entry in try FileManager.default.contentsOfDirectory(atPath: "/proc") {
-            guard let pid = Int32(entry),
-                  let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
-                  let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") }) else { continue }
-            let ids = line.split(whereSeparator: { $0 == "\t" || $0 == " " }).dropFirst().compactMap { Int32($0) }
-            if ids.count >= 2, ids.last == namespacePID, isInSandbox(pid, sandbox) { return pid }
-        }
-        throw TestFailure("no host pid for namespace pid \(namespacePID)")
-    }
-
-    func isInSandbox(_ pid: Int32, _ sandbox: SystemdSandbox) -> Bool {
-        let mine = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/pid")
-        let theirs = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(sandbox.systemdPID)/ns/pid")
-        return mine != nil && mine == theirs
-    }
 }

@@ -1,0 +1,157 @@
+import Foundation
+import Glibc
+import ShmBroker
+import ShmBrokerClient
+import ShmBrokerProtocol
+import XCTest
+
+/// The embeddable owner, in this test process: it creates segments, serves real clients on a real
+/// socket, and publishes in-process. Readers here are the real Swift client over that socket.
+final class OwnerTests: XCTestCase {
+    var directory = ""
+
+    override func setUp() {
+        directory = "/tmp/shmbroker-owner-test-\(getpid())-\(UUID().uuidString.prefix(8))"
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() {
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    var socketPath: String { directory + "/control.sock" }
+
+    func writeConfig(_ segments: String) throws -> String {
+        let path = directory + "/owner.json"
+        let text = """
+        {"socket": {"path": "\(socketPath)", "mode": "0666"},
+         "segments": [\(segments)]}
+        """
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    func makeOwner() throws -> ShmBrokerOwner {
+        let path = try writeConfig("""
+            {"name": "owned", "size": 4096, "readers": {"users": ["*"]}, "publishers": {"users": ["*"]}},
+            {"name": "open", "size": 4096, "readers": {"users": ["*"]}, "publishers": {"users": ["*"]}}
+            """)
+        return try ShmBrokerOwner(configPath: path, options: .init(handlesSignals: false, adoptsSystemdDescriptors: false))
+    }
+
+    func testInProcessPublishesReachReadersAndSubscribersAndClientsMayNotPublish() async throws {
+        let owner = try makeOwner()
+        defer { owner.stop() }
+        let owned = try owner.segment("owned")
+        XCTAssertTrue(owned === (try owner.segment("owned")), "one handle per segment")
+        try owner.start()
+
+        let client = try await ShmBrokerClient.connect(socketPath: socketPath, clientName: "owner-test")
+        let handle = try await client.open("owned")
+        XCTAssertNil(try handle.read())
+        var events = try await client.subscribe("owned").makeAsyncIterator()
+
+        let receipt = try owned.publish(Array("first".utf8))
+        XCTAssertEqual(receipt.version, 1)
+        XCTAssertEqual(try handle.read()?.bytes, Array("first".utf8), "visible in the mapping as soon as publish returns")
+        var announced: UInt64 = 0
+        while announced < 1, let event = await events.next() {
+            if case .version(let info) = event { announced = info.version }
+        }
+        XCTAssertEqual(announced, 1, "the event loop announced the in-process publish")
+
+        // Zero-copy: the payload is built in the slot itself; a fill that throws publishes nothing.
+        let zero = try owned.publish(length: 3) { slot in slot.copyBytes(from: [9, 8, 7]) }
+        XCTAssertEqual(zero.version, 2)
+        XCTAssertEqual(try handle.read()?.bytes, [9, 8, 7])
+        struct Abandoned: Error {}
+        XCTAssertThrowsError(try owned.publish(length: 2) { _ in throw Abandoned() }) { XCTAssertTrue($0 is Abandoned) }
+        XCTAssertEqual(try handle.read()?.version, 2, "the abandoned version never became visible")
+        XCTAssertThrowsError(try owned.publish([UInt8](repeating: 0, count: 4097))) { error in
+            XCTAssertEqual((error as? OwnerError)?.code, "payload-too-large")
+        }
+
+        // One writer: clients may not publish to an owned segment, by request or by ring.
+        do {
+            try await client.publish("owned", bytes: [1])
+            XCTFail("a client publish to an owned segment was accepted")
+        } catch {
+            XCTAssertTrue("\(error)".contains("owner-publishes"), "\(error)")
+        }
+        do {
+            let ring = try await client.openPublisher("owned")
+            await ring.close()
+            XCTFail("a client ring on an owned segment was attached")
+        } catch {
+            XCTAssertTrue("\(error)".contains("owner-publishes"), "\(error)")
+        }
+        // ... but may publish to a segment the owner left to them.
+        try await client.publish("open", bytes: [1])
+        let status = try await client.status()
+        XCTAssertEqual(status.segments.first { $0.name == "owned" }?.version, 2)
+        XCTAssertEqual(status.counters.publishes, 3, "two owner publishes plus one client publish")
+        XCTAssertEqual(owned.publishCount, 2)
+        client.close()
+    }
+
+    func testAFutexWaitingReaderIsWokenByThePublishingThread() async throws {
+        let owner = try makeOwner()
+        defer { owner.stop() }
+        let owned = try owner.segment("owned")
+        try owner.start()
+        let client = try await ShmBrokerClient.connect(socketPath: socketPath, clientName: "waiter")
+        let handle = try await client.open("owned")
+        let woke = expectation(description: "woken")
+        let thread = Thread {
+            if handle.waitForVersion(after: 0, timeoutNanoseconds: 20_000_000_000) == 1 { woke.fulfill() }
+        }
+        thread.start()
+        usleep(100_000)
+        try owned.publish([42])
+        await fulfillment(of: [woke], timeout: 20)
+        client.close()
+    }
+
+    func testOnePublishingThreadAtATimeIsEnforced() throws {
+        let owner = try makeOwner()
+        defer { owner.stop() }
+        let owned = try owner.segment("owned")
+        try owner.start()
+        let inside = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        let thread = Thread {
+            _ = try? owned.publish(length: 1) { slot in
+                slot[0] = 1
+                inside.signal()
+                release.wait()
+            }
+        }
+        thread.start()
+        inside.wait()
+        XCTAssertThrowsError(try owned.publish([2])) { XCTAssertEqual(($0 as? OwnerError)?.code, "concurrent-publish") }
+        release.signal()
+        while owned.publishCount < 1 { usleep(1000) }
+        XCTAssertEqual(try owned.publish([3]).version, 2, "the next publish after the first finished is fine")
+    }
+
+    func testUnknownSegmentsAndPublishesAfterStopAreRefused() throws {
+        let owner = try makeOwner()
+        XCTAssertThrowsError(try owner.segment("nope")) { XCTAssertEqual(($0 as? OwnerError)?.code, "no-such-segment") }
+        let owned = try owner.segment("owned")
+        try owner.start()
+        try owned.publish([1])
+        owner.stop()
+        XCTAssertTrue(owner.isStopped)
+        XCTAssertThrowsError(try owned.publish([2])) { XCTAssertEqual(($0 as? OwnerError)?.code, "segment-retired") }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: socketPath), "the socket is removed on stop")
+    }
+
+    func testAnInvalidConfigNamesEveryProblem() throws {
+        let path = try writeConfig(#"{"name": "a", "size": 64}, {"name": "a", "size": 64}, {"name": "b", "size": 0}"#)
+        XCTAssertThrowsError(try ShmBrokerOwner(configPath: path, options: .init(handlesSignals: false))) { error in
+            guard case .invalidConfiguration(let text) = error as? OwnerError else { return XCTFail("\(error)") }
+            XCTAssertTrue(text.contains("$.segments[2].size"), text)
+            XCTAssertTrue(text.contains("duplicate segment name"), text)
+        }
+    }
+}
