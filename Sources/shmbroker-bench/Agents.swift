@@ -49,6 +49,7 @@ struct SegmentLatency: AsyncParsableCommand {
     @Option var socket: String
     @Option var segment: String
     @Option var rounds: UInt64
+    @Option(help: "How to wait for each version: futex, spin or events.") var wait: WaitMode = .futex
 
     func run() async throws {
         let rounds = self.rounds  // read the option once, not per wake-up
@@ -56,7 +57,7 @@ struct SegmentLatency: AsyncParsableCommand {
         var toDaemon: [UInt64] = [], toReader: [UInt64] = []
         toDaemon.reserveCapacity(Int(rounds))
         toReader.reserveCapacity(Int(rounds))
-        try await followSegment(socket: socket, segment: segment) { info, buffer in
+        try await followSegment(socket: socket, segment: segment, wait: wait) { info, buffer in
             let received = Clock.monotonicNanoseconds()
             let receivedWall = Clock.realtimeNanoseconds()
             let (sentAt, round) = Stamp.read(buffer)
@@ -95,21 +96,46 @@ struct LatencyLog {
 
 /// Opens a segment, announces readiness, then hands each new version (read verified into a
 /// reusable buffer, woken by the futex) to `body` until it returns false or 10 s pass idle.
-func followSegment(socket: String, segment: String, afterReady: () -> Void = {},
+func followSegment(socket: String, segment: String, wait: WaitMode = .futex, afterReady: () -> Void = {},
                    _ body: (SegmentReader.CopiedVersion, UnsafeRawBufferPointer) -> Bool) async throws {
     let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "bench-reader")
     let handle = try await client.open(segment)
     var buffer = [UInt8](repeating: 0, count: handle.capacity)
     var last = handle.latestVersion
+    if wait == .events {
+        // Woken by VERSION events over the socket, then read from memory.
+        let events = try await client.subscribe(segment)
+        announceReady()
+        afterReady()
+        for await event in events {
+            guard case .version(let announced) = event, announced.version > last else { continue }
+            let outcome = try buffer.withUnsafeMutableBytes { try handle.reader.readOnce(into: $0) }
+            guard case .copied(let info) = outcome else { continue }
+            last = info.version
+            guard buffer.withUnsafeBytes({ body(info, $0) }) else { return }
+        }
+        return
+    }
+    let strategy: SegmentReader.WaitStrategy = wait == .spin ? .spin : .futex
     announceReady()
     afterReady()
     while true {
-        if handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000) == last { return }
+        if handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000, strategy: strategy) == last { return }
         let outcome = try buffer.withUnsafeMutableBytes { try handle.reader.readOnce(into: $0) }
         guard case .copied(let info) = outcome else { continue }
         last = info.version
         guard buffer.withUnsafeBytes({ body(info, $0) }) else { return }
     }
+}
+
+/// How a reader agent waits for versions.
+enum WaitMode: String, ExpressibleByArgument, CaseIterable {
+    /// Sleeps on the segment's futex word.
+    case futex
+    /// Busy-polls the version word (a core stays busy).
+    case spin
+    /// Follows VERSION events over the control socket.
+    case events
 }
 
 /// Reads fixed-size messages from a Unix stream socket, recording each one's one-way latency.

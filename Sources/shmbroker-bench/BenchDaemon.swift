@@ -1,5 +1,7 @@
 import Foundation
 import Glibc
+import Logging
+import ShmBroker
 import ShmBrokerClient
 import ShmBrokerPlatform
 
@@ -116,3 +118,39 @@ fig.suptitle(f"shmbroker-bench on {r['machine']}")
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
 """#
+
+/// The benchmark process as an embedded owner (`ShmBrokerOwner`): the same segments as the bench
+/// daemon, published in-process, served to the reader agents on a socket of its own.
+final class BenchOwner {
+    let directory: String
+    let socketPath: String
+    let owner: ShmBrokerOwner
+    private(set) var segments: [String: OwnedSegment] = [:]
+
+    init() throws {
+        directory = NSTemporaryDirectory() + "shmbroker-bench-owner-\(getpid())-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        socketPath = directory + "/owner.sock"
+        var names = ["lat64": 64, "lat4k": 4096, "rate": 64, "fan1": 64, "fan8": 64, "fan64": 64]
+        for size in [4 << 10, 64 << 10, 1 << 20, 16 << 20] { names["tp-\(sizeName(size))"] = size }
+        let config: [String: Any] = [
+            "socket": ["path": socketPath, "mode": "0600"],
+            "limits": ["maxClients": 4096, "subscriberStallTimeoutSeconds": 30],
+            "segments": names.sorted { $0.key < $1.key }.map { ["name": $0.key, "size": $0.value, "slots": 3, "readers": ["users": ["*"]]] },
+        ]
+        let configPath = directory + "/owner.json"
+        try JSONSerialization.data(withJSONObject: config).write(to: URL(fileURLWithPath: configPath))
+        var logger = Logger(label: "bench-owner") { JournalLogHandler(label: $0) }
+        logger.logLevel = .warning
+        owner = try ShmBrokerOwner(configPath: configPath, options: .init(handlesSignals: false, logger: logger, adoptsSystemdDescriptors: false))
+        for name in names.keys { segments[name] = try owner.segment(name) }
+        try owner.start()
+    }
+
+    subscript(name: String) -> OwnedSegment { segments[name]! }
+
+    func stop() {
+        owner.stop()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}

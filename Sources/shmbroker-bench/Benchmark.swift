@@ -32,7 +32,7 @@ struct Run: AsyncParsableCommand {
         """) var throughputCases: String?
     @Option(help: "Interleaved trials per throughput case (default 5; 1 with --quick).") var trials: Int?
     @Option(help: """
-        Throughput transports to run (comma-separated: ring-copy, ring, requests, socket; default \
+        Throughput transports to run (comma-separated: ring-copy, ring, requests, owner, socket; default \
         all), for profiling one alone; ratios need ring and socket.
         """) var throughputPaths: String?
 
@@ -43,7 +43,7 @@ struct Run: AsyncParsableCommand {
         if !unknown.isEmpty { throw ValidationError("unknown throughput paths \(unknown.sorted()); known: \(Self.allPaths.joined(separator: ", "))") }
     }
 
-    static let allPaths = ["ring-copy", "ring", "requests", "socket"]
+    static let allPaths = ["ring-copy", "ring", "requests", "owner", "socket"]
 
     /// The throughput transports asked for (all, without `--throughput-paths`).
     var selectedPaths: [String] {
@@ -72,10 +72,12 @@ struct Run: AsyncParsableCommand {
         if selected("read") { results["verifiedRead"] = verifiedReadBenchmark(&report) }
         let daemon = try BenchDaemon(quick: quick)
         defer { daemon.stop() }
-        if selected("latency") { results["latency"] = try await latencyBenchmark(daemon, &report) }
-        if selected("throughput") { results["throughput"] = try await throughputBenchmark(daemon, &report) }
-        if selected("fanout") { results["fanOut"] = try await fanOutBenchmark(daemon, &report) }
-        if selected("rate") { results["publishRate"] = try await publishRateBenchmark(daemon, &report) }
+        let owner = try BenchOwner()
+        defer { owner.stop() }
+        if selected("latency") { results["latency"] = try await latencyBenchmark(daemon, owner, &report) }
+        if selected("throughput") { results["throughput"] = try await throughputBenchmark(daemon, owner, &report) }
+        if selected("fanout") { results["fanOut"] = try await fanOutBenchmark(daemon, owner, &report) }
+        if selected("rate") { results["publishRate"] = try await publishRateBenchmark(daemon, owner, &report) }
         if selected("scale") { results["scale"] = try await scaleBenchmark(&report) }
         results["goals"] = report.goals
 
@@ -175,7 +177,7 @@ struct Run: AsyncParsableCommand {
 
     /// One producer publish per round, spaced so each is read alone; vs the same payload over a
     /// raw Unix stream socket between two processes.
-    func latencyBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
+    func latencyBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: Any] {
         let rounds: UInt64 = quick ? 300 : 3000
         report.section("End-to-end latency, publish call -> reader holds the verified version (µs; \(rounds) rounds)")
         report.row(["payload", "path", "shm p50", "p99", "p99.9", "socket p50", "p99", "p99.9", "p50 ratio"])
@@ -211,6 +213,33 @@ struct Run: AsyncParsableCommand {
                 if path == .ring {
                     report.goal("end-to-end p50 <= 2x raw socket one-way p50 (\(sizeName(size)), publish ring)",
                                 value: shm.p50 / socket.p50, target: 2, lowerIsBetter: true)
+                }
+            }
+            // The embedded owner publishes in-process; readers wait three ways.
+            for mode in WaitMode.allCases {
+                let agent = try AgentProcess(["segment-latency", "--socket", owner.socketPath, "--segment", segment,
+                                              "--rounds", "\(rounds)", "--wait", mode.rawValue])
+                try agent.waitUntilReady()
+                var payload = [UInt8](repeating: 0xA5, count: size)
+                let owned = owner[segment]
+                for round in 0..<rounds {
+                    Stamp.write(&payload, sentAt: Clock.monotonicNanoseconds(), round: round)
+                    try owned.publish(payload)
+                    usleep(200)
+                }
+                let shm = LatencySummary(Array(try agent.latencyResult().latencies.values))
+                let name = "owner-\(mode.rawValue)"
+                row[name] = ["shm": shm.json, "p50_ratio": shm.p50 / socket.p50]
+                report.row([sizeName(size), name, fmt(shm.p50), fmt(shm.p99), fmt(shm.p999), fmt(socket.p50), fmt(socket.p99),
+                            fmt(socket.p999), fmt(shm.p50 / socket.p50) + "x"])
+                switch mode {
+                case .futex:
+                    report.goal("owner -> futex-waiting reader p50 <= 0.8x socket one-way p50 (\(sizeName(size)))",
+                                value: shm.p50 / socket.p50, target: 0.8, lowerIsBetter: true)
+                case .spin:
+                    report.goal("owner -> busy-polling reader p50 <= 0.1x socket one-way p50 (\(sizeName(size)))",
+                                value: shm.p50 / socket.p50, target: 0.1, lowerIsBetter: true)
+                case .events: break
                 }
             }
             rows[sizeName(size)] = row
@@ -256,11 +285,12 @@ struct Run: AsyncParsableCommand {
         case ring
     }
 
-    func throughputBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
+    func throughputBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: Any] {
         let trials = self.trials ?? (quick ? 1 : 5)
         report.section("Producer -> reader throughput (MB/s delivered to readers; median of \(trials) interleaved trials; "
                        + "requests: \(Self.publishWindow) PUBLISH requests in flight)")
-        report.row(["payload", "readers", "ring copy", "ring 0-copy", "reqs 0-copy", "socket", "ratio ring 0-copy", "ratio reqs 0-copy"])
+        report.row(["payload", "readers", "ring copy", "ring 0-copy", "reqs 0-copy", "owner 0-copy", "socket",
+                    "ratio ring", "ratio reqs", "ratio owner"])
         let client = try await daemon.connect()
         var rows: [String: Any] = [:]
         let standardCases: [(Int, Int)] = [(4 << 10, 1), (64 << 10, 1), (1 << 20, 1), (16 << 20, 1), (64 << 10, 8), (1 << 20, 8)]
@@ -272,7 +302,7 @@ struct Run: AsyncParsableCommand {
             // The transports take turns, so a noisy moment on this shared machine hits one trial
             // of each rather than all of one.
             var ringCopying: [ThroughputTrial] = [], ringZeroCopy: [ThroughputTrial] = []
-            var requestsZeroCopy: [ThroughputTrial] = [], socketTrials: [ThroughputTrial] = []
+            var requestsZeroCopy: [ThroughputTrial] = [], socketTrials: [ThroughputTrial] = [], ownerTrials: [ThroughputTrial] = []
             let paths = selectedPaths
             for _ in 0..<trials {
                 if paths.contains("ring-copy") {
@@ -287,6 +317,9 @@ struct Run: AsyncParsableCommand {
                     requestsZeroCopy.append(try await segmentThroughput(client, daemon, segment: segment, size: size, count: count,
                                                                         readers: readers, zeroCopy: true, via: .requests))
                 }
+                if paths.contains("owner") {
+                    ownerTrials.append(try ownerThroughput(owner, segment: segment, size: size, count: count, readers: readers))
+                }
                 if paths.contains("socket") { socketTrials.append(try socketThroughput(size: size, count: count, readers: readers)) }
             }
             /// The median trial by throughput (nil for a transport left out).
@@ -294,33 +327,45 @@ struct Run: AsyncParsableCommand {
                 trials.isEmpty ? nil : trials.sorted { $0.megabytesPerSecond < $1.megabytesPerSecond }[trials.count / 2]
             }
             let copyingTrial = median(ringCopying), zeroCopyTrial = median(ringZeroCopy)
-            let requestsTrial = median(requestsZeroCopy), socketTrial = median(socketTrials)
+            let requestsTrial = median(requestsZeroCopy), socketTrial = median(socketTrials), ownerTrial = median(ownerTrials)
             // A transport left out reads as NaN ("n/a" in the table, null in the JSON).
             let copying = copyingTrial?.megabytesPerSecond ?? .nan, zeroCopy = zeroCopyTrial?.megabytesPerSecond ?? .nan
             let requests = requestsTrial?.megabytesPerSecond ?? .nan, socket = socketTrial?.megabytesPerSecond ?? .nan
+            let ownerRate = ownerTrial?.megabytesPerSecond ?? .nan
+            let ratios = socketTrials.isEmpty || ownerTrials.isEmpty ? [] : zip(ownerTrials, socketTrials).map { $0.megabytesPerSecond / $1.megabytesPerSecond }.sorted()
             func json(_ value: Double) -> Any { value.isNaN ? NSNull() : value }
             rows["\(sizeName(size))x\(readers)"] = [
                 "shm_MBps": json(copying), "shm_zero_copy_MBps": json(zeroCopy), "shm_requests_zero_copy_MBps": json(requests),
                 "socket_MBps": json(socket), "ratio": json(copying / socket), "ratio_zero_copy": json(zeroCopy / socket),
                 "ratio_requests_zero_copy": json(requests / socket), "published": count,
+                "owner_zero_copy_MBps": json(ownerRate), "ratio_owner_zero_copy": json(ownerRate / socket),
+                "ratio_owner_per_trial": ratios,
                 "cpu_cores_median_trial": [
                     "ring_copy": copyingTrial?.cpu.json, "ring_zero_copy": zeroCopyTrial?.cpu.json,
-                    "requests_zero_copy": requestsTrial?.cpu.json, "socket": socketTrial?.cpu.json,
+                    "requests_zero_copy": requestsTrial?.cpu.json, "socket": socketTrial?.cpu.json, "owner": ownerTrial?.cpu.json,
                 ].compactMapValues { $0 },
             ]
-            report.row([sizeName(size), "\(readers)", fmt(copying, 0), fmt(zeroCopy, 0), fmt(requests, 0), fmt(socket, 0),
-                        ratioCell(zeroCopy / socket), ratioCell(requests / socket)])
-            let shares = [("ring 0-copy", zeroCopyTrial), ("socket", socketTrial)].compactMap { name, trial in
+            report.row([sizeName(size), "\(readers)", fmt(copying, 0), fmt(zeroCopy, 0), fmt(requests, 0), fmt(ownerRate, 0), fmt(socket, 0),
+                        ratioCell(zeroCopy / socket), ratioCell(requests / socket), ratioCell(ownerRate / socket)])
+            if ratios.count > 1 {
+                report.note("owner/socket per interleaved trial: " + ratios.map { fmt($0) }.joined(separator: ", "))
+            }
+            let shares = [("ring 0-copy", zeroCopyTrial), ("owner", ownerTrial), ("socket", socketTrial)].compactMap { name, trial in
                 trial.map { "\(name) \($0.cpu.cell)" }
             }
             if !shares.isEmpty { report.note("CPU, cores (daemon / producer / readers): " + shares.joined(separator: "; ")) }
             if readers == 1 && size >= 64 << 10 {
                 report.goal("throughput >= 1x raw socket at \(sizeName(size)) (publish ring, zero-copy verified reader)",
                             value: zeroCopy / socket, target: 1)
+                report.goal("publish ring >= requests throughput at \(sizeName(size))", value: zeroCopy / requests, target: 1)
+                let target = size == 64 << 10 ? 3.0 : size == 1 << 20 ? 2.0 : 1.5
+                report.goal("owner -> 1 zero-copy reader >= \(fmt(target, 1))x socket at \(sizeName(size))", value: ownerRate / socket, target: target)
             }
             if readers == 8 {
                 report.goal("throughput with 8 readers >= 3x raw socket (\(sizeName(size)), publish ring, zero-copy verified readers)",
                             value: zeroCopy / socket, target: 3)
+                report.goal("owner -> 8 zero-copy readers >= 6x socket writer to 8 sockets (\(sizeName(size)))",
+                            value: ownerRate / socket, target: 6)
             }
         }
         return rows
@@ -394,6 +439,27 @@ struct Run: AsyncParsableCommand {
                                               readers: Double(readersCPU) / wall))
     }
 
+    /// The embedded owner publishes `count` versions in-process while `readers` zero-copy drain
+    /// agents read every version they can. "producer" CPU is this whole process (publisher and
+    /// the owner's event loop); there is no daemon.
+    func ownerThroughput(_ owner: BenchOwner, segment: String, size: Int, count: Int, readers: Int) throws -> ThroughputTrial {
+        let owned = owner[segment]
+        let start = owned.latestVersion
+        let agents = try (0..<readers).map { _ in
+            try AgentProcess(["segment-drain", "--socket", owner.socketPath, "--segment", segment,
+                              "--until", "\(start + UInt64(count))", "--zero-copy"])
+        }
+        for agent in agents { try agent.waitUntilReady() }
+        let payload = [UInt8](repeating: 0x55, count: size)
+        let producerCPU = ownCPUNanoseconds()
+        let began = Clock.monotonicNanoseconds()
+        try payload.withUnsafeBytes { bytes in
+            for _ in 0..<count { try owned.publish(bytes) }
+        }
+        let producer = ownCPUNanoseconds() - producerCPU
+        return throughputTrial(try agents.map { try $0.result() }, began: began, producerCPU: producer, daemonCPU: 0)
+    }
+
     func socketThroughput(size: Int, count: Int, readers: Int) throws -> ThroughputTrial {
         let path = NSTemporaryDirectory() + "shmbroker-bench-tp-\(getpid()).sock"
         let listener = try RawStream.listen(path)
@@ -412,10 +478,10 @@ struct Run: AsyncParsableCommand {
         return throughputTrial(try agents.map { try $0.result() }, began: began, producerCPU: writer, daemonCPU: 0)
     }
 
-    func fanOutBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
+    func fanOutBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: Any] {
         let rounds: UInt64 = quick ? 50 : 300
         report.section("Fan-out: publish (through a publish ring) -> last of N readers holds it (µs, p50 / p99 over \(rounds) rounds)")
-        report.row(["readers", "shm p50", "shm p99", "socket p50", "socket p99", "p50 ratio"])
+        report.row(["readers", "ring p50", "ring p99", "owner p50", "owner p99", "socket p50", "socket p99", "ring ratio", "owner ratio"])
         let client = try await daemon.connect()
         var rows: [String: Any] = [:]
         for readers in [1, 8, 64] {
@@ -434,15 +500,35 @@ struct Run: AsyncParsableCommand {
             }
             await publisher.close()
             let shm = LatencySummary(lastArrivals(try agents.map { try $0.latencies() }, rounds: rounds))
+            let ownerAgents = try (0..<readers).map { _ in
+                try AgentProcess(["segment-latency", "--socket", owner.socketPath, "--segment", segment, "--rounds", "\(rounds)"])
+            }
+            for agent in ownerAgents { try agent.waitUntilReady() }
+            let owned = owner[segment]
+            for round in 0..<rounds {
+                Stamp.write(&payload, sentAt: Clock.monotonicNanoseconds(), round: round)
+                try owned.publish(payload)
+                usleep(spacing)
+            }
+            let ownerSummary = LatencySummary(lastArrivals(try ownerAgents.map { try $0.latencies() }, rounds: rounds))
             let socket = LatencySummary(try socketLatency(size: 64, rounds: rounds, readers: readers, spacingMicroseconds: spacing).perRound)
-            rows["\(readers)"] = ["shm": shm.json, "socket": socket.json, "p50_ratio": shm.p50 / socket.p50]
-            report.row(["\(readers)", fmt(shm.p50), fmt(shm.p99), fmt(socket.p50), fmt(socket.p99), fmt(shm.p50 / socket.p50) + "x"])
+            rows["\(readers)"] = ["shm": shm.json, "owner": ownerSummary.json, "socket": socket.json, "p50_ratio": shm.p50 / socket.p50,
+                                  "owner_p50_ratio": ownerSummary.p50 / socket.p50]
+            report.row(["\(readers)", fmt(shm.p50), fmt(shm.p99), fmt(ownerSummary.p50), fmt(ownerSummary.p99), fmt(socket.p50), fmt(socket.p99),
+                        fmt(shm.p50 / socket.p50) + "x", fmt(ownerSummary.p50 / socket.p50) + "x"])
             if readers == 64 { report.goal("fan-out to 64 readers <= 0.7x socket-per-reader (p50)", value: shm.p50 / socket.p50, target: 0.7, lowerIsBetter: true) }
+            if readers == 1 {
+                report.goal("owner fan-out, last of 1 reader <= 1x socket (p50)", value: ownerSummary.p50 / socket.p50, target: 1, lowerIsBetter: true)
+            }
+            if readers == 64 {
+                report.goal("owner fan-out, last of 64 readers <= 0.6x socket-per-reader (p50)", value: ownerSummary.p50 / socket.p50,
+                            target: 0.6, lowerIsBetter: true)
+            }
         }
         return rows
     }
 
-    func publishRateBenchmark(_ daemon: BenchDaemon, _ report: inout Report) async throws -> [String: Any] {
+    func publishRateBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: Any] {
         report.section("Publishes per second, 64 B, one producer through the control channel")
         let client = try await daemon.connect()
         let payload = [UInt8](repeating: 7, count: 64)
@@ -486,7 +572,60 @@ struct Run: AsyncParsableCommand {
         let ringRate = Double(appended) / Date().timeIntervalSince(ringStart)
         await publisher.close()
         report.row(["through a publish ring (flushed)", fmt(ringRate, 0) + "/s"])
-        return ["sequential_per_s": sequentialRate, "pipelined_per_s": pipelinedRate, "window": window, "ring_per_s": ringRate]
+        // In-process, by the embedded owner, with no reader asleep on the segment: no system call.
+        let owned = owner["rate"]
+        func inProcessRate(_ publish: () throws -> Void) rethrows -> Double {
+            let began = Clock.monotonicNanoseconds()
+            var published = 0
+            while Clock.monotonicNanoseconds() - began < UInt64(seconds * 1e9) {
+                for _ in 0..<4096 { try publish() }
+                published += 4096
+            }
+            return Double(published) / (Double(Clock.monotonicNanoseconds() - began) / 1e9)
+        }
+        let zeroCopyRate = try inProcessRate { try owned.publish(length: 64) { slot in slot.storeBytes(of: 7, toByteOffset: 0, as: UInt64.self) } }
+        let copyRate = try payload.withUnsafeBytes { bytes in try inProcessRate { try owned.publish(bytes) } }
+        report.row(["in-process owner, zero-copy publish(length:)", fmt(zeroCopyRate, 0) + "/s"])
+        report.row(["in-process owner, publish(bytes)", fmt(copyRate, 0) + "/s"])
+        report.goal("in-process zero-copy publishes of 64 B >= 10 M/s (no reader asleep)", value: zeroCopyRate / 1e6, target: 10)
+        let costs = try publishCosts()
+        report.note("where an in-process 64 B publish goes (ns each): " + costs.map { "\($0.0) \(fmt($0.1, 1))" }.joined(separator: "; "))
+        return ["sequential_per_s": sequentialRate, "pipelined_per_s": pipelinedRate, "window": window, "ring_per_s": ringRate,
+                "owner_zero_copy_per_s": zeroCopyRate, "owner_copy_per_s": copyRate]
+    }
+
+    /// The parts of an in-process publish of 64 bytes, each timed alone over a million calls:
+    /// what bounds the publish rate.
+    func publishCosts() throws -> [(String, Double)] {
+        func nanoseconds(_ body: () -> Void) -> Double {
+            let count = quick ? 200_000 : 1_000_000
+            body()
+            let began = Clock.monotonicNanoseconds()
+            for _ in 0..<count { body() }
+            return Double(Clock.monotonicNanoseconds() - began) / Double(count)
+        }
+        let layout = SegmentLayout(capacity: 64, slotCount: 3)
+        let file = try MemoryFile.create(name: "bench-costs", size: layout.totalSize)
+        let boardFile = try MemoryFile.create(name: "bench-costs-board", size: SegmentLayout.WaitBoard.size, mode: 0o600)
+        defer { file.closeQuietly(); boardFile.closeQuietly() }
+        let withBoard = SegmentWriter(formatting: try MappedRegion(mapping: file, length: layout.totalSize, writable: true),
+                                      layout: layout, name: "costs",
+                                      board: try MappedRegion(mapping: boardFile, length: SegmentLayout.WaitBoard.size, writable: true))
+        let alwaysWaking = SegmentWriter(formatting: try MappedRegion(mapping: file, length: layout.totalSize, writable: true),
+                                         layout: layout, name: "costs")
+        var sink: UInt64 = 0
+        let payload = [UInt8](repeating: 3, count: 64)
+        var destination = [UInt8](repeating: 0, count: 64)
+        let costs = payload.withUnsafeBytes { bytes in
+            destination.withUnsafeMutableBytes { target in
+                [("clock_gettime(REALTIME)", nanoseconds { sink &+= Clock.realtimeNanoseconds() }),
+                 ("copy+CRC", nanoseconds { sink &+= CRC64.copyAndChecksum(from: bytes, to: target.baseAddress!) }),
+                 ("SegmentWriter.publish, no sleeper", nanoseconds { sink &+= (try? withBoard.publish(bytes))?.version ?? 0 }),
+                 ("the same with a FUTEX_WAKE (layout 1)", nanoseconds { sink &+= (try? alwaysWaking.publish(bytes))?.version ?? 0 })]
+            }
+        }
+        if sink == 42 { print("") }
+        return costs
     }
 
     func scaleBenchmark(_ report: inout Report) async throws -> [String: Any] {

@@ -45,12 +45,19 @@ final class SecurityRegressionTests: XCTestCase {
         let script = daemon.directory + "/hold.py"
         try Self.holdScript.write(toFile: script, atomically: true, encoding: .utf8)
         let stop = daemon.directory + "/stop"
+        var holders: [ChildProcess] = []
+        // Whatever happens, the holders are told to leave (they poll for the stop file).
+        defer {
+            _ = FileManager.default.createFile(atPath: stop, contents: nil)
+            for child in holders { _ = child.finish(timeout: 30) }
+        }
 
         // Each holder connects `count` times, reports which connections were refused at once,
         // and keeps the accepted ones open until the stop file appears.
         func hold(uid: Int, count: Int) throws -> ChildProcess {
             let child = try ChildProcess("/usr/bin/setpriv", ["--reuid=\(uid)", "--regid=\(uid)", "--clear-groups",
                                                               "/usr/bin/python3", script, daemon.socketPath, "\(count)", stop])
+            holders.append(child)
             XCTAssertTrue(child.waitForStderr("held"), child.stderrText)
             return child
         }
