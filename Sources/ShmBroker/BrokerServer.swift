@@ -120,6 +120,8 @@ public final class BrokerServer {
     /// segments exist and before the socket listens, so no client can publish to them first.
     func start(claims: [OwnedSegment]) throws {
         try checkDescriptorBudget(configuration, context: "start")
+        // Segments taken back from the fd store already have their memory.
+        try MemoryBudget.check(configuration.segments.filter { inherited.segments[$0.name] == nil })
         for definition in configuration.segments {
             addSegment(try restoreOrCreate(definition))
         }
@@ -246,6 +248,19 @@ public final class BrokerServer {
             } catch {
                 throw DaemonError.cannotListen(settings.path, "cannot create directory \(directory): \(error.localizedDescription)")
             }
+        }
+        // Something other than a socket at the path: say what it is (binding would only report
+        // EADDRINUSE, which reads as "another daemon").
+        var info = Glibc.stat()
+        if lstat(settings.path, &info) == 0, (info.st_mode & S_IFMT) != S_IFSOCK {
+            let kind: String
+            switch info.st_mode & S_IFMT {
+            case S_IFREG: kind = "a regular file"
+            case S_IFDIR: kind = "a directory"
+            case S_IFLNK: kind = stat(settings.path, &info) == 0 ? "a symbolic link" : "a dangling symbolic link"
+            default: kind = "not a socket"
+            }
+            throw DaemonError.notASocket(settings.path, kind)
         }
         let fd: FileDescriptor
         do {
@@ -424,6 +439,7 @@ public final class BrokerServer {
         }
         var created: [ManagedSegment] = []
         do {
+            try MemoryBudget.check(newConfiguration.segments.filter { segments[$0.name]?.definition.layout != $0.layout })
             for definition in newConfiguration.segments {
                 if let existing = segments[definition.name], existing.definition.layout == definition.layout { continue }
                 created.append(try ManagedSegment(creating: definition))
@@ -819,12 +835,15 @@ public enum DaemonError: Error, CustomStringConvertible {
     case socketOwnership(String, Errno)
     case cannotListen(String, String)
     case descriptorLimit(segments: Int, needed: Int, limit: Int)
+    case notASocket(String, String)
 
     public var description: String {
         switch self {
+        case let .notASocket(path, kind):
+            return "cannot listen on \(path): it exists and is \(kind), not a socket; remove it or choose another socket.path"
         case let .descriptorLimit(segments, needed, limit):
             return "the config's \(segments) segments need \(needed) open files but the descriptor limit (RLIMIT_NOFILE) is \(limit); raise LimitNOFILE= or ulimit -n, or configure fewer segments"
-        case .socketInUse(let path): return "another process is already serving \(path)"
+        case .socketInUse(let path): return "another process is already serving \(path) (it accepted a connection)"
         case let .socketOwnership(path, error): return "cannot set the owner of \(path): \(error)"
         case let .cannotListen(path, reason): return "cannot listen on \(path): \(reason)"
         }

@@ -10,6 +10,11 @@ public enum DaemonLauncher {
         do {
             let configuration = try BrokerConfiguration.load(path: path)
             print("\(path): OK (\(configuration.segments.count) segment\(configuration.segments.count == 1 ? "" : "s"), socket \(configuration.socket.path))")
+            let reserved = MemoryBudget.reservation(of: configuration.segments)
+            if let physical = MemoryBudget.physical(), reserved > physical {
+                print("warning: the segments reserve \(MemoryBudget.bytes(reserved)), more than this machine's \(MemoryBudget.bytes(physical)) of memory; "
+                      + "the daemon will refuse to start here (set \"reserve\": false on segments meant to stay sparse)")
+            }
             return 0
         } catch {
             FileHandle.standardError.write(Data((error.description + "\n").utf8))

@@ -34,7 +34,12 @@ final class ManagedSegment {
     init(creating definition: SegmentDefinition) throws {
         self.definition = definition
         let layout = definition.layout
-        memoryFile = try MemoryFile.create(name: "shmbroker:\(definition.name)", size: layout.totalSize)
+        do {
+            memoryFile = try MemoryFile.create(name: "shmbroker:\(definition.name)", size: layout.totalSize,
+                                               reserve: definition.reservesMemory)
+        } catch {
+            throw MemoryBudget.Shortage.cannotReserve(segment: definition.name, bytes: UInt64(layout.totalSize), error: error)
+        }
         do {
             boardFile = try MemoryFile.create(name: "shmbroker-board:\(definition.name)", size: SegmentLayout.WaitBoard.size, mode: 0o600)
         } catch {

@@ -206,12 +206,18 @@ extension BrokerServer {
         guard fstat(file.rawValue, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
             throw ProtocolError(.badDescriptor, "the attached descriptor is not a regular file (use a memfd)")
         }
+        // Only memory-backed files (memfd, tmpfs: the ones that know seals) are read: a file on a
+        // FUSE or NFS mount could block this single event loop, and every client with it.
+        guard let seals = try? MemoryFile.seals(of: file) else {
+            throw ProtocolError(.badDescriptor,
+                "the attached file is not memory-backed; attach a memfd (memfd_create) or a tmpfs file, never a file of another file system")
+        }
         guard Int(info.st_size) >= Int(length) else {
             throw ProtocolError(.badDescriptor, "the attached file holds \(info.st_size) bytes, the request says \(length)")
         }
         // Fast path: a file sealed against shrinking can be mapped without SIGBUS risk, and the
         // copy into the slot then computes the CRC in the same pass.
-        if length > 0, let seals = try? MemoryFile.seals(of: file), seals.contains(.shrink),
+        if length > 0, seals.contains(.shrink),
            let source = stagingMapping(of: file, inode: UInt64(info.st_ino), length: Int(length), client: client) {
             return try segment.writer.publish(UnsafeRawBufferPointer(start: source.base, count: Int(length)))
         }

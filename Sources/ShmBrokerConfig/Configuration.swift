@@ -32,8 +32,31 @@ public struct SegmentDefinition: Sendable, Equatable {
     public var slots: Int
     public var readers: AccessList
     public var publishers: AccessList
+    /// Whether the segment's memory is allocated when it is created (`"reserve"`, default true),
+    /// so that a config that does not fit fails at start and a publish can never run the owner
+    /// out of memory. `false` leaves it sparse: pages are allocated as versions are written.
+    public var reservesMemory = true
 
     public var layout: SegmentLayout { SegmentLayout(capacity: capacity, slotCount: slots) }
+
+    /// Describes a segment, as a config entry would (for a configuration built in code).
+    ///
+    /// - Parameters:
+    ///   - name: 1–64 letters, digits, `.`, `_`, `-` (not `.` or `..`).
+    ///   - capacity: bytes per version, 1 … 64 GiB.
+    ///   - slots: 2 … 16 (default 3).
+    ///   - readers: who may open and subscribe (root and the owner's uid always may).
+    ///   - publishers: who may publish through the control socket.
+    ///   - reservesMemory: allocate the memory when the segment is created (default true).
+    public init(name: String, capacity: Int, slots: Int = BrokerConfiguration.defaultSlots, readers: AccessList = AccessList(everyone: true),
+                publishers: AccessList = AccessList(), reservesMemory: Bool = true) {
+        self.name = name
+        self.capacity = capacity
+        self.slots = slots
+        self.readers = readers
+        self.publishers = publishers
+        self.reservesMemory = reservesMemory
+    }
 }
 
 /// Where and how the control socket listens.
@@ -42,6 +65,18 @@ public struct SocketSettings: Sendable, Equatable {
     public var mode: UInt32
     public var owner: UInt32?
     public var group: UInt32?
+
+    /// - Parameters:
+    ///   - path: an absolute path for the listening socket.
+    ///   - mode: its permission bits (default 0666: access lists decide what each peer may do).
+    ///   - owner: uid to give the socket file, if any.
+    ///   - group: gid to give the socket file, if any.
+    public init(path: String, mode: UInt32 = 0o666, owner: UInt32? = nil, group: UInt32? = nil) {
+        self.path = path
+        self.mode = mode
+        self.owner = owner
+        self.group = group
+    }
 }
 
 /// Resource limits of the control channel.
@@ -74,10 +109,19 @@ public struct ConfigurationProblem: Sendable, Equatable, CustomStringConvertible
     public var description: String { "\(path): \(message)" }
 }
 
-/// Every problem found in a config file.
+/// Every problem found in a config file (the first ``maximumReported``, then a count of the rest).
 public struct ConfigurationError: Error, Sendable, CustomStringConvertible {
     public var file: String
     public var problems: [ConfigurationProblem]
+
+    /// Problems listed one by one; a file with more gets one closing line with the count.
+    public static let maximumReported = 100
+
+    static func capped(_ problems: [ConfigurationProblem]) -> [ConfigurationProblem] {
+        guard problems.count > maximumReported else { return problems }
+        return Array(problems.prefix(maximumReported))
+            + [ConfigurationProblem(path: "$", message: "\(problems.count - maximumReported) more problems not listed")]
+    }
 
     public var description: String {
         (["\(file): \(problems.count) problem\(problems.count == 1 ? "" : "s")"] + problems.map { "  \($0)" })
@@ -98,6 +142,14 @@ public struct BrokerConfiguration: Sendable, Equatable {
     public var limits: Limits
     public var segments: [SegmentDefinition]
 
+    /// A configuration built in code. It is not validated: use names and sizes a config file
+    /// would accept (``isValidSegmentName(_:)``, 1 byte … 64 GiB, unique names).
+    public init(socket: SocketSettings, limits: Limits = Limits(), segments: [SegmentDefinition]) {
+        self.socket = socket
+        self.limits = limits
+        self.segments = segments
+    }
+
     /// Reads and validates a config file.
     public static func load(path: String, environment: [String: String] = ProcessInfo.processInfo.environment) throws(ConfigurationError) -> BrokerConfiguration {
         guard let data = FileManager.default.contents(atPath: path) else {
@@ -110,6 +162,8 @@ public struct BrokerConfiguration: Sendable, Equatable {
     /// Validates config text, collecting every problem rather than stopping at the first.
     public static func parse(_ text: [UInt8], file: String, environment: [String: String]) throws(ConfigurationError) -> BrokerConfiguration {
         let root: JSONValue
+        // A UTF-8 byte-order mark (which some editors write) is not JSON, but means no harm: skip it.
+        let text = text.starts(with: [0xEF, 0xBB, 0xBF]) ? Array(text.dropFirst(3)) : text
         do {
             root = try JSONValue.parse(text)
         } catch {
@@ -118,7 +172,7 @@ public struct BrokerConfiguration: Sendable, Equatable {
         var checker = Checker(environment: environment)
         let configuration = checker.configuration(root)
         if let configuration, checker.problems.isEmpty { return configuration }
-        throw ConfigurationError(file: file, problems: checker.problems)
+        throw ConfigurationError(file: file, problems: ConfigurationError.capped(checker.problems))
     }
 
     /// Parses sizes such as `4096`, `"512B"`, `"64KiB"`, `"16MiB"`, `"1GiB"`, `"10MB"`.
@@ -192,8 +246,12 @@ private struct Checker {
     }
 
     mutating func integer(_ value: JSONValue, at path: String, in range: ClosedRange<Int>) -> Int? {
-        guard case .number(let text) = value, let number = Int(text) else {
-            problem(path, "expected a whole number, found \(value.typeName == "a number" ? "a fraction" : value.typeName)")
+        guard case .number(let text) = value else {
+            problem(path, "expected a whole number, found \(value.typeName)")
+            return nil
+        }
+        guard let number = Int(text) else {
+            problem(path, Self.whyNotAnInteger(text) + " (\(range.lowerBound)...\(range.upperBound))")
             return nil
         }
         guard range.contains(number) else {
@@ -201,6 +259,15 @@ private struct Checker {
             return nil
         }
         return number
+    }
+
+    /// Says precisely why a JSON number is not an `Int`: a fraction, exponent notation, or too large.
+    static func whyNotAnInteger(_ text: String) -> String {
+        if text.contains(where: { $0 == "e" || $0 == "E" }) {
+            return "expected a whole number written with digits only, found \(text) (exponent notation)"
+        }
+        if text.contains(".") { return "expected a whole number, found the fraction \(text)" }
+        return "the number \(text.prefix(40))\(text.count > 40 ? "…" : "") is far out of range"
     }
 
     mutating func configuration(_ root: JSONValue) -> BrokerConfiguration? {
@@ -219,7 +286,9 @@ private struct Checker {
         var settings = SocketSettings(path: "", mode: 0o660, owner: nil, group: nil)
         if let raw = fields["path"].flatMap({ string($0, at: "\(path).path") }) {
             if let expanded = expand(raw, at: "\(path).path") {
-                if !expanded.hasPrefix("/") {
+                if expanded.utf8.contains(0) {
+                    problem("\(path).path", "contains a NUL character; a socket path cannot")
+                } else if !expanded.hasPrefix("/") {
                     problem("\(path).path", "must be an absolute path, got '\(expanded)'")
                 } else if expanded.utf8.count > SeqpacketSocket.maximumPathLength {
                     problem("\(path).path", "is \(expanded.utf8.count) bytes long; a Unix socket path holds at most \(SeqpacketSocket.maximumPathLength)")
@@ -287,12 +356,14 @@ private struct Checker {
     }
 
     mutating func segment(_ value: JSONValue, at path: String) -> SegmentDefinition? {
-        guard let fields = members(value, at: path, allowed: ["name", "size", "slots", "readers", "publishers", "description"],
+        guard let fields = members(value, at: path, allowed: ["name", "size", "slots", "readers", "publishers", "description", "reserve"],
                                    required: ["name", "size"]) else { return nil }
         let problemsBefore = problems.count
         var name = ""
         if let raw = fields["name"].flatMap({ string($0, at: "\(path).name") }) {
-            if BrokerConfiguration.isValidSegmentName(raw) {
+            if raw == "." || raw == ".." {
+                problem("\(path).name", "\"\(raw)\" is not a valid name: '.' and '..' are reserved")
+            } else if BrokerConfiguration.isValidSegmentName(raw) {
                 name = raw
             } else {
                 problem("\(path).name", "\"\(raw)\" is not a valid name: use 1 to 64 letters, digits, '.', '_' or '-'")
@@ -309,8 +380,13 @@ private struct Checker {
         if let description = fields["description"] { _ = string(description, at: "\(path).description") }
         let readers = fields["readers"].map { accessList($0, at: "\(path).readers") } ?? AccessList()
         let publishers = fields["publishers"].map { accessList($0, at: "\(path).publishers") } ?? AccessList()
+        var reserves = true
+        if let value = fields["reserve"] {
+            if case .bool(let flag) = value { reserves = flag } else { problem("\(path).reserve", "expected true or false, found \(value.typeName)") }
+        }
         guard problems.count == problemsBefore else { return nil }
-        return SegmentDefinition(name: name, capacity: capacity, slots: slots, readers: readers, publishers: publishers)
+        return SegmentDefinition(name: name, capacity: capacity, slots: slots, readers: readers, publishers: publishers,
+                                 reservesMemory: reserves)
     }
 
     mutating func size(_ value: JSONValue, at path: String) -> Int? {
@@ -319,6 +395,10 @@ private struct Checker {
         case .number(let text): parsed = Int(text)
         case .string(let text): parsed = BrokerConfiguration.parseSize(text)
         default: parsed = nil
+        }
+        if parsed == nil, case .number(let text) = value {
+            problem(path, Self.whyNotAnInteger(text) + "; sizes are byte counts such as 4096, or strings such as \"64KiB\"")
+            return nil
         }
         guard let bytes = parsed else {
             problem(path, "expected a byte count such as 4096 or a string such as \"64KiB\", \"16MiB\", \"1GiB\"; found \(value.typeName)\(describe(value))")

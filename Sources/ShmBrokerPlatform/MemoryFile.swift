@@ -14,11 +14,17 @@ public enum MemoryFile {
     ///   - size: the file's size in bytes; fixed for its lifetime.
     ///   - mode: permission bits applied with `fchmod`; `0o400` keeps readers of other uids from
     ///     reopening the segment writable through `/proc/self/fd/N`.
-    public static func create(name: String, size: Int, mode: mode_t = 0o400) throws(Errno) -> FileDescriptor {
+    ///   - reserve: allocate every page now (`fallocate`), so that later writes cannot fail for
+    ///     want of memory; `ENOMEM` or `ENOSPC` now instead of an OOM kill later.
+    public static func create(name: String, size: Int, mode: mode_t = 0o400, reserve: Bool = false) throws(Errno) -> FileDescriptor {
         let raw = try retryingInterrupts { shmb_memfd_create(name) }
         let fd = FileDescriptor(rawValue: raw)
         do throws(Errno) {
             _ = try retryingInterrupts { ftruncate(raw, off_t(size)) }
+            if reserve {
+                let result = posix_fallocate(raw, 0, off_t(size))
+                if result != 0 { throw Errno(rawValue: result) }
+            }
             _ = try retryingInterrupts { shmb_seal_size(raw) }
             _ = try retryingInterrupts { fchmod(raw, mode) }
         } catch {

@@ -81,17 +81,21 @@ if not all(k in r for k in ("latency", "throughput", "fanOut")):
 fig, axes = plt.subplots(1, 3, figsize=(16, 5))
 
 ax = axes[0]
-labels, ring, reqs, sock = [], [], [], []
+labels = []
+series = {"owner, spinning reader": [], "owner, futex reader": [], "daemon, publish ring": [],
+          "daemon, PUBLISH request": [], "raw Unix socket, one way": []}
+keys = {"owner, spinning reader": "owner-spin", "owner, futex reader": "owner-futex",
+        "daemon, publish ring": "ring", "daemon, PUBLISH request": "requests"}
 for size in ("64B", "4KiB"):
     for p in ("p50_us", "p99_us", "p999_us"):
         labels.append(f"{size}\n{p[:-3]}")
-        ring.append(r["latency"][size]["ring"]["shm"][p])
-        reqs.append(r["latency"][size]["requests"]["shm"][p])
-        sock.append(r["latency"][size]["socket"][p])
+        for name, values in series.items():
+            row = r["latency"][size]["socket"] if name.startswith("raw") else r["latency"][size][keys[name]]["shm"]
+            values.append(row[p])
 x = range(len(labels))
-ax.bar([i - 0.27 for i in x], ring, 0.27, label="shmbroker, publish ring")
-ax.bar([i for i in x], reqs, 0.27, label="shmbroker, PUBLISH request")
-ax.bar([i + 0.27 for i in x], sock, 0.27, label="raw Unix socket, one way")
+w = 0.16
+for k, (name, values) in enumerate(series.items()):
+    ax.bar([i + (k - 2) * w for i in x], values, w, label=name)
 ax.set_xticks(list(x)); ax.set_xticklabels(labels); ax.set_yscale("log")
 ax.set_ylabel("latency (µs)"); ax.set_title("End-to-end latency: publish -> verified read"); ax.legend(fontsize=8)
 
@@ -99,17 +103,19 @@ ax = axes[1]
 order = ["4KiBx1", "64KiBx1", "1MiBx1", "16MiBx1", "64KiBx8", "1MiBx8"]
 cases = [c for c in order if c in r["throughput"]]
 x = range(len(cases))
-w = 0.2
-ax.bar([i - 1.5 * w for i in x], [r["throughput"][c]["shm_zero_copy_MBps"] for c in cases], w, label="ring, zero-copy reader")
-ax.bar([i - 0.5 * w for i in x], [r["throughput"][c]["shm_MBps"] for c in cases], w, label="ring, copying reader")
-ax.bar([i + 0.5 * w for i in x], [r["throughput"][c]["shm_requests_zero_copy_MBps"] for c in cases], w, label="requests, zero-copy reader")
-ax.bar([i + 1.5 * w for i in x], [r["throughput"][c]["socket_MBps"] for c in cases], w, label="raw Unix socket")
+w = 0.16
+columns = [("owner_zero_copy_MBps", "owner, zero-copy reader"), ("shm_zero_copy_MBps", "ring, zero-copy reader"),
+           ("shm_MBps", "ring, copying reader"), ("shm_requests_zero_copy_MBps", "requests, zero-copy reader"),
+           ("socket_MBps", "raw Unix socket")]
+for k, (key, name) in enumerate(columns):
+    ax.bar([i + (k - 2) * w for i in x], [r["throughput"][c].get(key) or 0 for c in cases], w, label=name)
 ax.set_xticks(list(x)); ax.set_xticklabels([c.replace("x", "\nx") + " readers" for c in cases], fontsize=8)
 ax.set_ylabel("MB/s delivered"); ax.set_title("Producer -> reader throughput"); ax.legend(fontsize=7)
 
 ax = axes[2]
 readers = sorted(r["fanOut"].keys(), key=int)
-ax.plot([int(n) for n in readers], [r["fanOut"][n]["shm"]["p50_us"] for n in readers], "o-", label="shmbroker (futex wake-all)")
+ax.plot([int(n) for n in readers], [r["fanOut"][n]["owner"]["p50_us"] for n in readers], "^-", label="owner (futex wake-all)")
+ax.plot([int(n) for n in readers], [r["fanOut"][n]["shm"]["p50_us"] for n in readers], "o-", label="daemon, ring producer")
 ax.plot([int(n) for n in readers], [r["fanOut"][n]["socket"]["p50_us"] for n in readers], "s-", label="one socket message per reader")
 ax.set_xscale("log", base=2); ax.set_yscale("log")
 ax.set_xlabel("readers"); ax.set_ylabel("p50 until the last reader has it (µs)"); ax.set_title("Fan-out"); ax.legend(fontsize=8)

@@ -71,7 +71,7 @@ final class ConfigurationTests: XCTestCase {
             "$.segments[3].size: size 0 bytes is out of range",
             "$.segments[3].readers.users[0]: unknown user \"no-such-user-q\"",
             "$.segments[3].readers.groups[0]: unknown group \"no-such-group-q\"",
-            "$.segments[4].size: expected a byte count",
+            "$.segments[4].size: expected a whole number, found the fraction 2.5",
             "$.segments[4].publishers.users: expected an array",
         ]
         for message in expected {

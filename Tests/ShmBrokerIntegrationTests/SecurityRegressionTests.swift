@@ -129,6 +129,83 @@ final class SecurityRegressionTests: XCTestCase {
         XCTAssertEqual(try StatusReport.decode(json).counters.descriptorLimitRefusals, 1)
     }
 
+    func testSegmentMemoryIsReservedAndAConfigThatDoesNotFitIsRefusedNamingTheSegment() throws {
+        // 2 slots of 64 GiB: far more than this machine has. Refused before anything is allocated.
+        let huge: [String: Any] = ["name": "huge", "size": "64GiB", "slots": 2, "readers": ["users": ["*"]]]
+        let refused = try TestDaemon(segments: [segment("small", size: 4096), huge], waitUntilReady: false)
+        let result = refused.child.finish(timeout: 60)
+        XCTAssertEqual(result.status, 1, result.stderr)
+        XCTAssertTrue(result.stderr.contains("\"huge\"") && result.stderr.contains("128.0 GiB") && result.stderr.contains("can be allocated"),
+                      result.stderr)
+        // The same segment, opted out of reservation, starts (sparse, as before).
+        var sparse = huge
+        sparse["reserve"] = false
+        let daemon = try TestDaemon(segments: [segment("small", size: "16MiB"), sparse])
+        defer { daemon.stop() }
+        // The reserved segment's pages exist already: its memfd has blocks for its whole size.
+        let blocks = try Self.allocatedBytes(ofMemfdNamed: "shmbroker:small", in: daemon.pid)
+        XCTAssertGreaterThanOrEqual(blocks, 3 * (16 << 20), "3 slots of 16 MiB allocated at creation")
+        XCTAssertLessThan(try Self.allocatedBytes(ofMemfdNamed: "shmbroker:huge", in: daemon.pid), 1 << 20, "the sparse one is not")
+        let check = try runToCompletion(Binaries.daemon, ["--check-config", "--config", refused.configPath])
+        XCTAssertEqual(check.status, 0, check.stderr)
+        XCTAssertTrue(check.stdout.contains("warning: the segments reserve"), check.stdout)
+    }
+
+    func testOnlyMemoryBackedPayloadFilesAreRead() throws {
+        let daemon = try TestDaemon(segments: [segment("data", size: 4096, publishers: ["*"])])
+        defer { daemon.stop() }
+        let raw = try RawConnection(socketPath: daemon.socketPath)
+        try raw.hello()
+        // A regular file on a disk file system (a FUSE or NFS file would be the same to the daemon).
+        let path = "/var/tmp/shmbroker-payload-\(getpid())"
+        try Data("on disk".utf8).write(to: URL(fileURLWithPath: path))
+        defer { unlink(path) }
+        let file = FileDescriptor(rawValue: open(path, O_RDONLY))
+        defer { file.closeQuietly() }
+        let reply = try raw.request(.publish(segment: "data", payload: .attachedFile(length: 7)), descriptors: [file])
+        XCTAssertEqual(errorCode(reply), .badDescriptor, "\(reply)")
+        if case .error(let error) = reply { XCTAssertTrue(error.message.contains("memory-backed"), error.message) }
+        // A memfd is still fine.
+        let memfd = try Array("in memory".utf8).withUnsafeBytes { try MemoryFile.create(name: "payload", contents: $0) }
+        defer { memfd.closeQuietly() }
+        guard case .published(let info) = try raw.request(.publish(segment: "data", payload: .attachedFile(length: 9)), descriptors: [memfd]) else {
+            return XCTFail("a memfd payload was refused")
+        }
+        XCTAssertEqual(info.version, 1)
+    }
+
+    func testASocketPathThatIsNotASocketIsNamedForWhatItIs() throws {
+        let base = "/tmp/shmbroker-notsock-\(getpid())-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let cases: [(String, () throws -> Void, String)] = [
+            (base + "/file", { try Data().write(to: URL(fileURLWithPath: base + "/file")) }, "a regular file"),
+            (base + "/dir", { try FileManager.default.createDirectory(atPath: base + "/dir", withIntermediateDirectories: false) }, "a directory"),
+            (base + "/dangling", { _ = symlink(base + "/nowhere", base + "/dangling") }, "a dangling symbolic link"),
+        ]
+        for (path, make, kind) in cases {
+            try make()
+            let config = base + "/config.json"
+            try TestDaemon.writeConfig(at: config, socketPath: path, segments: [segment("s", size: 64)])
+            let result = try runToCompletion(Binaries.daemon, ["--config", config], timeout: 60)
+            XCTAssertEqual(result.status, 1)
+            XCTAssertTrue(result.stderr.contains("it exists and is \(kind), not a socket"), result.stderr)
+            XCTAssertFalse(result.stderr.contains("another process"), result.stderr)
+        }
+    }
+
+    /// Bytes allocated (st_blocks) to the memfd a process holds under `name`.
+    static func allocatedBytes(ofMemfdNamed name: String, in pid: Int32) throws -> Int {
+        for entry in try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd") {
+            let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(entry)")) ?? ""
+            guard link.hasPrefix("/memfd:\(name) ") else { continue }
+            var info = stat()
+            guard stat("/proc/\(pid)/fd/\(entry)", &info) == 0 else { continue }
+            return Int(info.st_blocks) * 512
+        }
+        throw TestFailure("no memfd named \(name) in process \(pid)")
+    }
+
     /// User plus system CPU time of a process, from /proc.
     static func cpuSeconds(of pid: Int32) throws -> Double {
         let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)

@@ -1,0 +1,77 @@
+import Foundation
+import ShmBrokerConfig
+import SystemPackage
+
+/// How much memory the owner may still allocate, so that segments that do not fit are refused
+/// before anything is allocated (allocating first would invite the OOM killer instead).
+enum MemoryBudget {
+    /// Bytes that can still be allocated: `MemAvailable`, or less if this process's cgroup (v2)
+    /// has a `memory.max`. Nil when neither can be read.
+    static func available() -> (bytes: UInt64, source: String)? {
+        var best: (bytes: UInt64, source: String)?
+        if let free = meminfo("MemAvailable") { best = (free, "MemAvailable in /proc/meminfo") }
+        if let group = cgroupHeadroom(), group.bytes < (best?.bytes ?? .max) { best = group }
+        return best
+    }
+
+    /// Physical memory (`MemTotal`).
+    static func physical() -> UInt64? { meminfo("MemTotal") }
+
+    /// The bytes a set of segments reserves when created: each one's whole file, unless it opted out.
+    static func reservation(of definitions: [SegmentDefinition]) -> UInt64 {
+        definitions.filter(\.reservesMemory).reduce(0) { $0 &+ UInt64($1.layout.totalSize) }
+    }
+
+    /// Refuses `definitions` (segments about to be created) if their reservation exceeds what is available.
+    static func check(_ definitions: [SegmentDefinition]) throws(Shortage) {
+        let needed = reservation(of: definitions)
+        guard needed > 0, let (available, source) = available(), needed > available else { return }
+        let largest = definitions.filter(\.reservesMemory).max { $0.layout.totalSize < $1.layout.totalSize }!
+        throw .insufficient(needed: needed, available: available, source: source, largest: largest.name,
+                            largestBytes: UInt64(largest.layout.totalSize), slots: largest.slots, capacity: UInt64(largest.capacity))
+    }
+
+    /// Why segments could not be given their memory.
+    enum Shortage: Error, CustomStringConvertible {
+        case insufficient(needed: UInt64, available: UInt64, source: String, largest: String, largestBytes: UInt64, slots: Int, capacity: UInt64)
+        case cannotReserve(segment: String, bytes: UInt64, error: Errno)
+
+        var description: String {
+            switch self {
+            case let .insufficient(needed, available, source, largest, largestBytes, slots, capacity):
+                return "the segments reserve \(bytes(needed)) but only \(bytes(available)) can be allocated (\(source)); "
+                    + "the largest is \"\(largest)\": \(bytes(largestBytes)) (\(slots) slots of \(bytes(capacity)) plus headers). "
+                    + "Shrink segments, or set \"reserve\": false on those meant to stay sparse"
+            case let .cannotReserve(segment, size, error):
+                return "cannot reserve \(bytes(size)) for segment \"\(segment)\": \(error)"
+            }
+        }
+    }
+
+    static func bytes(_ count: UInt64) -> String {
+        let units: [(UInt64, String)] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")]
+        for (size, name) in units where count >= size {
+            return String(format: "%.1f %@ (%llu bytes)", Double(count) / Double(size), name, count)
+        }
+        return "\(count) bytes"
+    }
+
+    private static func meminfo(_ key: String) -> UInt64? {
+        guard let text = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix(key + ":") }),
+              let kib = line.split(separator: " ").dropFirst().first.flatMap({ UInt64($0) }) else { return nil }
+        return kib * 1024
+    }
+
+    private static func cgroupHeadroom() -> (bytes: UInt64, source: String)? {
+        guard let membership = try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8),
+              let line = membership.split(separator: "\n").first(where: { $0.hasPrefix("0::") }) else { return nil }
+        let directory = "/sys/fs/cgroup" + line.dropFirst(3)
+        func read(_ name: String) -> String? {
+            (try? String(contentsOfFile: directory + "/" + name, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        guard let limitText = read("memory.max"), let limit = UInt64(limitText) else { return nil }  // "max": no limit
+        let current = read("memory.current").flatMap { UInt64($0) } ?? 0
+        return (limit > current ? limit - current : 0, "memory.max of cgroup \(line.dropFirst(3))")
+    }
+}
