@@ -82,6 +82,14 @@ final class ProtocolRobustnessTests: XCTestCase {
         XCTAssertTrue(error.message.contains("65536"), error.message)
         guard case .statusReport(let json) = try raw.request(.status) else { return XCTFail("status failed") }
         XCTAssertEqual(try StatusReport.decode(json).segments.first?.version, 0, "nothing was published")
+        // Exactly one byte over the limit (it fits the receive buffer, so the kernel does not truncate it).
+        for size in [65_537, 65_538] {
+            let header = 12, prefix = 2 + 4 + 1
+            let filler = [UInt8](repeating: 0xCD, count: size - header - prefix)
+            try raw.send(frame(type: MessageType.publish.rawValue, body: [4, 0] + Array("data".utf8) + [0] + filler))
+            guard let (_, reply, _) = try raw.receive(), case .error(let refusal) = reply else { return XCTFail("no error reply") }
+            XCTAssertEqual(refusal.code, .frameTooLarge, "a frame of \(size) bytes: \(refusal)")
+        }
     }
 
     func testPayloadLargerThanCapacityIsRefusedAndNothingIsWritten() async throws {
