@@ -4,9 +4,10 @@
 #     systemd/install.sh              # binaries in /usr/local/bin
 #     PREFIX=/opt/shmbroker systemd/install.sh
 #
-# Installs: $PREFIX/bin/{shmbrokerd,shmbrokerctl}, /etc/systemd/system/shmbroker.{service,socket},
-# /etc/sysusers.d/shmbroker.conf (and creates the user), /etc/shmbroker/shmbroker.json (kept if it
-# exists), the JSON schema and the docs under $PREFIX/share. Then: systemctl enable --now shmbroker.socket
+# Installs: $PREFIX/bin/{shmbrokerd,shmbrokerctl,shmbroker-sysload}, /etc/systemd/system/shmbroker.{service,socket}
+# and the example owner's shmbroker-sysload.{service,socket} (not enabled), /etc/sysusers.d/shmbroker.conf
+# (and creates the user), /etc/shmbroker/{shmbroker,sysload}.json (each kept if it exists), the JSON
+# schema and the docs under $PREFIX/share. Then: systemctl enable --now shmbroker.socket
 set -eu
 PREFIX=${PREFIX:-/usr/local}
 cd "$(dirname "$0")/.."
@@ -22,17 +23,20 @@ fi
 # Static Swift runtime: the service then needs nothing from the toolchain at run time.
 swift build -c release --static-swift-stdlib --product shmbrokerd
 swift build -c release --static-swift-stdlib --product shmbrokerctl
+swift build -c release --static-swift-stdlib --product shmbroker-sysload
 BIN=$(swift build -c release --static-swift-stdlib --show-bin-path)
 
 install -d -m 0755 "$PREFIX/bin" "$PREFIX/share/shmbroker" "$PREFIX/share/doc/shmbroker/examples" /etc/shmbroker /etc/sysusers.d
-install -m 0755 "$BIN/shmbrokerd" "$BIN/shmbrokerctl" "$PREFIX/bin/"
-sed "s|/usr/local/bin/shmbrokerd|$PREFIX/bin/shmbrokerd|; s|/usr/local/share|$PREFIX/share|" \
-    systemd/shmbroker.service > /etc/systemd/system/shmbroker.service
-chmod 0644 /etc/systemd/system/shmbroker.service
-install -m 0644 systemd/shmbroker.socket /etc/systemd/system/shmbroker.socket
+install -m 0755 "$BIN/shmbrokerd" "$BIN/shmbrokerctl" "$BIN/shmbroker-sysload" "$PREFIX/bin/"
+for unit in shmbroker shmbroker-sysload; do
+    sed "s|/usr/local/bin/|$PREFIX/bin/|; s|/usr/local/share|$PREFIX/share|" \
+        "systemd/$unit.service" > "/etc/systemd/system/$unit.service"
+    chmod 0644 "/etc/systemd/system/$unit.service"
+    install -m 0644 "systemd/$unit.socket" "/etc/systemd/system/$unit.socket"
+done
 install -m 0644 systemd/shmbroker.sysusers.conf /etc/sysusers.d/shmbroker.conf
 install -m 0644 config/shmbroker.schema.json "$PREFIX/share/shmbroker/"
-install -m 0644 README.md docs/LAYOUT.md docs/PROTOCOL.md "$PREFIX/share/doc/shmbroker/"
+install -m 0644 README.md docs/LAYOUT.md docs/PROTOCOL.md docs/OWNER.md docs/PERFORMANCE.md "$PREFIX/share/doc/shmbroker/"
 install -m 0644 docs/examples/reader.py docs/examples/reader.c "$PREFIX/share/doc/shmbroker/examples/"
 if [ -e /etc/shmbroker/shmbroker.json ]; then
     echo "keeping the existing /etc/shmbroker/shmbroker.json"
@@ -40,7 +44,11 @@ else
     sed "s|/usr/local/share|$PREFIX/share|" config/shmbroker.json > /etc/shmbroker/shmbroker.json
     chmod 0644 /etc/shmbroker/shmbroker.json
 fi
+if [ ! -e /etc/shmbroker/sysload.json ]; then
+    install -m 0644 config/sysload.json /etc/shmbroker/sysload.json
+fi
 "$PREFIX/bin/shmbrokerd" --check-config --config /etc/shmbroker/shmbroker.json
+"$PREFIX/bin/shmbrokerd" --check-config --config /etc/shmbroker/sysload.json
 
 if command -v systemd-sysusers >/dev/null; then systemd-sysusers /etc/sysusers.d/shmbroker.conf; fi
 if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

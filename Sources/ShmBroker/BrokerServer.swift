@@ -309,7 +309,7 @@ public final class BrokerServer {
     func shutDown() {
         notifier.stopping(status: "stopping: closing \(clients.count) clients")
         for owned in ownedSegments { owned.exclusively { owned.bind(writer: nil, signals: nil) } }
-        logger.info("stopping", metadata: ["clients": "\(clients.count)", "publishes": "\(counters.publishes)"])
+        logger.info("stopping", metadata: ["clients": "\(clients.count)", "publishes": "\(totalPublishes)"])
         for client in clients.values { disconnect(client, reason: nil) }
         refusedSockets.forEach { $0.socket.closeQuietly() }
         refusedSockets.removeAll()

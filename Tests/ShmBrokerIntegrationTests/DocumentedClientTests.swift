@@ -97,7 +97,8 @@ final class DocumentedClientTests: XCTestCase {
         }
         let result = try runToCompletion(python, ["-c", check, root.appendingPathComponent("config/shmbroker.schema.json").path,
                                                   root.appendingPathComponent("config/example.json").path,
-                                                  root.appendingPathComponent("config/shmbroker.json").path])
+                                                  root.appendingPathComponent("config/shmbroker.json").path,
+                                                  root.appendingPathComponent("config/sysload.json").path])
         XCTAssertEqual(result.status, 0, result.stderr)
         XCTAssertEqual(result.stdout, "ok\n")
     }
