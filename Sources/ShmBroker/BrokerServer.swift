@@ -42,6 +42,10 @@ public final class BrokerServer {
     let loopRunning = ManagedAtomic<Bool>(false)
     /// Every segment an embedding application claimed, also after a reload retired it.
     var ownedSegments: [OwnedSegment] = []
+    /// Saves of persistent segments run here, off the loop; the loop only takes the snapshot.
+    let persistenceQueue = DispatchQueue(label: "shmbroker.persistence")
+    var lastPersistenceRound: UInt64 = 0
+    var archive: SegmentArchive { SegmentArchive(directory: configuration.persistence.directory) }
     let epoll: Epoll
     var listener: FileDescriptor?
     var ownsSocketPath = false
@@ -122,9 +126,11 @@ public final class BrokerServer {
         try checkDescriptorBudget(configuration, context: "start")
         // Segments taken back from the fd store already have their memory.
         try MemoryBudget.check(configuration.segments.filter { inherited.segments[$0.name] == nil })
+        if configuration.segments.contains(where: \.persists) { try preparePersistenceDirectory() }
         for definition in configuration.segments {
             addSegment(try restoreOrCreate(definition))
         }
+        lastPersistenceRound = Clock.monotonicNanoseconds()
         for owned in claims {
             if let failure = claim(owned) { throw failure }
         }
@@ -197,6 +203,7 @@ public final class BrokerServer {
         guard let stored = inherited.segments.removeValue(forKey: definition.name) else {
             storedBoard?.closeQuietly()
             let segment = try ManagedSegment(creating: definition)
+            restoreFromDisk(segment)
             storeInSystemd(segment)
             return segment
         }
@@ -222,6 +229,65 @@ public final class BrokerServer {
             notifier.removeStored(name: replacement.boardStoreName)
             storeInSystemd(replacement)
             return replacement
+        }
+    }
+
+    // MARK: Persistence
+
+    /// Creates the directory of saved segments (0700) if needed; a config with persistent
+    /// segments does not start without one.
+    func preparePersistenceDirectory() throws {
+        let directory = configuration.persistence.directory
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+        } catch {
+            throw DaemonError.persistence("cannot create the persistence directory \(directory): \(error.localizedDescription)")
+        }
+        guard access(directory, W_OK) == 0 else {
+            throw DaemonError.persistence("the persistence directory \(directory) is not writable (set StateDirectory= in the unit, or persistence.directory)")
+        }
+    }
+
+    /// Brings back the saved version of a new persistent segment, with its number and time. A
+    /// file that fails its checks is logged, moved aside (`.rejected`) and not served.
+    func restoreFromDisk(_ segment: ManagedSegment) {
+        guard segment.definition.persists else { return }
+        do {
+            guard let saved = try archive.load(segment.name, capacity: segment.definition.capacity) else { return }
+            _ = try saved.bytes.withUnsafeBytes { bytes throws(SegmentError) in
+                try segment.writer.restore(bytes, version: saved.version, expectedCRC: saved.crc64,
+                                           publishedAtNanoseconds: saved.publishedAtNanoseconds)
+            }
+            segment.savedVersion = saved.version
+            logger.info("segment restored from disk", metadata: [
+                "segment": "\(segment.name)", "version": "\(saved.version)", "bytes": "\(saved.bytes.count)",
+            ])
+        } catch {
+            logger.error("saved segment rejected; starting it empty", metadata: ["segment": "\(segment.name)", "error": "\(error)"])
+            archive.reject(segment.name)
+        }
+    }
+
+    /// Saves persistent segments whose version changed since their last save: the snapshot is
+    /// taken here (a verified read), the file written on the persistence queue, or right here
+    /// when `synchronously` (on stop).
+    func savePersistentSegments(synchronously: Bool) {
+        let archive = self.archive
+        for segment in segments.values where segment.definition.persists {
+            let version = segment.writer.latestVersion
+            guard version != 0, version != segment.savedVersion else { continue }
+            guard let reader = try? SegmentReader(region: segment.writer.region), let snapshot = try? reader.read() else { continue }
+            segment.savedVersion = snapshot.version
+            let logger = self.logger, name = segment.name
+            let work: @Sendable () -> Void = {
+                do {
+                    try archive.save(name, snapshot)
+                } catch {
+                    logger.error("saving a persistent segment failed", metadata: ["segment": "\(name)", "error": "\(error)"])
+                }
+            }
+            if synchronously { work() } else { persistenceQueue.async(execute: work) }
         }
     }
 
@@ -308,6 +374,9 @@ public final class BrokerServer {
 
     func shutDown() {
         notifier.stopping(status: "stopping: closing \(clients.count) clients")
+        // Saves in flight finish first; then every changed persistent segment is saved, here.
+        persistenceQueue.sync {}
+        savePersistentSegments(synchronously: true)
         for owned in ownedSegments { owned.exclusively { owned.bind(writer: nil, signals: nil) } }
         logger.info("stopping", metadata: ["clients": "\(clients.count)", "publishes": "\(totalPublishes)"])
         for client in clients.values { disconnect(client, reason: nil) }
@@ -364,6 +433,10 @@ public final class BrokerServer {
             lastWatchdogPing = now
         }
         announceOwnedSegments(onlyPending: false)
+        if now &- lastPersistenceRound >= UInt64(configuration.persistence.intervalSeconds * 1e9) {
+            lastPersistenceRound = now
+            savePersistentSegments(synchronously: false)
+        }
         for segment in segments.values {
             let latest = segment.writer.latestVersion
             if latest != segment.versionAtLastBackstop {
@@ -474,6 +547,7 @@ public final class BrokerServer {
                 retireSegment(named: segment.name)
             } else {
                 logger.notice("segment added", metadata: ["segment": "\(segment.name)", "capacity": "\(segment.definition.capacity)"])
+                restoreFromDisk(segment)
             }
             addSegment(segment)
             storeInSystemd(segment)
@@ -836,9 +910,11 @@ public enum DaemonError: Error, CustomStringConvertible {
     case cannotListen(String, String)
     case descriptorLimit(segments: Int, needed: Int, limit: Int)
     case notASocket(String, String)
+    case persistence(String)
 
     public var description: String {
         switch self {
+        case .persistence(let message): return message
         case let .notASocket(path, kind):
             return "cannot listen on \(path): it exists and is \(kind), not a socket; remove it or choose another socket.path"
         case let .descriptorLimit(segments, needed, limit):

@@ -11,6 +11,8 @@ final class ManagedSegment {
     let memoryFile: FileDescriptor
     /// The wait board's memfd (``SegmentLayout/WaitBoard``); readers get it writable.
     let boardFile: FileDescriptor
+    /// The version last saved to disk (persistent segments only).
+    var savedVersion: UInt64 = 0
     /// The version the timer's wake-up backstop last saw (see ``SegmentWriter/wakeAllWaiters()``).
     var versionAtLastBackstop: UInt64 = 0
     let writer: SegmentWriter

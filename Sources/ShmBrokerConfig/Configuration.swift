@@ -36,6 +36,9 @@ public struct SegmentDefinition: Sendable, Equatable {
     /// so that a config that does not fit fails at start and a publish can never run the owner
     /// out of memory. `false` leaves it sparse: pages are allocated as versions are written.
     public var reservesMemory = true
+    /// Whether the latest version is saved to disk and restored on start (`"persist"`, default
+    /// false), so it survives `systemctl stop`/`start` and reboots, not only restarts.
+    public var persists = false
 
     public var layout: SegmentLayout { SegmentLayout(capacity: capacity, slotCount: slots) }
 
@@ -49,7 +52,8 @@ public struct SegmentDefinition: Sendable, Equatable {
     ///   - publishers: who may publish through the control socket.
     ///   - reservesMemory: allocate the memory when the segment is created (default true).
     public init(name: String, capacity: Int, slots: Int = BrokerConfiguration.defaultSlots, readers: AccessList = AccessList(everyone: true),
-                publishers: AccessList = AccessList(), reservesMemory: Bool = true) {
+                publishers: AccessList = AccessList(), reservesMemory: Bool = true, persists: Bool = false) {
+        self.persists = persists
         self.name = name
         self.capacity = capacity
         self.slots = slots
@@ -76,6 +80,20 @@ public struct SocketSettings: Sendable, Equatable {
         self.mode = mode
         self.owner = owner
         self.group = group
+    }
+}
+
+/// Where and how often persistent segments are saved (`"persistence"`).
+public struct PersistenceSettings: Sendable, Equatable {
+    /// The directory of the saved files; default `${STATE_DIRECTORY:-/var/lib/shmbroker}` (systemd
+    /// sets `STATE_DIRECTORY` from the unit's `StateDirectory=`).
+    public var directory: String
+    /// Seconds between saves of segments that changed (they are also saved on stop).
+    public var intervalSeconds: Double
+
+    public init(directory: String = "/var/lib/shmbroker", intervalSeconds: Double = 30) {
+        self.directory = directory
+        self.intervalSeconds = intervalSeconds
     }
 }
 
@@ -141,6 +159,8 @@ public struct BrokerConfiguration: Sendable, Equatable {
     public var socket: SocketSettings
     public var limits: Limits
     public var segments: [SegmentDefinition]
+    /// Where persistent segments are saved.
+    public var persistence = PersistenceSettings()
 
     /// A configuration built in code. It is not validated: use names and sizes a config file
     /// would accept (``isValidSegmentName(_:)``, 1 byte … 64 GiB, unique names).
@@ -271,14 +291,40 @@ private struct Checker {
     }
 
     mutating func configuration(_ root: JSONValue) -> BrokerConfiguration? {
-        guard let top = members(root, at: "$", allowed: ["$schema", "socket", "limits", "segments"], required: ["socket", "segments"]) else {
+        guard let top = members(root, at: "$", allowed: ["$schema", "socket", "limits", "segments", "persistence"],
+                                required: ["socket", "segments"]) else {
             return nil
         }
         let socket = top["socket"].flatMap { socketSettings($0, at: "$.socket") }
         let limits = top["limits"].map { self.limits($0, at: "$.limits") } ?? Limits()
         let segments = top["segments"].flatMap { segmentList($0, at: "$.segments") } ?? []
+        let persistence = persistenceSettings(top["persistence"], at: "$.persistence")
         guard let socket else { return nil }
-        return BrokerConfiguration(socket: socket, limits: limits, segments: segments)
+        var configuration = BrokerConfiguration(socket: socket, limits: limits, segments: segments)
+        configuration.persistence = persistence
+        return configuration
+    }
+
+    mutating func persistenceSettings(_ value: JSONValue?, at path: String) -> PersistenceSettings {
+        // systemd lists every StateDirectory= of the unit, separated by ':'; the first is ours.
+        let stateDirectory = environment["STATE_DIRECTORY"]?.split(separator: ":").first.map(String.init)
+        var settings = PersistenceSettings(directory: stateDirectory ?? "/var/lib/shmbroker")
+        guard let value, let fields = members(value, at: path, allowed: ["directory", "intervalSeconds"]) else { return settings }
+        if let raw = fields["directory"].flatMap({ string($0, at: "\(path).directory") }), let expanded = expand(raw, at: "\(path).directory") {
+            if expanded.hasPrefix("/"), !expanded.utf8.contains(0) {
+                settings.directory = expanded
+            } else {
+                problem("\(path).directory", "must be an absolute path, got '\(expanded)'")
+            }
+        }
+        if let interval = fields["intervalSeconds"] {
+            if case .number(let text) = interval, let seconds = Double(text), seconds >= 1, seconds <= 86_400 {
+                settings.intervalSeconds = seconds
+            } else {
+                problem("\(path).intervalSeconds", "expected a number of seconds in [1, 86400]")
+            }
+        }
+        return settings
     }
 
     mutating func socketSettings(_ value: JSONValue, at path: String) -> SocketSettings? {
@@ -356,7 +402,7 @@ private struct Checker {
     }
 
     mutating func segment(_ value: JSONValue, at path: String) -> SegmentDefinition? {
-        guard let fields = members(value, at: path, allowed: ["name", "size", "slots", "readers", "publishers", "description", "reserve"],
+        guard let fields = members(value, at: path, allowed: ["name", "size", "slots", "readers", "publishers", "description", "reserve", "persist"],
                                    required: ["name", "size"]) else { return nil }
         let problemsBefore = problems.count
         var name = ""
@@ -384,9 +430,13 @@ private struct Checker {
         if let value = fields["reserve"] {
             if case .bool(let flag) = value { reserves = flag } else { problem("\(path).reserve", "expected true or false, found \(value.typeName)") }
         }
+        var persists = false
+        if let value = fields["persist"] {
+            if case .bool(let flag) = value { persists = flag } else { problem("\(path).persist", "expected true or false, found \(value.typeName)") }
+        }
         guard problems.count == problemsBefore else { return nil }
         return SegmentDefinition(name: name, capacity: capacity, slots: slots, readers: readers, publishers: publishers,
-                                 reservesMemory: reserves)
+                                 reservesMemory: reserves, persists: persists)
     }
 
     mutating func size(_ value: JSONValue, at path: String) -> Int? {

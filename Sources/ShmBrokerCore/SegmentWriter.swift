@@ -163,9 +163,34 @@ public final class SegmentWriter: @unchecked Sendable {
         return (version, slot)
     }
 
+    /// Publishes `bytes` as version `version` of a segment that holds no version yet: how a
+    /// version saved to disk comes back after a stop or a reboot, with its number and time.
+    ///
+    /// - Parameters:
+    ///   - bytes: the saved content.
+    ///   - version: its version number (at least 1); the next publish continues from it.
+    ///   - expectedCRC: the saved CRC-64; the copy must match it, or nothing becomes visible.
+    ///   - publishedAtNanoseconds: the saved publish time.
+    /// - Throws: ``SegmentError`` if the segment already has a version, the content does not fit,
+    ///   or the CRC does not match.
+    @discardableResult
+    public func restore(_ bytes: UnsafeRawBufferPointer, version: UInt64, expectedCRC: UInt64,
+                        publishedAtNanoseconds: UInt64) throws(SegmentError) -> PublishReceipt {
+        guard latestVersion == 0, version > 0 else {
+            throw .inconsistentHeader("cannot restore version \(version) into a segment at version \(latestVersion)")
+        }
+        guard bytes.count <= layout.capacity else { throw .payloadTooLarge(length: bytes.count, capacity: layout.capacity) }
+        let slot = layout.slotOffset(forVersion: version)
+        memory.slotSequence(slot).store(0, ordering: .relaxed)
+        atomicMemoryFence(ordering: .releasing)
+        let crc = CRC64.copyAndChecksum(from: bytes, to: memory.slotData(slot))
+        guard crc == expectedCRC else { throw .checksumMismatch(version: version, stored: expectedCRC, computed: crc) }
+        return commit(version: version, slot: slot, length: bytes.count, crc: crc, at: publishedAtNanoseconds)
+    }
+
     /// Records the slot's metadata, then makes the version visible and wakes waiters.
-    private func commit(version: UInt64, slot: Int, length: Int, crc: UInt64) -> PublishReceipt {
-        let now = Clock.realtimeNanoseconds()
+    private func commit(version: UInt64, slot: Int, length: Int, crc: UInt64, at time: UInt64? = nil) -> PublishReceipt {
+        let now = time ?? Clock.realtimeNanoseconds()
         memory.store(UInt64(length), at: slot + SegmentLayout.Slot.length)
         memory.store(crc, at: slot + SegmentLayout.Slot.crc64)
         memory.store(now, at: slot + SegmentLayout.Slot.publishedAt)

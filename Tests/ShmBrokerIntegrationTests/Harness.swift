@@ -182,13 +182,14 @@ final class TestDaemon {
     ///   - withNotifySocket: give the daemon a NOTIFY_SOCKET and wait for READY=1 there
     ///     (otherwise wait until the control socket accepts connections).
     init(segments: [[String: Any]], limits: [String: Any] = [:], withNotifySocket: Bool = false,
-         waitUntilReady: Bool = true, extraEnvironment: [String: String] = [:], launcher: [String] = []) throws {
+         waitUntilReady: Bool = true, extraEnvironment: [String: String] = [:], launcher: [String] = [],
+         extraConfig: [String: Any] = [:]) throws {
         let base = "/tmp/shmbroker-test-\(getpid())-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
         directory = base
         socketPath = base + "/control.sock"
         configPath = base + "/shmbroker.json"
-        try TestDaemon.writeConfig(at: configPath, socketPath: socketPath, segments: segments, limits: limits)
+        try TestDaemon.writeConfig(at: configPath, socketPath: socketPath, segments: segments, limits: limits, extra: extraConfig)
         notify = withNotifySocket ? try NotifyListener(directory: base) : nil
         var environment = ProcessInfo.processInfo.environment
         environment.removeValue(forKey: "NOTIFY_SOCKET")
@@ -214,9 +215,11 @@ final class TestDaemon {
         return try ChildProcess(tool, Array(launcher.dropFirst()) + [Binaries.daemon] + arguments, environment: environment)
     }
 
-    static func writeConfig(at path: String, socketPath: String, segments: [[String: Any]], limits: [String: Any] = [:]) throws {
+    static func writeConfig(at path: String, socketPath: String, segments: [[String: Any]], limits: [String: Any] = [:],
+                            extra: [String: Any] = [:]) throws {
         var config: [String: Any] = ["socket": ["path": socketPath, "mode": "0666"], "segments": segments]
         if !limits.isEmpty { config["limits"] = limits }
+        config.merge(extra) { $1 }
         let data = try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys])
         try data.write(to: URL(fileURLWithPath: path))
     }
@@ -240,9 +243,9 @@ final class TestDaemon {
 
     var pid: Int32 { child.pid }
 
-    /// Stops the daemon with SIGTERM and starts a new one on the same config and socket.
-    func restart() throws {
-        child.signal(SIGTERM)
+    /// Stops the daemon with SIGTERM (or `signal`) and starts a new one on the same config and socket.
+    func restart(with signal: Int32 = SIGTERM) throws {
+        child.signal(signal)
         _ = child.finish(timeout: 30)
         child = try TestDaemon.launch(launcher, configPath: configPath, environment: environment)
         try waitUntilAccepting()

@@ -39,8 +39,9 @@ final class SystemdSandbox {
     ///   - serviceOverrides: extra `[Service]` lines for a drop-in (e.g. a short `WatchdogSec=`).
     ///   - unit: which unit files of `systemd/` to install (`NAME.service`, `NAME.socket`).
     ///   - executable: the binary its ExecStart runs, with `arguments` after `--config PATH`.
+    ///   - extraConfig: more top-level keys for the config (such as `persistence`).
     init(segments: [[String: Any]], serviceOverrides: [String] = [], unit: String = "shmbroker",
-         executable: String = "shmbrokerd", arguments: String = "--debug-allow-hang") throws {
+         executable: String = "shmbrokerd", arguments: String = "--debug-allow-hang", extraConfig: [String: Any] = [:]) throws {
         try SystemdSandbox.requirements()
         self.unit = unit
         let state = "/var/lib/shmbroker-tests/\(getpid())-\(UUID().uuidString.prefix(8))"
@@ -53,7 +54,7 @@ final class SystemdSandbox {
         for binary in ["shmbrokerd", "shmbrokerctl", "shmbroker-testkit", "shmbroker-sysload"] {
             try fm.copyItem(atPath: Binaries.path(binary), toPath: "\(state)/bin/\(binary)")
         }
-        try TestDaemon.writeConfig(at: configPath, socketPath: "/run/\(unit)/control.sock", segments: segments)
+        try TestDaemon.writeConfig(at: configPath, socketPath: "/run/\(unit)/control.sock", segments: segments, extra: extraConfig)
         _ = chmod(configPath, 0o644)
 
         let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()

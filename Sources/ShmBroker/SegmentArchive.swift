@@ -1,0 +1,161 @@
+import Foundation
+import ShmBrokerCore
+import SystemPackage
+
+/// The on-disk copy of a persistent segment's latest version (`"persist": true`), so that content
+/// and version survive `systemctl stop`/`start` and reboots, not only restarts (which the fd store
+/// covers). One file per segment, `DIRECTORY/NAME.segment`:
+///
+/// | offset | size | field |
+/// |---:|---:|---|
+/// | 0 | 8 | magic `SHMBSAVE` |
+/// | 8 | 4 | format version, 1 |
+/// | 12 | 4 | name length |
+/// | 16 | 64 | segment name, NUL-padded |
+/// | 80 | 8 | version |
+/// | 88 | 8 | payload length |
+/// | 96 | 8 | CRC-64/XZ of the payload |
+/// | 104 | 8 | publish time, ns since the Unix epoch |
+/// | 112 | 8 | CRC-64/XZ of bytes 0 ..< 112 |
+/// | 120 | 8 | reserved, 0 |
+/// | 128 | length | payload |
+///
+/// All integers little-endian. A file is written to a temporary name, fsynced, renamed over the
+/// old one and the directory fsynced, so a crash or a full disk leaves the previous file intact.
+struct SegmentArchive {
+    static let magic = Array("SHMBSAVE".utf8)
+    static let formatVersion: UInt32 = 1
+    static let headerSize = 128
+
+    let directory: String
+
+    func path(of segment: String) -> String { directory + "/" + segment + ".segment" }
+
+    /// Why a saved file was not used, or a save failed.
+    enum Failure: Error, CustomStringConvertible {
+        case unreadable(String, Errno)
+        case truncated(String, size: Int)
+        case foreign(String, reason: String)
+        case corrupt(String, reason: String)
+        case cannotWrite(String, Errno)
+
+        var description: String {
+            switch self {
+            case let .unreadable(path, error): return "cannot read \(path): \(error)"
+            case let .truncated(path, size): return "\(path) is truncated (\(size) bytes)"
+            case let .foreign(path, reason): return "\(path) is not a saved shmbroker segment: \(reason)"
+            case let .corrupt(path, reason): return "\(path) is corrupt: \(reason)"
+            case let .cannotWrite(path, error): return "cannot save \(path): \(error); the previous file is kept"
+            }
+        }
+    }
+
+    /// The saved version of `segment`, checked (header CRC, name, length, payload CRC); nil when
+    /// nothing was saved.
+    func load(_ segment: String, capacity: Int) throws(Failure) -> SegmentSnapshot? {
+        let path = path(of: segment)
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(path, .readOnly, options: [.closeOnExec, .noFollow])
+        } catch {
+            let failure = (error as? Errno) ?? .ioError
+            if failure == .noSuchFileOrDirectory { return nil }
+            throw .unreadable(path, failure)
+        }
+        defer { fd.closeQuietly() }
+        let size: Int
+        do { size = try fd.fileSize() } catch { throw .unreadable(path, error) }
+        guard size >= Self.headerSize else { throw .truncated(path, size: size) }
+        var header = [UInt8](repeating: 0, count: Self.headerSize)
+        do {
+            let read = try header.withUnsafeMutableBytes { try fd.readFully(into: $0, atOffset: 0) }
+            guard read == Self.headerSize else { throw Failure.truncated(path, size: size) }
+        } catch let failure as Failure {
+            throw failure
+        } catch {
+            throw .unreadable(path, (error as? Errno) ?? .ioError)
+        }
+        func field<T: FixedWidthInteger>(_ type: T.Type, _ offset: Int) -> T {
+            header.withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: T.self)) }
+        }
+        guard Array(header[0..<8]) == Self.magic else { throw .foreign(path, reason: "no SHMBSAVE magic") }
+        guard field(UInt32.self, 8) == Self.formatVersion else { throw .foreign(path, reason: "format version \(field(UInt32.self, 8))") }
+        let headerCRC = header.withUnsafeBytes { CRC64.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<112])) }
+        guard headerCRC == field(UInt64.self, 112) else { throw .corrupt(path, reason: "its header fails its CRC") }
+        let nameLength = Int(field(UInt32.self, 12))
+        let name = nameLength <= 64 ? String(decoding: header[16..<16 + nameLength], as: UTF8.self) : ""
+        guard name == segment else { throw .foreign(path, reason: "it holds segment \"\(name.prefix(64))\"") }
+        let version = field(UInt64.self, 80), length = field(UInt64.self, 88)
+        guard version > 0 else { throw .corrupt(path, reason: "version 0") }
+        guard length <= UInt64(capacity) else {
+            throw .foreign(path, reason: "its \(length) bytes exceed the segment's capacity of \(capacity)")
+        }
+        guard size == Self.headerSize + Int(length) else { throw .truncated(path, size: size) }
+        var payload = [UInt8](repeating: 0, count: Int(length))
+        do {
+            let read = try payload.withUnsafeMutableBytes { try fd.readFully(into: $0, atOffset: Self.headerSize) }
+            guard read == payload.count else { throw Failure.truncated(path, size: size) }
+        } catch let failure as Failure {
+            throw failure
+        } catch {
+            throw .unreadable(path, (error as? Errno) ?? .ioError)
+        }
+        let stored = field(UInt64.self, 96)
+        let computed = CRC64.checksum(payload)
+        guard computed == stored else { throw .corrupt(path, reason: "its content fails its CRC-64") }
+        return SegmentSnapshot(version: version, bytes: payload, crc64: stored, publishedAtNanoseconds: field(UInt64.self, 104))
+    }
+
+    /// Writes `snapshot` atomically: temporary file, fsync, rename, directory fsync.
+    func save(_ segment: String, _ snapshot: SegmentSnapshot) throws(Failure) {
+        let path = path(of: segment)
+        var header = [UInt8](repeating: 0, count: Self.headerSize)
+        func put<T: FixedWidthInteger>(_ value: T, _ offset: Int) {
+            header.withUnsafeMutableBytes { $0.storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self) }
+        }
+        header.replaceSubrange(0..<8, with: Self.magic)
+        put(Self.formatVersion, 8)
+        let name = Array(segment.utf8.prefix(64))
+        put(UInt32(name.count), 12)
+        header.replaceSubrange(16..<16 + name.count, with: name)
+        put(snapshot.version, 80)
+        put(UInt64(snapshot.bytes.count), 88)
+        put(snapshot.crc64, 96)
+        put(snapshot.publishedAtNanoseconds, 104)
+        put(header.withUnsafeBytes { CRC64.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<112])) }, 112)
+        let temporary = directory + "/." + segment + ".segment.tmp"
+        do throws(Errno) {
+            let fd: FileDescriptor
+            do {
+                fd = try FileDescriptor.open(temporary, .writeOnly, options: [.create, .truncate, .closeOnExec, .noFollow],
+                                             permissions: [.ownerReadWrite])
+            } catch {
+                throw (error as? Errno) ?? .ioError
+            }
+            do throws(Errno) {
+                let contents = header + snapshot.bytes
+                try contents.withUnsafeBytes { buffer in Result { () throws(Errno) in try fd.writeFully(buffer) } }.get()
+                guard fsync(fd.rawValue) == 0 else { throw Errno(rawValue: errno) }
+            } catch {
+                fd.closeQuietly()
+                throw error
+            }
+            fd.closeQuietly()
+            guard rename(temporary, path) == 0 else { throw Errno(rawValue: errno) }
+        } catch {
+            unlink(temporary)
+            throw .cannotWrite(path, error)
+        }
+        // The rename is durable once the directory is synced.
+        if let directoryFD = try? FileDescriptor.open(directory, .readOnly, options: [.directory, .closeOnExec]) {
+            _ = fsync(directoryFD.rawValue)
+            directoryFD.closeQuietly()
+        }
+    }
+
+    /// Moves a file that failed its checks aside (`NAME.segment.rejected`), so it is neither served
+    /// nor overwritten before someone can look at it.
+    func reject(_ segment: String) {
+        _ = rename(path(of: segment), path(of: segment) + ".rejected")
+    }
+}
