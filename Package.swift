@@ -105,6 +105,19 @@ let package = Package(
             ],
             path: "Tests/ShmBrokerTestKit"
         ),
+        // Fuzz harnesses for the frame decoder and the config loader (Tests/ShmBrokerFuzz/fuzz.sh
+        // links them into libFuzzer fuzzers), and an executable that replays inputs through them.
+        .target(
+            name: "ShmBrokerFuzzHarness",
+            dependencies: ["ShmBrokerConfig", "ShmBrokerProtocol"],
+            path: "Tests/ShmBrokerFuzzHarness"
+        ),
+        .executableTarget(
+            name: "shmbroker-fuzz",
+            dependencies: ["ShmBrokerFuzzHarness"],
+            path: "Tests/ShmBrokerFuzz",
+            exclude: ["fuzz.sh"]
+        ),
         .testTarget(name: "ShmBrokerCoreTests", dependencies: [
             "ShmBrokerCore", "ShmBrokerPlatform", .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Atomics", package: "swift-atomics"),
