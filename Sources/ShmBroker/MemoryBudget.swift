@@ -64,14 +64,28 @@ enum MemoryBudget {
     }
 
     private static func cgroupHeadroom() -> (bytes: UInt64, source: String)? {
-        guard let membership = try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8),
-              let line = membership.split(separator: "\n").first(where: { $0.hasPrefix("0::") }) else { return nil }
-        let directory = "/sys/fs/cgroup" + line.dropFirst(3)
-        func read(_ name: String) -> String? {
-            (try? String(contentsOfFile: directory + "/" + name, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard let membership = try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8) else { return nil }
+        func read(_ path: String) -> UInt64? {
+            (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
         }
-        guard let limitText = read("memory.max"), let limit = UInt64(limitText) else { return nil }  // "max": no limit
-        let current = read("memory.current").flatMap { UInt64($0) } ?? 0
-        return (limit > current ? limit - current : 0, "memory.max of cgroup \(line.dropFirst(3))")
+        for line in membership.split(separator: "\n") {
+            let fields = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard fields.count == 3 else { continue }
+            let group = String(fields[2])
+            // cgroup v2 ("0::PATH", memory.max is "max" without a limit) or v1's memory controller.
+            let (directory, limitFile, usageFile): (String, String, String)
+            if fields[0] == "0" && fields[1].isEmpty {
+                (directory, limitFile, usageFile) = ("/sys/fs/cgroup" + group, "memory.max", "memory.current")
+            } else if fields[1].split(separator: ",").contains("memory") {
+                (directory, limitFile, usageFile) = ("/sys/fs/cgroup/memory" + group, "memory.limit_in_bytes", "memory.usage_in_bytes")
+            } else {
+                continue
+            }
+            // v1 reports "no limit" as a huge number: anything above physical memory is no limit.
+            guard let limit = read(directory + "/" + limitFile), limit < (physical() ?? .max) else { continue }
+            let usage = read(directory + "/" + usageFile) ?? 0
+            return (limit > usage ? limit - usage : 0, "\(limitFile) of cgroup \(group)")
+        }
+        return nil
     }
 }

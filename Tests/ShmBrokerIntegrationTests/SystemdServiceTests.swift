@@ -136,10 +136,11 @@ final class SystemdServiceTests: XCTestCase {
         }
     }
 
-    /// Data survives `systemctl restart`, twenty `kill -9`s and a watchdog kill, with a producer,
+    /// Data survives `systemctl restart`, fifty `kill -9`s and a watchdog kill, with a producer,
     /// a mapped reader and a subscriber running throughout.
     func testRestartCrashesAndWatchdogKillLoseNoData() throws {
-        try withSandbox(serviceOverrides: ["WatchdogSec=2s"]) { sandbox in
+        // Fifty restarts in well under a minute: above the unit's StartLimitBurst=, raised here.
+        try withSandbox(serviceOverrides: ["WatchdogSec=2s", "[Unit]", "StartLimitBurst=200"]) { sandbox in
             XCTAssertEqual(try sandbox.systemctl("start", "shmbroker.socket", "shmbroker.service").status, 0)
             let bulk = [UInt8]((0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7) })
             let bulkFile = sandbox.state + "/bulk.bin"
@@ -174,8 +175,8 @@ final class SystemdServiceTests: XCTestCase {
             XCTAssertGreaterThanOrEqual(try versionOf("state"), version, "restart kept the version counter")
             version = try versionOf("state")
 
-            // 2. twenty kill -9s of the main process (Restart=on-failure)
-            for round in 0..<20 {
+            // 2. fifty kill -9s of the main process (Restart=on-failure)
+            for round in 0..<50 {
                 XCTAssertEqual(kill(try sandbox.hostPID(pid), SIGKILL), 0)
                 pid = try sandbox.waitForNewMainPID(other: pid)
                 let now = try versionOf("state")
