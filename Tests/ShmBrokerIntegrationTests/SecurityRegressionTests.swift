@@ -151,6 +151,29 @@ final class SecurityRegressionTests: XCTestCase {
         XCTAssertTrue(check.stdout.contains("warning: the segments reserve"), check.stdout)
     }
 
+    func testAReloadThatDoesNotFitInMemoryIsRejectedAndTheRunningConfigKept() async throws {
+        let daemon = try TestDaemon(segments: [segment("small", size: 64)])
+        defer { daemon.stop() }
+        let huge: [String: Any] = ["name": "huge", "size": "64GiB", "slots": 2, "readers": ["users": ["*"]]]
+        try daemon.rewriteConfig(segments: [segment("small", size: 64), huge])
+        daemon.child.signal(SIGHUP)
+        XCTAssertTrue(daemon.child.waitForStderr("reload failed"), daemon.child.stderrText)
+        XCTAssertTrue(daemon.child.stderrText.contains("\"huge\""), daemon.child.stderrText)
+        let client = try await daemon.connect()
+        let status = try await client.status()
+        XCTAssertEqual(status.segments.map(\.name), ["small"])
+        XCTAssertEqual(status.counters.failedReloads, 1)
+        client.close()
+    }
+
+    func testADescriptorLimitBelowWhatTheSegmentsNeedIsRefusedWithTheNumbers() throws {
+        let daemon = try TestDaemon(segments: [segment("a", size: 64), segment("b", size: 64)], waitUntilReady: false,
+                                    launcher: ["/usr/bin/prlimit", "--nofile=40:40", "--"])
+        let result = daemon.child.finish(timeout: 60)
+        XCTAssertEqual(result.status, 1, result.stderr)
+        XCTAssertTrue(result.stderr.contains("2 segments need 68 open files") && result.stderr.contains("(RLIMIT_NOFILE) is 40"), result.stderr)
+    }
+
     func testOnlyMemoryBackedPayloadFilesAreRead() throws {
         let daemon = try TestDaemon(segments: [segment("data", size: 4096, publishers: ["*"])])
         defer { daemon.stop() }
