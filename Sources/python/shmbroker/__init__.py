@@ -1,0 +1,523 @@
+"""Read and publish shmbroker shared-memory segments (standard library only, Linux).
+
+``connect(socket_path)`` returns a :class:`Client`; ``client.open(name)`` a :class:`Segment`
+whose ``read()`` gives ``None`` (never published) or a :class:`Snapshot`; ``client.publish(name,
+data)`` a :class:`Receipt`. The wire format is ``docs/PROTOCOL.md``, the memory ``docs/LAYOUT.md``.
+
+Thread safety: a :class:`Client` may be used from one thread at a time (requests and events share
+its socket); a :class:`Segment` may be read from any number of threads at once.
+"""
+from __future__ import annotations
+
+import array
+import ctypes
+import ctypes.util
+import fcntl
+import json
+import mmap
+import os
+import platform
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+__all__ = [
+    "connect", "Client", "Segment", "Snapshot", "Receipt", "Event", "ShmBrokerError", "crc64_xz",
+    "ERROR_NAMES",
+]
+
+PROTOCOL_VERSION = 1
+LAYOUT_VERSION = 2
+MAX_FRAME = 65536
+_HEADER = struct.Struct("<HHII")
+_MAGIC = 0x524B4F52424D4853
+
+#: The protocol's stable error codes (docs/PROTOCOL.md, "Error codes").
+ERROR_NAMES = {
+    1: "malformed-frame", 2: "unknown-message-type", 3: "unsupported-protocol-version",
+    4: "handshake-required", 5: "no-such-segment", 6: "permission-denied", 7: "payload-too-large",
+    8: "unexpected-descriptor", 9: "frame-too-large", 10: "missing-descriptor", 11: "bad-descriptor",
+    12: "not-subscribed", 13: "segment-retired", 14: "internal-error", 15: "invalid-segment-name",
+    16: "too-many-clients", 17: "invalid-ring", 18: "connection-lost", 19: "descriptor-limit",
+    20: "owner-publishes",
+}
+
+
+class ShmBrokerError(Exception):
+    """An error the daemon (or the segment memory) reported, with the protocol's stable code.
+
+    Codes 1–20 are the protocol's (``ERROR_NAMES``); this library adds 1000 ``corrupt`` (a stable
+    copy failed its CRC), 1001 ``contended`` (the writer kept replacing the version) and 1002
+    ``bad-segment`` (the mapping is not a segment of a layout this library reads).
+    """
+
+    def __init__(self, code: int, message: str):
+        self.code = code
+        self.name = ERROR_NAMES.get(code) or {1000: "corrupt", 1001: "contended", 1002: "bad-segment"}.get(code, "error")
+        self.message = message
+        super().__init__(f"{self.name} ({code}): {message}")
+
+
+# --- CRC-64/XZ (LAYOUT.md, "CRC-64/XZ") -------------------------------------------------------
+
+_POLY = 0xC96C5795D7870F42
+
+
+def _tables() -> Tuple[List[int], List[int]]:
+    byte = []
+    for value in range(256):
+        crc = value
+        for _ in range(8):
+            crc = (crc >> 1) ^ _POLY if crc & 1 else crc >> 1
+        byte.append(crc)
+    # Two bytes per step: the table for a 16-bit chunk (64 Ki entries, built once, ~0.1 s).
+    wide = [0] * 65536
+    for value in range(65536):
+        crc = byte[value & 0xFF]
+        crc = byte[(crc ^ (value >> 8)) & 0xFF] ^ (crc >> 8)
+        wide[value] = crc
+    return byte, wide
+
+
+_BYTE_TABLE: List[int] = []
+_WIDE_TABLE: List[int] = []
+
+
+def crc64_xz(data) -> int:
+    """CRC-64/XZ of a bytes-like object (check value: ``crc64_xz(b"123456789") == 0x995DC9BBDF1939FA``)."""
+    global _BYTE_TABLE, _WIDE_TABLE
+    if not _BYTE_TABLE:
+        _BYTE_TABLE, _WIDE_TABLE = _tables()
+    view = memoryview(data).cast("B")
+    crc = 0xFFFFFFFFFFFFFFFF
+    wide, byte = _WIDE_TABLE, _BYTE_TABLE
+    pairs = len(view) // 2
+    if pairs:
+        # Native u16s (little-endian on every Linux this runs on): the first byte is the low half.
+        chunks = array.array("H")
+        chunks.frombytes(view[: pairs * 2])
+        for chunk in chunks:
+            crc = wide[(crc & 0xFFFF) ^ chunk] ^ (crc >> 16)
+    if len(view) % 2:
+        crc = byte[(crc ^ view[-1]) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFFFFFFFFFF
+
+
+# --- Memory: mappings by address, 8-byte loads, the futex (LAYOUT.md) -------------------------
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.syscall.restype = ctypes.c_long
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1
+
+
+def _atomic_add():
+    """``__atomic_fetch_add_4`` from libatomic, for counting this process in a wait board."""
+    try:
+        library = ctypes.CDLL(ctypes.util.find_library("atomic") or "libatomic.so.1")
+        function = library.__atomic_fetch_add_4
+        function.restype = ctypes.c_uint32
+        function.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int]
+        return function
+    except (OSError, AttributeError):
+        return None
+
+
+_ATOMIC_ADD = _atomic_add()
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Mapping:
+    """A shared mapping of a descriptor, addressed directly so that 4- and 8-byte fields are read
+    with single loads (a ``struct.unpack`` of a memoryview may copy byte by byte)."""
+
+    def __init__(self, fd: int, size: int, writable: bool):
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        address = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            error = ctypes.get_errno()
+            raise OSError(error, f"mmap: {os.strerror(error)}")
+        self.address, self.size = address, size
+        self.view = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+
+    def u64(self, offset: int) -> int:
+        return ctypes.c_uint64.from_address(self.address + offset).value
+
+    def u32(self, offset: int) -> int:
+        return ctypes.c_uint32.from_address(self.address + offset).value
+
+    def close(self) -> None:
+        if self.address:
+            self.view.release()
+            _libc.munmap(self.address, self.size)
+            self.address = 0
+
+
+# --- Frames (PROTOCOL.md, "Frames") -----------------------------------------------------------
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<H", len(raw)) + raw
+
+
+def _read_string(body: bytes, offset: int) -> Tuple[str, int]:
+    (length,) = struct.unpack_from("<H", body, offset)
+    return body[offset + 2: offset + 2 + length].decode(), offset + 2 + length
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One verified version of a segment."""
+    version: int
+    data: bytes
+    crc64: int
+    published_at_ns: int
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a publish became: the new version, its length, CRC-64 and publish time."""
+    version: int
+    length: int
+    crc64: int
+    published_at_ns: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """A subscription event: ``kind`` is ``"version"`` (with the version's receipt) or ``"retired"``."""
+    kind: str
+    segment: str
+    version: int = 0
+    length: int = 0
+    crc64: int = 0
+    published_at_ns: int = 0
+
+
+def _receipt(body: bytes, offset: int = 0) -> Receipt:
+    return Receipt(*struct.unpack_from("<QQQQ", body, offset))
+
+
+class Segment:
+    """An opened segment: a read-only mapping read lock-free, as ``docs/LAYOUT.md`` says.
+
+    Reads never talk to the daemon and stay valid after the client closes; ``close()`` (or the
+    ``with`` block) unmaps. Safe to read from several threads at once.
+    """
+
+    _HEADER_SIZE = 256
+    _SLOT_HEADER = 64
+
+    def __init__(self, name: str, fds: List[int], mapping_size: int):
+        self.name = name
+        try:
+            self._memory = _Mapping(fds[0], mapping_size, writable=False)
+            self._board = _Mapping(fds[1], 4096, writable=True) if len(fds) > 1 else None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        memory = self._memory
+        if memory.u64(0x00) != _MAGIC:
+            raise ShmBrokerError(1002, f"segment {name!r}: no SHMBROKR magic")
+        if memory.u32(0x08) != LAYOUT_VERSION:
+            raise ShmBrokerError(1002, f"segment {name!r}: layout version {memory.u32(0x08)}, this library reads {LAYOUT_VERSION}")
+        self.capacity = memory.u64(0x10)
+        self.slot_count = memory.u32(0x18)
+        self._stride = memory.u64(0x20)
+        if self._HEADER_SIZE + self.slot_count * self._stride > mapping_size:
+            raise ShmBrokerError(1002, f"segment {name!r}: header does not match the mapping")
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unmaps the segment (and its wait board)."""
+        self._memory.close()
+        if self._board:
+            self._board.close()
+
+    @property
+    def latest_version(self) -> int:
+        """The newest complete version (0: never published)."""
+        return self._memory.u64(0x80)
+
+    @property
+    def retired(self) -> bool:
+        """Whether the owner removed the segment from its config."""
+        return bool(self._memory.u32(0x1C) & 1)
+
+    def _slot(self, version: int) -> int:
+        return self._HEADER_SIZE + (version % self.slot_count) * self._stride
+
+    def _attempt(self, copy: bool):
+        memory = self._memory
+        version = memory.u64(0x80)
+        if version == 0:
+            return "never"
+        slot = self._slot(version)
+        if memory.u64(slot) != version:
+            return None
+        length, crc, published = memory.u64(slot + 8), memory.u64(slot + 16), memory.u64(slot + 24)
+        if length > self.capacity:
+            return None
+        start = slot + self._SLOT_HEADER
+        data = memory.view[start: start + length]
+        if copy:
+            data = bytes(data)
+        computed = crc64_xz(data)
+        if memory.u64(slot) != version:  # the writer reused the slot meanwhile
+            return None
+        if computed != crc:
+            raise ShmBrokerError(1000, f"segment {self.name!r} version {version}: CRC {computed:016x}, stored {crc:016x}")
+        return version, data, crc, published
+
+    def read(self, attempts: int = 10_000) -> Optional[Snapshot]:
+        """The latest version, copied and verified; ``None`` if nothing was ever published."""
+        for _ in range(attempts):
+            outcome = self._attempt(copy=True)
+            if outcome == "never":
+                return None
+            if outcome is not None:
+                return Snapshot(*outcome)
+        raise ShmBrokerError(1001, f"segment {self.name!r}: the writer replaced the version during {attempts} attempts")
+
+    def borrow(self, attempts: int = 10_000) -> "_Borrow":
+        """Zero-copy: ``with segment.borrow() as view:`` gives a verified ``memoryview`` of the
+        latest version in place (``None`` if never published). ``view.valid`` tells whether the
+        writer left it alone meanwhile; leaving the block re-checks and raises ``contended`` if not."""
+        return _Borrow(self, attempts)
+
+    def wait(self, after: int, timeout: Optional[float] = None) -> int:
+        """Blocks until a version newer than ``after`` exists, the segment is retired, or the
+        timeout passes, sleeping on the segment's futex word; returns the latest version."""
+        memory, board = self._memory, self._board
+        deadline = None if timeout is None else time.monotonic() + timeout
+        registered = bool(board and _ATOMIC_ADD and _SYS_FUTEX)
+        if registered:
+            _ATOMIC_ADD(board.address, 1, 5)  # seq_cst, then re-check below
+        try:
+            while True:
+                word = memory.u32(0x88)
+                latest = memory.u64(0x80)
+                if latest > after or self.retired:
+                    return latest
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return latest
+                if not registered or _SYS_FUTEX is None:
+                    # Without the board the writer may skip the wake-up: look again every millisecond.
+                    time.sleep(min(0.001, remaining) if remaining is not None else 0.001)
+                    continue
+                spec = None
+                if remaining is not None:
+                    spec = _Timespec(int(remaining), int((remaining % 1) * 1e9))
+                _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(memory.address + 0x88), _FUTEX_WAIT, ctypes.c_uint32(word),
+                              ctypes.byref(spec) if spec else None, None, 0)
+        finally:
+            if registered:
+                _ATOMIC_ADD(board.address, 0xFFFFFFFF, 5)
+
+
+class _Borrow:
+    def __init__(self, segment: Segment, attempts: int):
+        self._segment, self._attempts = segment, attempts
+        self._version = 0
+        self.view: Optional[memoryview] = None
+
+    def __enter__(self) -> Optional[memoryview]:
+        for _ in range(self._attempts):
+            outcome = self._segment._attempt(copy=False)
+            if outcome == "never":
+                return None
+            if outcome is not None:
+                self._version, self.view = outcome[0], outcome[1]
+                return self.view
+        raise ShmBrokerError(1001, f"segment {self._segment.name!r}: contended")
+
+    @property
+    def valid(self) -> bool:
+        return self._version != 0 and self._segment._memory.u64(self._segment._slot(self._version)) == self._version
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        still = self.valid
+        if self.view is not None:
+            self.view.release()
+        if exc_type is None and self._version and not still:
+            raise ShmBrokerError(1001, f"segment {self._segment.name!r}: version {self._version} was replaced while borrowed")
+
+
+class Client:
+    """A connection to an owner's control socket (``shmbrokerd``, or an application embedding it)."""
+
+    def __init__(self, socket_path: str, client_name: str = "python"):
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._socket.connect(socket_path)
+        self._next_id = 1
+        self._events: List[Event] = []
+        reply_type, body, _ = self._request(0x0001, struct.pack("<I", PROTOCOL_VERSION) + _string(client_name))
+        self.protocol_version, self.max_frame_size = struct.unpack_from("<II", body)
+        self.daemon_version, _ = _read_string(body, 8)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the connection; opened segments stay mapped until closed themselves."""
+        self._socket.close()
+
+    # Frames
+
+    def _receive(self, timeout: Optional[float] = None):
+        if timeout is not None:
+            ready, _, _ = select.select([self._socket], [], [], timeout)
+            if not ready:
+                return None
+        fds = array.array("i")
+        data, ancillary, flags, _ = self._socket.recvmsg(MAX_FRAME + 1, socket.CMSG_SPACE(4 * fds.itemsize))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise ShmBrokerError(18, "the daemon closed the connection")
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            raise ShmBrokerError(1, "a frame from the daemon was truncated")
+        msg_type, _, request_id, length = _HEADER.unpack_from(data)
+        return msg_type, request_id, data[12:12 + length], list(fds)
+
+    def _request(self, msg_type: int, body: bytes, fds: Tuple[int, ...] = ()):
+        request_id = self._next_id
+        self._next_id += 1
+        frame = _HEADER.pack(msg_type, 0, request_id, len(body)) + body
+        if fds:
+            self._socket.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            self._socket.send(frame)
+        while True:
+            reply_type, reply_id, reply, reply_fds = self._receive()
+            if 0x4000 <= reply_type < 0x8000:
+                self._keep_event(reply_type, reply)
+                continue
+            if reply_type == 0x80FF:
+                for fd in reply_fds:
+                    os.close(fd)
+                code, = struct.unpack_from("<H", reply)
+                message, _ = _read_string(reply, 2)
+                raise ShmBrokerError(code, message)
+            return reply_type, reply, reply_fds
+
+    def _keep_event(self, msg_type: int, body: bytes) -> None:
+        name, offset = _read_string(body, 0)
+        if msg_type == 0x4001:
+            receipt = _receipt(body, offset)
+            self._events.append(Event("version", name, receipt.version, receipt.length, receipt.crc64, receipt.published_at_ns))
+        elif msg_type == 0x4002:
+            self._events.append(Event("retired", name))
+
+    # Requests
+
+    def open(self, name: str) -> Segment:
+        """Opens (maps) a segment; needs read permission."""
+        _, body, fds = self._request(0x0002, _string(name))
+        capacity, slots, layout, mapping_size, latest = struct.unpack_from("<QIIQQ", body)
+        if not fds:
+            raise ShmBrokerError(10, "OPENED carried no descriptor")
+        return Segment(name, fds, mapping_size)
+
+    def publish(self, name: str, data) -> Receipt:
+        """Publishes ``data`` (bytes-like) as the segment's next version; large payloads travel
+        in a sealed memfd. Needs publish permission; refused with ``payload-too-large`` (nothing
+        written) when longer than the capacity."""
+        data = memoryview(data).cast("B")
+        inline_limit = MAX_FRAME - 12 - 2 - len(name.encode()) - 1
+        if len(data) <= inline_limit:
+            _, body, _ = self._request(0x0005, _string(name) + b"\x00" + bytes(data))
+            return _receipt(body)
+        fd = os.memfd_create("shmbroker-python", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            # Sealed against every change: the daemon publishes exactly these bytes.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+            _, body, _ = self._request(0x0005, _string(name) + b"\x01" + struct.pack("<Q", len(data)), (fd,))
+            return _receipt(body)
+        finally:
+            os.close(fd)
+
+    def subscribe(self, name: str) -> Receipt:
+        """Subscribes to VERSION events; returns the latest version at subscription (version 0: never published)."""
+        _, body, _ = self._request(0x0003, _string(name))
+        return _receipt(body)
+
+    def unsubscribe(self, name: str) -> None:
+        self._request(0x0004, _string(name))
+
+    def next_event(self, timeout: Optional[float] = None) -> Optional[Event]:
+        """The next event of any subscription, or ``None`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._events:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            received = self._receive(remaining)
+            if received is None:
+                return None
+            msg_type, _, body, fds = received
+            for fd in fds:
+                os.close(fd)
+            if 0x4000 <= msg_type < 0x8000:
+                self._keep_event(msg_type, body)
+        return self._events.pop(0)
+
+    def events(self, name: str, timeout: Optional[float] = None) -> Iterator[Event]:
+        """Subscribes to ``name`` and yields its events; ends after a ``retired`` event or when
+        ``timeout`` seconds pass without one."""
+        self.subscribe(name)
+        while True:
+            event = self.next_event(timeout)
+            if event is None:
+                return
+            if event.segment != name:
+                continue
+            yield event
+            if event.kind == "retired":
+                return
+
+    def fileno(self) -> int:
+        """The socket, for a caller's own event loop (readable: an event or reply is waiting)."""
+        return self._socket.fileno()
+
+    def status(self) -> dict:
+        """The owner's STATUS report (docs/PROTOCOL.md, "STATUS_REPORT JSON")."""
+        reply_type, body, fds = self._request(0x0006, b"")
+        if reply_type == 0x8007:
+            (length,) = struct.unpack_from("<Q", body)
+            try:
+                return json.loads(os.pread(fds[0], length, 0))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        return json.loads(body)
+
+
+def connect(socket_path: str, client_name: str = "python") -> Client:
+    """Connects to an owner's control socket and performs the handshake."""
+    return Client(socket_path, client_name)

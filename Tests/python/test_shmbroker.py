@@ -1,0 +1,164 @@
+"""The Python package against the real daemon: `.build/debug/shmbrokerd` (run `swift build` first,
+or set SHMBROKER_BIN to the directory holding shmbrokerd and shmbrokerctl)."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "Sources" / "python"))
+import shmbroker  # noqa: E402
+
+BIN = pathlib.Path(os.environ.get("SHMBROKER_BIN", ROOT / ".build" / "debug"))
+
+
+@pytest.fixture
+def daemon():
+    if not (BIN / "shmbrokerd").exists():
+        pytest.skip(f"no shmbrokerd in {BIN}: run `swift build` first")
+    directory = tempfile.mkdtemp(prefix="shmbroker-py-", dir="/tmp")
+    os.chmod(directory, 0o755)
+    sock = os.path.join(directory, "control.sock")
+    config = {
+        "socket": {"path": sock, "mode": "0666"},
+        "segments": [
+            {"name": "small", "size": 4096, "readers": {"users": ["*"]}, "publishers": {"users": ["*"]}},
+            {"name": "big", "size": "1MiB", "readers": {"users": ["*"]}, "publishers": {"users": ["*"]}},
+            {"name": "private", "size": 64, "readers": {"users": [0]}},
+        ],
+    }
+    path = os.path.join(directory, "config.json")
+    with open(path, "w") as handle:
+        json.dump(config, handle)
+    process = subprocess.Popen([str(BIN / "shmbrokerd"), "--config", path, "--log-level", "warning"],
+                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            probe.connect(sock)
+            probe.close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("the daemon did not start: " + process.stderr.read().decode())
+            time.sleep(0.02)
+    yield sock
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_crc64_check_value_and_lengths():
+    assert shmbroker.crc64_xz(b"123456789") == 0x995DC9BBDF1939FA
+    assert shmbroker.crc64_xz(b"") == 0
+    reference = 0xFFFFFFFFFFFFFFFF
+    data = bytes((index * 37 + 11) & 0xFF for index in range(300))
+    for length in range(len(data) + 1):
+        if length:
+            reference ^= data[length - 1]
+            for _ in range(8):
+                reference = (reference >> 1) ^ 0xC96C5795D7870F42 if reference & 1 else reference >> 1
+        assert shmbroker.crc64_xz(data[:length]) == reference ^ 0xFFFFFFFFFFFFFFFF, length
+
+
+def test_read_publish_and_never_published(daemon):
+    with shmbroker.connect(daemon) as client:
+        assert client.protocol_version == 1
+        with client.open("small") as segment:
+            assert segment.read() is None, "never published is not an empty version"
+            receipt = client.publish("small", b"hello from python")
+            assert receipt.version == 1 and receipt.length == 17
+            snapshot = segment.read()
+            assert snapshot.version == 1
+            assert snapshot.data == b"hello from python"
+            assert snapshot.crc64 == receipt.crc64 == shmbroker.crc64_xz(b"hello from python")
+            empty = client.publish("small", b"")
+            assert empty.version == 2 and segment.read().data == b""
+
+
+def test_large_publish_travels_in_a_memfd_and_borrow_is_zero_copy(daemon):
+    payload = bytes((index * 7) & 0xFF for index in range(300_000))
+    with shmbroker.connect(daemon) as client:
+        receipt = client.publish("big", payload)
+        with client.open("big") as segment:
+            with segment.borrow() as view:
+                assert isinstance(view, memoryview)
+                assert len(view) == len(payload) and bytes(view[:1000]) == payload[:1000]
+            assert segment.read().version == receipt.version
+
+
+def test_errors_carry_the_protocol_codes(daemon):
+    with shmbroker.connect(daemon) as client:
+        with pytest.raises(shmbroker.ShmBrokerError) as missing:
+            client.open("nope")
+        assert missing.value.code == 5 and missing.value.name == "no-such-segment"
+        with pytest.raises(shmbroker.ShmBrokerError) as large:
+            client.publish("small", b"x" * 5000)
+        assert large.value.name == "payload-too-large"
+        with pytest.raises(shmbroker.ShmBrokerError) as name:
+            client.open("bad name")
+        assert name.value.name == "invalid-segment-name"
+        assert client.status()["segments"][0]["name"] == "small", "the connection is still usable"
+
+
+def test_events_follow_versions(daemon):
+    with shmbroker.connect(daemon) as reader, shmbroker.connect(daemon) as writer:
+        seen = []
+        def publish_later():
+            time.sleep(0.2)
+            for index in range(3):
+                writer.publish("small", b"event %d" % index)
+        thread = threading.Thread(target=publish_later)
+        thread.start()
+        for event in reader.events("small", timeout=10):
+            assert event.kind == "version"
+            seen.append(event.version)
+            if event.version >= 3:
+                break
+        thread.join()
+        assert seen[-1] == 3
+
+
+def test_futex_wait_wakes_on_a_publish_and_times_out(daemon):
+    with shmbroker.connect(daemon) as client:
+        segment = client.open("small")
+        start = time.monotonic()
+        assert segment.wait(after=0, timeout=0.2) == 0
+        assert time.monotonic() - start >= 0.19
+        result = {}
+        def wait():
+            result["version"] = segment.wait(after=0, timeout=20)
+        thread = threading.Thread(target=wait)
+        thread.start()
+        time.sleep(0.2)
+        client.publish("small", b"wake up")
+        thread.join(30)
+        assert result["version"] == 1
+        segment.close()
+
+
+def test_status_and_permissions_as_another_user(daemon):
+    if os.getuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run as nobody")
+    script = (
+        "import sys, shmbroker\n"
+        "c = shmbroker.connect(sys.argv[1])\n"
+        "try:\n    c.open('private')\nexcept shmbroker.ShmBrokerError as e:\n    print(e.name)\n"
+        "print(sorted(s['name'] for s in c.status()['segments']))\n"
+    )
+    environment = dict(os.environ, PYTHONPATH=str(ROOT / "Sources" / "python"))
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", script, daemon],
+                            capture_output=True, text=True, env=environment, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["permission-denied", "['big', 'small']"]
