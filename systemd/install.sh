@@ -4,7 +4,9 @@
 #     systemd/install.sh              # binaries in /usr/local/bin
 #     PREFIX=/opt/shmbroker systemd/install.sh
 #
-# Installs: $PREFIX/bin/{shmbrokerd,shmbrokerctl,shmbroker-sysload}, /etc/systemd/system/shmbroker.{service,socket}
+# Installs: $PREFIX/bin/{shmbrokerd,shmbrokerctl,shmbroker-sysload}, the C library (shmbroker.h in
+# $PREFIX/include, libshmbroker.so.0/.so/.a in $PREFIX/lib, shmbroker.pc in $PREFIX/lib/pkgconfig),
+# /etc/systemd/system/shmbroker.{service,socket}
 # and the example owner's shmbroker-sysload.{service,socket} (not enabled), /etc/sysusers.d/shmbroker.conf
 # (and creates the user), /etc/shmbroker/{shmbroker,sysload}.json (each kept if it exists), the JSON
 # schema and the docs under $PREFIX/share. Then: systemctl enable --now shmbroker.socket
@@ -24,6 +26,7 @@ fi
 swift build -c release --static-swift-stdlib --product shmbrokerd
 swift build -c release --static-swift-stdlib --product shmbrokerctl
 swift build -c release --static-swift-stdlib --product shmbroker-sysload
+make -s -C Sources/libshmbroker PREFIX="$PREFIX" BUILD="$(pwd)/.build/libshmbroker"
 BIN=$(swift build -c release --static-swift-stdlib --show-bin-path)
 
 install -d -m 0755 "$PREFIX/bin" "$PREFIX/share/shmbroker" "$PREFIX/share/doc/shmbroker/examples" /etc/shmbroker /etc/sysusers.d
@@ -36,6 +39,14 @@ for unit in shmbroker shmbroker-sysload; do
 done
 install -m 0644 systemd/shmbroker.sysusers.conf /etc/sysusers.d/shmbroker.conf
 install -m 0644 config/shmbroker.schema.json "$PREFIX/share/shmbroker/"
+# The C library: header, shared library with its soname link, static library, pkg-config file.
+install -d -m 0755 "$PREFIX/include" "$PREFIX/lib/pkgconfig"
+install -m 0644 Sources/libshmbroker/include/shmbroker.h "$PREFIX/include/"
+install -m 0755 .build/libshmbroker/libshmbroker.so.0 "$PREFIX/lib/"
+ln -sf libshmbroker.so.0 "$PREFIX/lib/libshmbroker.so"
+install -m 0644 .build/libshmbroker/libshmbroker.a "$PREFIX/lib/"
+install -m 0644 .build/libshmbroker/shmbroker.pc "$PREFIX/lib/pkgconfig/"
+if command -v ldconfig >/dev/null; then ldconfig; fi
 install -m 0644 README.md docs/LAYOUT.md docs/PROTOCOL.md docs/OWNER.md docs/PERFORMANCE.md "$PREFIX/share/doc/shmbroker/"
 install -m 0644 docs/examples/reader.py docs/examples/reader.c "$PREFIX/share/doc/shmbroker/examples/"
 if [ -e /etc/shmbroker/shmbroker.json ]; then

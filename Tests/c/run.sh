@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds libshmbroker with AddressSanitizer and UndefinedBehaviorSanitizer and runs its C tests
+# against the real daemon (.build/debug/shmbrokerd, or $SHMBROKER_BIN/shmbrokerd), as root and,
+# where possible, as another uid.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+build=$(mktemp -d /tmp/shmbroker-c-build.XXXXXX)
+work=$(mktemp -d /tmp/shmbroker-c.XXXXXX)
+chmod 755 "$build" "$work"
+daemon_pid=
+cleanup() { [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$build" "$work"; }
+trap cleanup EXIT
+
+make -s -C Sources/libshmbroker BUILD="$build" SANITIZE=1
+cc -std=c11 -Wall -Wextra -Werror -g -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+   -ISources/libshmbroker/include -o "$build/test_shmbroker" Tests/c/test_shmbroker.c \
+   -L"$build" -lshmbroker -Wl,-rpath,"$build" -lpthread
+
+socket="$work/control.sock"
+cat > "$work/config.json" <<JSON
+{"socket": {"path": "$socket", "mode": "0666"},
+ "segments": [
+   {"name": "small", "size": 4096, "readers": {"users": ["*"]}, "publishers": {"users": [0]}},
+   {"name": "big", "size": "1MiB", "readers": {"users": [0]}},
+   {"name": "private", "size": 64, "readers": {"users": [0]}}]}
+JSON
+"${SHMBROKER_BIN:-.build/debug}/shmbrokerd" --config "$work/config.json" --log-level warning &
+daemon_pid=$!
+for _ in $(seq 1 300); do [ -S "$socket" ] && break; sleep 0.05; done
+
+"$build/test_shmbroker" root "$socket"
+if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null; then
+    setpriv --reuid=65534 --regid=65534 --clear-groups "$build/test_shmbroker" other "$socket"
+else
+    echo "libshmbroker (other): skipped (needs root and setpriv to run as another uid)"
+fi
