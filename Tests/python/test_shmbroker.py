@@ -72,6 +72,25 @@ def test_crc64_check_value_and_lengths():
         assert shmbroker.crc64_xz(data[:length]) == reference ^ 0xFFFFFFFFFFFFFFFF, length
 
 
+def test_the_pure_and_the_native_crc_agree(tmp_path):
+    data = bytes((index * 131 + 7) & 0xFF for index in range(100_003))
+    pure = shmbroker.crc64_xz_pure(data)
+    assert shmbroker.crc64_xz(data) == pure
+    if not shutil.which("make") or not shutil.which("cc"):
+        pytest.skip("make and cc are needed to build libshmbroker")
+    subprocess.run(["make", "-s", "-C", str(ROOT / "Sources" / "libshmbroker"), f"BUILD={tmp_path}"], check=True)
+    script = ("import sys, shmbroker\n"
+              "assert shmbroker._NATIVE_CRC is not None, 'libshmbroker was not loaded'\n"
+              "data = bytes((i * 131 + 7) & 0xFF for i in range(100_003))\n"
+              "print(shmbroker.crc64_xz(data), shmbroker.crc64_xz(memoryview(bytearray(data))[5:]), shmbroker.crc64_xz_pure(data[5:]))\n")
+    environment = dict(os.environ, SHMBROKER_LIBRARY=str(tmp_path / "libshmbroker.so.0"),
+                       PYTHONPATH=str(ROOT / "Sources" / "python"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=60)
+    assert result.returncode == 0, result.stderr
+    native, native_slice, pure_slice = map(int, result.stdout.split())
+    assert native == pure and native_slice == pure_slice
+
+
 def test_read_publish_and_never_published(daemon):
     with shmbroker.connect(daemon) as client:
         assert client.protocol_version == 1

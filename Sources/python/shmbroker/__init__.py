@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
 __all__ = [
-    "connect", "Client", "Segment", "Snapshot", "Receipt", "Event", "ShmBrokerError", "crc64_xz",
+    "connect", "Client", "Segment", "Snapshot", "Receipt", "Event", "ShmBrokerError", "crc64_xz", "crc64_xz_pure",
     "ERROR_NAMES",
 ]
 
@@ -86,8 +86,41 @@ _BYTE_TABLE: List[int] = []
 _WIDE_TABLE: List[int] = []
 
 
+def _native_crc():
+    """libshmbroker's ``shmb_crc64`` (carry-less multiply, GB/s) when the C library is installed."""
+    for name in (os.environ.get("SHMBROKER_LIBRARY"), "libshmbroker.so.0", ctypes.util.find_library("shmbroker")):
+        if not name:
+            continue
+        try:
+            function = ctypes.CDLL(name).shmb_crc64
+        except (OSError, AttributeError):
+            continue
+        function.restype = ctypes.c_uint64
+        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        return function
+    return None
+
+
+_NATIVE_CRC = _native_crc()
+
+
 def crc64_xz(data) -> int:
-    """CRC-64/XZ of a bytes-like object (check value: ``crc64_xz(b"123456789") == 0x995DC9BBDF1939FA``)."""
+    """CRC-64/XZ of a bytes-like object (check value: ``crc64_xz(b"123456789") == 0x995DC9BBDF1939FA``).
+
+    Uses libshmbroker when it is installed (or named by ``SHMBROKER_LIBRARY``), else pure Python."""
+    if _NATIVE_CRC is not None:
+        view = memoryview(data).cast("B")
+        if len(view) == 0:
+            return 0
+        if view.readonly:
+            buffer = (ctypes.c_char * len(view)).from_buffer_copy(view) if not isinstance(data, bytes) else data
+            return _NATIVE_CRC(buffer, len(view))
+        return _NATIVE_CRC((ctypes.c_char * len(view)).from_buffer(view), len(view))
+    return crc64_xz_pure(data)
+
+
+def crc64_xz_pure(data) -> int:
+    """CRC-64/XZ in pure Python (a 64 Ki-entry table, two bytes per step)."""
     global _BYTE_TABLE, _WIDE_TABLE
     if not _BYTE_TABLE:
         _BYTE_TABLE, _WIDE_TABLE = _tables()
