@@ -232,7 +232,13 @@ struct Publish: AsyncParsableCommand {
 }
 
 struct Watch: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Print a line for each new version of a segment.")
+    static let configuration = CommandConfiguration(
+        abstract: "Print a line for each new version of a segment.",
+        discussion: """
+            Events carry the latest version: a watcher that falls behind (or a publisher faster than \
+            the events) skips versions. Each line says how many were skipped since the previous one \
+            (skipped=N; "skipped" in --json), and the last line before exit gives the total.
+            """)
     @OptionGroup var connection: ConnectionOptions
     @Argument(help: "The segment name.") var name: String
     @Option(name: .long, help: "Exit after this many versions.") var count: Int?
@@ -243,16 +249,28 @@ struct Watch: AsyncParsableCommand {
         defer { client.close() }
         let subscription = try await client.subscribe(name)
         var seen = 0
+        var previous = subscription.initialVersion
+        var totalSkipped: UInt64 = 0
         for await event in subscription {
             switch event {
             case .version(let info):
+                // Versions between the previous event's and this one were published but not announced to us.
+                let skipped = info.version > previous + 1 ? info.version - previous - 1 : 0
+                totalSkipped += skipped
+                previous = max(previous, info.version)
                 if json {
-                    emitLine("{\"segment\":\"\(name)\",\"version\":\(info.version),\"length\":\(info.length),\"crc64\":\"\(hex(info.crc64))\",\"publishedAt\":\(Double(info.publishedAtNanoseconds) / 1e9)}")
+                    emitLine("{\"segment\":\"\(name)\",\"version\":\(info.version),\"length\":\(info.length),\"crc64\":\"\(hex(info.crc64))\",\"publishedAt\":\(Double(info.publishedAtNanoseconds) / 1e9),\"skipped\":\(skipped)}")
                 } else {
-                    emitLine("\(name) version=\(info.version) length=\(info.length) crc64=\(hex(info.crc64)) published=\(formatTime(Double(info.publishedAtNanoseconds) / 1e9))")
+                    emitLine("\(name) version=\(info.version) length=\(info.length) crc64=\(hex(info.crc64)) published=\(formatTime(Double(info.publishedAtNanoseconds) / 1e9))"
+                             + (skipped > 0 ? " skipped=\(skipped)" : ""))
                 }
                 seen += 1
-                if let count, seen >= count { return }
+                if let count, seen >= count {
+                    if totalSkipped > 0 && !json {
+                        FileHandle.standardError.write(Data("\(name): \(totalSkipped) versions were published between the \(seen) shown\n".utf8))
+                    }
+                    return
+                }
             case .retired:
                 throw fail("segment \(name) was retired by the daemon")
             }

@@ -78,6 +78,9 @@ final class ChildProcess: @unchecked Sendable {
 
     var pid: Int32 { process.processIdentifier }
 
+    /// Where the child's standard output goes, for reading it while the child runs.
+    var stdoutPath: String { stdoutFile.path }
+
     func signal(_ signal: Int32) { kill(process.processIdentifier, signal) }
 
     var stderrText: String { (try? String(contentsOf: stderrFile, encoding: .utf8)) ?? "" }
