@@ -30,4 +30,20 @@ final class OperatorTests: XCTestCase {
         let skipped = events.compactMap { $0["skipped"] as? Int }.reduce(0, +)
         XCTAssertEqual(shown + skipped, 2000, "every version is either shown or counted as skipped (\(shown) shown, \(skipped) skipped)")
     }
+
+    func testShellCompletionsAreGeneratedForBashZshAndFish() throws {
+        for shell in ["bash", "zsh", "fish"] {
+            let script = try runToCompletion(Binaries.ctl, ["--generate-completion-script", shell])
+            XCTAssertEqual(script.status, 0, script.stderr)
+            for word in ["status", "watch", "publish", "socket"] {
+                XCTAssertTrue(script.stdout.contains(word), "\(shell) completion lacks \(word)")
+            }
+            let daemon = try runToCompletion(Binaries.daemon, ["--generate-completion-script", shell])
+            XCTAssertTrue(daemon.stdout.contains("check-config"), "\(shell): \(daemon.stdout.prefix(200))")
+        }
+        let file = NSTemporaryDirectory() + "shmbrokerctl-completion-\(getpid()).bash"
+        try runToCompletion(Binaries.ctl, ["--generate-completion-script", "bash"]).stdout.write(toFile: file, atomically: true, encoding: .utf8)
+        defer { unlink(file) }
+        XCTAssertEqual(try runToCompletion("/bin/bash", ["-n", file]).status, 0, "the bash completion parses")
+    }
 }
