@@ -129,7 +129,7 @@ extension BrokerServer {
         guard access.allows(client.credentials, daemonUID: daemonUID) else {
             logger.notice("access denied", metadata: [
                 "segment": "\(name)", "uid": "\(client.credentials.uid)", "pid": "\(client.credentials.pid)",
-                "operation": "\(publishing ? "publish" : "read")",
+                "operation": "\(publishing ? "publish" : "read")", "code": "\(ErrorCode.permissionDenied.name)",
             ])
             reject(client, requestID: requestID, ProtocolError(.permissionDenied,
                 "uid \(client.credentials.uid) may not \(publishing ? "publish to" : "read") segment \"\(name)\""))

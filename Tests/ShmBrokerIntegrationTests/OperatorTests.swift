@@ -46,4 +46,28 @@ final class OperatorTests: XCTestCase {
         defer { unlink(file) }
         XCTAssertEqual(try runToCompletion("/bin/bash", ["-n", file]).status, 0, "the bash completion parses")
     }
+
+    /// Under systemd, stderr is the journal: entries carry SEGMENT=, CLIENT_PID=, CLIENT_UID=,
+    /// ERROR_CODE= fields, so `journalctl -u shmbroker SEGMENT=NAME` selects a segment's entries.
+    func testJournalEntriesCarryStructuredFields() throws {
+        let sandbox = try SystemdSandbox(segments: [segment("open", size: 64), segment("secret", size: 64, readers: [0])])
+        defer { sandbox.powerOff() }
+        XCTAssertEqual(try sandbox.systemctl("start", "shmbroker.socket", "shmbroker.service").status, 0)
+        let refused = try sandbox.inside(sandbox.ctlCommand(["read", "secret"]), asNobody: true)
+        XCTAssertTrue(refused.stderr.contains("permission-denied"), refused.stderr)
+        var entries: [[String: Any]] = []
+        let deadline = Date().addingTimeInterval(20)
+        while entries.isEmpty && Date() < deadline {
+            let query = try sandbox.inside(["/usr/bin/journalctl", "-u", "shmbroker", "SEGMENT=secret", "-o", "json", "--no-pager"])
+            entries = query.stdout.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            if entries.isEmpty { usleep(200_000) }
+        }
+        let denied = try XCTUnwrap(entries.first { ($0["MESSAGE"] as? String)?.hasPrefix("access denied") == true }, "\(entries)")
+        XCTAssertEqual(denied["CLIENT_UID"] as? String, "65534")
+        XCTAssertEqual(denied["ERROR_CODE"] as? String, "permission-denied")
+        XCTAssertEqual(denied["PRIORITY"] as? String, "5")
+        XCTAssertNotNil(denied["CLIENT_PID"] as? String)
+        let other = try sandbox.inside(["/usr/bin/journalctl", "-u", "shmbroker", "SEGMENT=open", "--no-pager", "-o", "cat"])
+        XCTAssertFalse(other.stdout.contains("access denied"), other.stdout)
+    }
 }
