@@ -40,11 +40,15 @@ public final class BrokerServer {
     private var nextTaskID: UInt64 = 0
     /// Whether ``run()`` is looping, for threads that post tasks.
     let loopRunning = ManagedAtomic<Bool>(false)
+    /// The metrics (`shmbrokerctl metrics`, and the textfile when configured).
+    let metrics = BrokerMetrics()
     /// Every segment an embedding application claimed, also after a reload retired it.
     var ownedSegments: [OwnedSegment] = []
     /// Saves of persistent segments run here, off the loop; the loop only takes the snapshot.
     let persistenceQueue = DispatchQueue(label: "shmbroker.persistence")
     var lastPersistenceRound: UInt64 = 0
+    var lastMetricsWrite: UInt64 = 0
+    var metricsWriteFailed = false
     var archive: SegmentArchive { SegmentArchive(directory: configuration.persistence.directory) }
     let epoll: Epoll
     var listener: FileDescriptor?
@@ -357,7 +361,10 @@ public final class BrokerServer {
             runTasks()  // anything posted while the loop was ending
         }
         while running {
-            for (token, events) in try epoll.wait(timeoutMilliseconds: activeRings.isEmpty ? -1 : 0) {
+            let ready = try epoll.wait(timeoutMilliseconds: activeRings.isEmpty ? -1 : 0)
+            let turnStarted = Clock.monotonicNanoseconds()
+            defer { metrics.loopTurn(nanoseconds: Clock.monotonicNanoseconds() &- turnStarted) }
+            for (token, events) in ready {
                 switch token {
                 case Token.listener: acceptClients()
                 case Token.signals: handleSignals()
@@ -433,6 +440,10 @@ public final class BrokerServer {
             lastWatchdogPing = now
         }
         announceOwnedSegments(onlyPending: false)
+        if configuration.metrics.textfile != nil, now &- lastMetricsWrite >= UInt64(configuration.metrics.intervalSeconds * 1e9) {
+            lastMetricsWrite = now
+            writeMetricsTextfile()
+        }
         if now &- lastPersistenceRound >= UInt64(configuration.persistence.intervalSeconds * 1e9) {
             lastPersistenceRound = now
             savePersistentSegments(synchronously: false)
@@ -448,6 +459,7 @@ public final class BrokerServer {
         for client in Array(clients.values) {
             if let since = client.stalledSince, now &- since >= stallLimit {
                 counters.slowSubscribersDisconnected += 1
+                for name in client.subscriptions { segments[name]?.slowSubscribersDropped += 1 }
                 disconnect(client, reason: "socket stayed full for \(configuration.limits.subscriberStallTimeoutSeconds)s")
             }
         }
@@ -575,6 +587,39 @@ public final class BrokerServer {
 
     func statusLine() -> String {
         "serving \(segments.count) segment\(segments.count == 1 ? "" : "s") to \(clients.count) client\(clients.count == 1 ? "" : "s"); \(totalPublishes) publishes"
+    }
+
+    /// Writes every metric to `metrics.textfile` for node_exporter's textfile collector:
+    /// a temporary file beside it, then a rename, so the collector never reads half a file.
+    func writeMetricsTextfile() {
+        guard let path = configuration.metrics.textfile else { return }
+        let temporary = path + ".tmp"
+        do {
+            try Data(metricsText(visibleSegments: nil).utf8).write(to: URL(fileURLWithPath: temporary))
+            chmod(temporary, 0o644)
+            guard rename(temporary, path) == 0 else { throw Errno(rawValue: errno) }
+            metricsWriteFailed = false
+        } catch {
+            unlink(temporary)
+            if !metricsWriteFailed {  // once per failure streak, not every few seconds
+                logger.error("cannot write the metrics textfile", metadata: ["path": "\(path)", "error": "\(error)"])
+            }
+            metricsWriteFailed = true
+        }
+    }
+
+    /// The metrics in the Prometheus text format, brought up to date first.
+    func metricsText(visibleSegments: Set<String>?) -> String {
+        let owners = Dictionary(ownedSegments.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+        metrics.refresh(segments: segmentOrder.compactMap { segments[$0] }.map { segment in
+            let owner = segment.owner.flatMap { owners[$0.name] }
+            return BrokerMetrics.SegmentFigures(
+                name: segment.name, publishes: segment.publishes + (owner?.publishCount ?? 0),
+                bytes: segment.publishedBytes + (owner?.publishedBytes ?? 0), version: segment.writer.latestVersion,
+                readers: segment.readers.count, subscribers: segment.subscribers.count, eventsSent: segment.eventsSent,
+                eventsCoalesced: segment.eventsCoalesced, slowDropped: segment.slowSubscribersDropped)
+        }, clients: clients.count, accepted: counters.clientsAccepted, refused: counters.clientsRefused)
+        return metrics.text(visibleSegments: visibleSegments)
     }
 
     /// Publishes through the control channel and rings, plus the embedding application's own.
@@ -863,6 +908,7 @@ public final class BrokerServer {
             switch trySend(event, to: client) {
             case .sent:
                 counters.eventsSent += 1
+                segments[name]?.eventsSent += 1
                 progressed = true
             case .full:
                 client.pushBackPending(name)

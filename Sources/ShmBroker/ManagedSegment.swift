@@ -11,6 +11,13 @@ final class ManagedSegment {
     let memoryFile: FileDescriptor
     /// The wait board's memfd (``SegmentLayout/WaitBoard``); readers get it writable.
     let boardFile: FileDescriptor
+    /// Running totals for the metrics (publishes through the control channel and rings; an
+    /// owner's in-process publishes are counted by its ``OwnedSegment``).
+    var publishes: UInt64 = 0
+    var publishedBytes: UInt64 = 0
+    var eventsSent: UInt64 = 0
+    var eventsCoalesced: UInt64 = 0
+    var slowSubscribersDropped: UInt64 = 0
     /// The version last saved to disk (persistent segments only).
     var savedVersion: UInt64 = 0
     /// The version the timer's wake-up backstop last saw (see ``SegmentWriter/wakeAllWaiters()``).

@@ -199,6 +199,7 @@ public final class OwnedSegment: @unchecked Sendable {
     private var signals: SegmentSignals?
     private let doorbell: Doorbell
     private let publishes = ManagedAtomic<UInt64>(0)
+    private let bytes = ManagedAtomic<UInt64>(0)
 
     init(name: String, doorbell: Doorbell) {
         self.name = name
@@ -221,7 +222,7 @@ public final class OwnedSegment: @unchecked Sendable {
         } catch {
             throw .payloadTooLarge(segment: name, length: bytes.count, capacity: writer.layout.capacity)
         }
-        announce()
+        announce(length: receipt.length)
         return receipt
     }
 
@@ -254,7 +255,7 @@ public final class OwnedSegment: @unchecked Sendable {
             case .fill(let failure): throw failure.error
             }
         }
-        announce()
+        announce(length: receipt.length)
         return receipt
     }
 
@@ -274,6 +275,8 @@ public final class OwnedSegment: @unchecked Sendable {
 
     /// Publishes made through this handle.
     public var publishCount: UInt64 { publishes.load(ordering: .relaxed) }
+    /// Bytes published through this handle.
+    public var publishedBytes: UInt64 { bytes.load(ordering: .relaxed) }
 
     private func enter() throws(OwnerError) -> SegmentWriter {
         while true {
@@ -294,8 +297,9 @@ public final class OwnedSegment: @unchecked Sendable {
     }
 
     /// After a publish: count it, and ask the loop to tell subscribers (once per burst).
-    private func announce() {
+    private func announce(length: Int) {
         publishes.store(publishes.load(ordering: .relaxed) &+ 1, ordering: .relaxed)  // one writer
+        bytes.store(bytes.load(ordering: .relaxed) &+ UInt64(length), ordering: .relaxed)
         guard let signals, signals.subscriberCount.load(ordering: .relaxed) > 0,
               !signals.announcePending.exchange(true, ordering: .acquiringAndReleasing) else { return }
         doorbell.ring()

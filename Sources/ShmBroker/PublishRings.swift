@@ -62,6 +62,7 @@ extension BrokerServer {
         }
         nextRingToken += 1
         rings[ring.token] = ring
+        metrics.ringAttached()
         client.rings[name] = ring.token
         send(ServerMessage.ringAttached(capacity: UInt64(segment.writer.layout.capacity),
                                         latestVersion: segment.writer.latestVersion).encode(requestID: requestID), to: client)
@@ -194,6 +195,7 @@ extension BrokerServer {
 
     /// Stops consuming a ring, telling its producer why (in the ring) when `detachCode` is set.
     func removeRing(_ ring: AttachedRing, detachCode: ErrorCode?) {
+        metrics.ringDetached(reason: detachCode?.name ?? "producer")
         if let detachCode { ring.consumer.detach(code: UInt32(detachCode.rawValue)) }
         epoll.remove(ring.doorbell)
         ring.doorbell.closeQuietly()

@@ -14,6 +14,7 @@ extension BrokerServer {
             counters.malformedRequests += 1
         }
         counters.errorReplies += 1
+        metrics.errorReply(error.code)
         logger.debug("request refused", metadata: ["client": "\(client.id)", "code": "\(error.code.name)", "message": "\(error.message)"])
         send(ServerMessage.error(error).encode(requestID: requestID), to: client)
     }
@@ -107,6 +108,8 @@ extension BrokerServer {
             handleAttachRing(name, descriptors: descriptors, requestID: requestID, client: client)
         case .detachRing(let name):
             handleDetachRing(name, requestID: requestID, client: client)
+        case .metrics:
+            handleMetrics(requestID: requestID, client: client)
         }
     }
 
@@ -188,6 +191,8 @@ extension BrokerServer {
     /// Counts a new version and announces it to the segment's subscribers.
     func recordPublish(_ receipt: PublishReceipt, of segment: ManagedSegment) {
         counters.publishes += 1
+        segment.publishes += 1
+        segment.publishedBytes += UInt64(receipt.length)
         segment.lastAnnouncedVersion = receipt.version
         announce(VersionInfo(receipt), of: segment)
     }
@@ -262,19 +267,42 @@ extension BrokerServer {
         for id in segment.subscribers {
             guard let client = clients[id] else { continue }
             if client.hasBacklog {
-                if !client.markPending(segment.name) { counters.eventsCoalesced += 1 }
+                if !client.markPending(segment.name) {
+                    counters.eventsCoalesced += 1
+                    segment.eventsCoalesced += 1
+                }
                 continue
             }
             if event == nil {
                 event = ServerMessage.versionEvent(segment: segment.name, version).encode(requestID: 0)
             }
             switch trySend(event!, to: client) {
-            case .sent: counters.eventsSent += 1
+            case .sent:
+                counters.eventsSent += 1
+                segment.eventsSent += 1
             case .full:
                 client.markPending(segment.name)
                 waitForWritable(client)
             case .failed: break
             }
+        }
+    }
+
+    /// METRICS: the Prometheus text, under STATUS's rule (a segment's series only for its readers).
+    func handleMetrics(requestID: UInt32, client: ClientConnection) {
+        let peer = client.credentials
+        let privileged = peer.uid == 0 || peer.uid == daemonUID
+        let visible = privileged ? nil : Set(segments.values.filter { $0.definition.readers.allows(peer, daemonUID: daemonUID) }.map(\.name))
+        let text = Array(metricsText(visibleSegments: visible).utf8)
+        if text.count <= ControlProtocol.maximumFrameSize - ControlProtocol.headerSize {
+            send(ServerMessage.metricsReport(text: text).encode(requestID: requestID), to: client)
+            return
+        }
+        do {
+            let file = try text.withUnsafeBytes { try MemoryFile.create(name: "shmbroker-metrics", contents: $0) }
+            send(ServerMessage.metricsReportFile(length: UInt64(text.count)).encode(requestID: requestID), to: client, descriptors: [file])
+        } catch {
+            reject(client, requestID: requestID, ProtocolError(.internalError, "cannot produce the metrics: \(error)"))
         }
     }
 

@@ -489,20 +489,38 @@ public final class ShmBrokerClient: Sendable {
         case .statusReport(let json):
             return json
         case .statusReportFile(let length):
-            guard let file = reply.descriptors.first, length <= 1 << 30 else {
-                throw .protocolViolation("STATUS_REPORT_FILE without a descriptor")
-            }
-            var json = [UInt8](repeating: 0, count: Int(length))
-            let read = json.withUnsafeMutableBytes { buffer in
-                Result { () throws(Errno) in try file.readFully(into: buffer, atOffset: 0) }
-            }
-            guard case .success(let count) = read, count == Int(length) else {
-                throw .protocolViolation("the status report file is shorter than announced")
-            }
-            return json
+            return try Self.contents(of: reply.descriptors.first, length: length, what: "status report")
         default:
             throw .protocolViolation("unexpected reply \(reply.message.type) to STATUS")
         }
+    }
+
+    /// The owner's metrics in the Prometheus text format, under the same access rules as STATUS
+    /// (a segment's series only for peers that may read it).
+    public nonisolated(nonsending) func metrics() async throws(ShmBrokerClientError) -> String {
+        let reply = try await request(.metrics)
+        defer { reply.descriptors.forEach { $0.closeQuietly() } }
+        switch reply.message {
+        case .metricsReport(let text):
+            return String(decoding: text, as: UTF8.self)
+        case .metricsReportFile(let length):
+            return String(decoding: try Self.contents(of: reply.descriptors.first, length: length, what: "metrics"), as: UTF8.self)
+        default:
+            throw .protocolViolation("unexpected reply \(reply.message.type) to METRICS")
+        }
+    }
+
+    /// The first `length` bytes of a report sent as a descriptor.
+    private static func contents(of file: FileDescriptor?, length: UInt64, what: String) throws(ShmBrokerClientError) -> [UInt8] {
+        guard let file, length <= 1 << 30 else { throw .protocolViolation("a \(what) file without a descriptor") }
+        var bytes = [UInt8](repeating: 0, count: Int(length))
+        let read = bytes.withUnsafeMutableBytes { buffer in
+            Result { () throws(Errno) in try file.readFully(into: buffer, atOffset: 0) }
+        }
+        guard case .success(let count) = read, count == Int(length) else {
+            throw .protocolViolation("the \(what) file is shorter than announced")
+        }
+        return bytes
     }
 
     /// Closes the connection. Mapped segments stay readable; subscriptions end.

@@ -97,6 +97,18 @@ public struct PersistenceSettings: Sendable, Equatable {
     }
 }
 
+/// Where the metrics are also written for node_exporter's textfile collector (`"metrics"`).
+public struct MetricsSettings: Sendable, Equatable {
+    /// The `.prom` file, rewritten atomically every ``intervalSeconds``; nil: not written.
+    public var textfile: String?
+    public var intervalSeconds: Double
+
+    public init(textfile: String? = nil, intervalSeconds: Double = 5) {
+        self.textfile = textfile
+        self.intervalSeconds = intervalSeconds
+    }
+}
+
 /// Resource limits of the control channel.
 public struct Limits: Sendable, Equatable {
     /// Most connections at once, from everyone (`limits.maxClients`).
@@ -161,6 +173,8 @@ public struct BrokerConfiguration: Sendable, Equatable {
     public var segments: [SegmentDefinition]
     /// Where persistent segments are saved.
     public var persistence = PersistenceSettings()
+    /// Whether and where the metrics are written to a file.
+    public var metrics = MetricsSettings()
 
     /// A configuration built in code. It is not validated: use names and sizes a config file
     /// would accept (``isValidSegmentName(_:)``, 1 byte … 64 GiB, unique names).
@@ -291,7 +305,7 @@ private struct Checker {
     }
 
     mutating func configuration(_ root: JSONValue) -> BrokerConfiguration? {
-        guard let top = members(root, at: "$", allowed: ["$schema", "socket", "limits", "segments", "persistence"],
+        guard let top = members(root, at: "$", allowed: ["$schema", "socket", "limits", "segments", "persistence", "metrics"],
                                 required: ["socket", "segments"]) else {
             return nil
         }
@@ -302,7 +316,28 @@ private struct Checker {
         guard let socket else { return nil }
         var configuration = BrokerConfiguration(socket: socket, limits: limits, segments: segments)
         configuration.persistence = persistence
+        configuration.metrics = metricsSettings(top["metrics"], at: "$.metrics")
         return configuration
+    }
+
+    mutating func metricsSettings(_ value: JSONValue?, at path: String) -> MetricsSettings {
+        var settings = MetricsSettings()
+        guard let value, let fields = members(value, at: path, allowed: ["textfile", "intervalSeconds"]) else { return settings }
+        if let raw = fields["textfile"].flatMap({ string($0, at: "\(path).textfile") }), let expanded = expand(raw, at: "\(path).textfile") {
+            if expanded.hasPrefix("/"), !expanded.utf8.contains(0), !expanded.hasSuffix("/") {
+                settings.textfile = expanded
+            } else {
+                problem("\(path).textfile", "must be an absolute file path, got '\(expanded)'")
+            }
+        }
+        if let interval = fields["intervalSeconds"] {
+            if case .number(let text) = interval, let seconds = Double(text), seconds >= 1, seconds <= 3600 {
+                settings.intervalSeconds = seconds
+            } else {
+                problem("\(path).intervalSeconds", "expected a number of seconds in [1, 3600]")
+            }
+        }
+        return settings
     }
 
     mutating func persistenceSettings(_ value: JSONValue?, at path: String) -> PersistenceSettings {

@@ -26,6 +26,7 @@ public enum MessageType: UInt16, Sendable {
     case status = 0x0006
     case attachRing = 0x0007
     case detachRing = 0x0008
+    case metrics = 0x0009
 
     case versionEvent = 0x4001
     case retiredEvent = 0x4002
@@ -38,6 +39,8 @@ public enum MessageType: UInt16, Sendable {
     case statusReport = 0x8006
     case statusReportFile = 0x8007
     case ringAttached = 0x8008
+    case metricsReport = 0x8009
+    case metricsReportFile = 0x800A
     case error = 0x80FF
 }
 
@@ -84,9 +87,12 @@ public enum Request: Sendable, Equatable {
     /// Attach a publish ring (memfd) and its doorbell (eventfd), in that order, to a segment.
     case attachRing(segment: String)
     case detachRing(segment: String)
+    /// The owner's metrics in the Prometheus text format.
+    case metrics
 
     public var type: MessageType {
         switch self {
+        case .metrics: return .metrics
         case .hello: return .hello
         case .open: return .open
         case .subscribe: return .subscribe
@@ -118,7 +124,7 @@ public enum Request: Sendable, Equatable {
                 body.write(UInt8(1))
                 body.write(length)
             }
-        case .status:
+        case .status, .metrics:
             break
         }
         return Frame.finish(body)
@@ -152,6 +158,8 @@ public enum Request: Sendable, Equatable {
             }
         case .status:
             request = .status
+        case .metrics:
+            request = .metrics
         case .attachRing:
             request = .attachRing(segment: try reader.readString("segment"))
         case .detachRing:
@@ -223,6 +231,10 @@ public enum ServerMessage: Sendable, Equatable {
     case statusReportFile(length: UInt64)
     /// A publish ring is attached: the segment's capacity and latest version.
     case ringAttached(capacity: UInt64, latestVersion: UInt64)
+    /// The owner's metrics, Prometheus text format.
+    case metricsReport(text: [UInt8])
+    /// Metrics too large for a frame: the first `length` bytes of the attached descriptor.
+    case metricsReportFile(length: UInt64)
     case error(ProtocolError)
     case versionEvent(segment: String, VersionInfo)
     case retiredEvent(segment: String)
@@ -237,6 +249,8 @@ public enum ServerMessage: Sendable, Equatable {
         case .statusReport: return .statusReport
         case .statusReportFile: return .statusReportFile
         case .ringAttached: return .ringAttached
+        case .metricsReport: return .metricsReport
+        case .metricsReportFile: return .metricsReportFile
         case .error: return .error
         case .versionEvent: return .versionEvent
         case .retiredEvent: return .retiredEvent
@@ -272,8 +286,10 @@ public enum ServerMessage: Sendable, Equatable {
             info.write(to: &body)
         case .statusReport(let json):
             body.write(raw: json)
-        case .statusReportFile(let length):
+        case .statusReportFile(let length), .metricsReportFile(let length):
             body.write(length)
+        case .metricsReport(let text):
+            body.write(raw: text)
         case let .ringAttached(capacity, latestVersion):
             body.write(capacity)
             body.write(latestVersion)
@@ -313,6 +329,10 @@ public enum ServerMessage: Sendable, Equatable {
             message = .statusReport(json: Array(reader.readRest()))
         case .statusReportFile:
             message = .statusReportFile(length: try reader.read(UInt64.self, "length"))
+        case .metricsReport:
+            message = .metricsReport(text: Array(reader.readRest()))
+        case .metricsReportFile:
+            message = .metricsReportFile(length: try reader.read(UInt64.self, "length"))
         case .ringAttached:
             message = .ringAttached(capacity: try reader.read(UInt64.self, "capacity"),
                                     latestVersion: try reader.read(UInt64.self, "latest version"))

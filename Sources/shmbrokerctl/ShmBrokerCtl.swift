@@ -63,7 +63,7 @@ struct ShmBrokerCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "shmbrokerctl",
         abstract: "Inspect, read, publish to and watch shmbroker segments.",
-        subcommands: [Status.self, List.self, Read.self, Publish.self, Watch.self])
+        subcommands: [Status.self, List.self, Read.self, Publish.self, Watch.self, Metrics.self])
 }
 
 struct Status: AsyncParsableCommand {
@@ -88,6 +88,21 @@ struct Status: AsyncParsableCommand {
         let c = report.counters
         print("publishes \(c.publishes), events sent \(c.eventsSent) (coalesced \(c.eventsCoalesced)), slow subscribers disconnected \(c.slowSubscribersDisconnected)")
         print("malformed requests \(c.malformedRequests), error replies \(c.errorReplies), reloads \(c.reloads) (failed \(c.failedReloads))")
+    }
+}
+
+struct Metrics: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print the owner's metrics in the Prometheus text format.",
+        discussion: "Shown under STATUS's access rules: a segment's series only to users its readers list admits.")
+    @OptionGroup var connection: ConnectionOptions
+
+    func run() async throws {
+        let client = try await connection.connect()
+        defer { client.close() }
+        let text = try await client.metrics()
+        FileHandle.standardOutput.write(Data(text.utf8))
+        if !text.hasSuffix("\n") { FileHandle.standardOutput.write(Data("\n".utf8)) }
     }
 }
 

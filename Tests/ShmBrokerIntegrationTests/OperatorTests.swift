@@ -70,4 +70,62 @@ final class OperatorTests: XCTestCase {
         let other = try sandbox.inside(["/usr/bin/journalctl", "-u", "shmbroker", "SEGMENT=open", "--no-pager", "-o", "cat"])
         XCTAssertFalse(other.stdout.contains("access denied"), other.stdout)
     }
+
+    /// `shmbrokerctl metrics` and the textfile give the numbers of what the test did, and hide the
+    /// series of a segment from users its readers list does not admit.
+    func testMetricsOverTheSocketAndInTheTextfileCountWhatHappened() async throws {
+        let base = "/tmp/shmbroker-metrics-\(getpid())-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let textfile = base + "/shmbroker.prom"
+        let daemon = try TestDaemon(segments: [segment("a", size: 64, publishers: ["*"]), segment("secret", size: 64, readers: [0])],
+                                    extraConfig: ["metrics": ["textfile": textfile, "intervalSeconds": 1]])
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        for index in 0..<3 { try await client.publish("a", bytes: Array("value \(index)".utf8)) }   // 7 bytes each
+        try await client.publish("secret", bytes: [1, 2])
+        _ = try? await client.open("nope")  // one no-such-segment reply
+        let publisher = try await client.openPublisher("a")
+        try publisher.publish([9])
+        _ = try publisher.flush()
+        await publisher.close()
+
+        func value(_ text: String, _ series: String) -> Double? {
+            text.split(separator: "\n").first { $0.hasPrefix(series + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
+        }
+        let scraped = try runToCompletion(Binaries.ctl, ["metrics", "--socket", daemon.socketPath])
+        XCTAssertEqual(scraped.status, 0, scraped.stderr)
+        let text = scraped.stdout
+        XCTAssertEqual(value(text, #"shmbroker_segment_publishes_total{segment="a"}"#), 4, text)
+        XCTAssertEqual(value(text, #"shmbroker_segment_published_bytes_total{segment="a"}"#), 22, text)
+        XCTAssertEqual(value(text, #"shmbroker_segment_version{segment="a"}"#), 4, text)
+        XCTAssertEqual(value(text, #"shmbroker_segment_publishes_total{segment="secret"}"#), 1, text)
+        XCTAssertEqual(value(text, #"shmbroker_error_replies_total{code="no-such-segment"}"#), 1, text)
+        XCTAssertEqual(value(text, "shmbroker_rings_attached_total"), 1, text)
+        XCTAssertEqual(value(text, #"shmbroker_rings_detached_total{reason="producer"}"#), 1, text)
+        XCTAssertGreaterThanOrEqual(value(text, "shmbroker_clients") ?? 0, 1, text)
+        XCTAssertGreaterThan(value(text, "shmbroker_event_loop_iterations_total") ?? 0, 5, text)
+        XCTAssertNotNil(value(text, "shmbroker_event_loop_longest_turn_seconds"), text)
+        XCTAssertTrue(text.contains("# TYPE shmbroker_segment_publishes_total counter"), text)
+
+        if getuid() == 0 {
+            let other = try runToCompletion(Binaries.ctl, ["metrics", "--socket", daemon.socketPath], asNobody: true)
+            XCTAssertEqual(other.status, 0, other.stderr)
+            XCTAssertEqual(value(other.stdout, #"shmbroker_segment_publishes_total{segment="a"}"#), 4)
+            XCTAssertFalse(other.stdout.contains(#"segment="secret""#), "a segment nobody may not read: \(other.stdout)")
+        }
+
+        // The textfile for node_exporter, rewritten every second.
+        let deadline = Date().addingTimeInterval(20)
+        var file = ""
+        while Date() < deadline {
+            file = (try? String(contentsOfFile: textfile, encoding: .utf8)) ?? ""
+            if value(file, #"shmbroker_segment_publishes_total{segment="a"}"#) == 4 { break }
+            usleep(200_000)
+        }
+        XCTAssertEqual(value(file, #"shmbroker_segment_publishes_total{segment="a"}"#), 4, file)
+        XCTAssertTrue(file.contains(#"segment="secret""#), "the textfile has every segment")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: textfile + ".tmp"))
+        client.close()
+    }
 }

@@ -31,6 +31,7 @@ final class CodecTests: XCTestCase {
         try roundTrip(.status)
         try roundTrip(.attachRing(segment: "x"))
         try roundTrip(.detachRing(segment: "x"))
+        try roundTrip(.metrics)
     }
 
     func testEveryServerMessageRoundTrips() throws {
@@ -43,6 +44,8 @@ final class CodecTests: XCTestCase {
         try roundTrip(.statusReport(json: Array("{}".utf8)))
         try roundTrip(.statusReportFile(length: 300_000))
         try roundTrip(.ringAttached(capacity: 1 << 20, latestVersion: 42))
+        try roundTrip(.metricsReport(text: Array("shmbroker_clients 1\n".utf8)))
+        try roundTrip(.metricsReportFile(length: 70_000))
         try roundTrip(.error(ProtocolError(.noSuchSegment, "no segment named \"q\"")))
         try roundTrip(.versionEvent(segment: "s", info))
         try roundTrip(.retiredEvent(segment: "s"))
