@@ -63,7 +63,7 @@ struct ShmBrokerCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "shmbrokerctl",
         abstract: "Inspect, read, publish to and watch shmbroker segments.",
-        subcommands: [Status.self, List.self, Read.self, Publish.self, Watch.self, Metrics.self])
+        subcommands: [Status.self, List.self, Read.self, Publish.self, Watch.self, Metrics.self, Top.self])
 }
 
 struct Status: AsyncParsableCommand {

@@ -128,4 +128,41 @@ final class OperatorTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: textfile + ".tmp"))
         client.close()
     }
+
+    /// `top` in a real terminal (tmux): redrawn in place, with rates; and as lines without one.
+    func testTopShowsRatesInATerminalAndLinesInAPipe() async throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/tmux") else { throw XCTSkip("needs tmux (apt-get install tmux)") }
+        let daemon = try TestDaemon(segments: [segment("busy", size: 64, publishers: ["*"]), segment("quiet", size: 64)])
+        defer { daemon.stop() }
+        let session = "shmbroker-top-\(getpid())"
+        let started = try runToCompletion("/usr/bin/tmux", ["new-session", "-d", "-s", session, "-x", "140", "-y", "40",
+                                                           "\(Binaries.ctl) top --interval 0.5 --socket \(daemon.socketPath)"])
+        XCTAssertEqual(started.status, 0, started.stderr)
+        defer { _ = try? runToCompletion("/usr/bin/tmux", ["kill-session", "-t", session]) }
+        let client = try await daemon.connect()
+        let publisher = try await client.openPublisher("busy")
+        var screen = ""
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline {
+            for _ in 0..<200 { try publisher.publish([1, 2, 3, 4]) }
+            _ = try publisher.flush()
+            usleep(100_000)
+            screen = try runToCompletion("/usr/bin/tmux", ["capture-pane", "-p", "-t", session]).stdout
+            let busy = screen.split(separator: "\n").first { $0.hasPrefix("busy ") } ?? ""
+            let rate = busy.split(separator: " ", omittingEmptySubsequences: true).dropFirst(2).first.flatMap { Double($0) } ?? 0
+            if rate > 0 { break }
+        }
+        await publisher.close()
+        XCTAssertTrue(screen.contains("SEGMENT") && screen.contains("PUBLISHES/S") && screen.contains("quiet"), screen)
+        let busy = screen.split(separator: "\n").first { $0.hasPrefix("busy ") } ?? ""
+        XCTAssertGreaterThan(busy.split(separator: " ", omittingEmptySubsequences: true).dropFirst(2).first.flatMap { Double($0) } ?? 0, 0,
+                             "a publish rate is shown: \(screen)")
+        XCTAssertEqual(screen.components(separatedBy: "PUBLISHES/S").count - 1, 1, "redrawn in place, not scrolled: \(screen)")
+
+        let lines = try runToCompletion(Binaries.ctl, ["top", "--count", "2", "--interval", "0.2", "--socket", daemon.socketPath])
+        XCTAssertEqual(lines.status, 0, lines.stderr)
+        XCTAssertFalse(lines.stdout.contains("\u{1B}["), "no terminal escapes in a pipe")
+        XCTAssertEqual(lines.stdout.components(separatedBy: "PUBLISHES/S").count - 1, 2, lines.stdout)
+        client.close()
+    }
 }
