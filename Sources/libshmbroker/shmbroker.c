@@ -424,14 +424,19 @@ int shmb_wait(shmb_segment *s, uint64_t after, int64_t timeout_ns, uint64_t *lat
 
 /* ---- subscriptions and events ------------------------------------------------------------ */
 
-int shmb_subscribe(shmb_client *c, const char *name, shmb_version_info *latest) {
+/* A request whose body is one segment name, answered by `reply` with at least `minimum` bytes. */
+static int segment_request(shmb_client *c, uint16_t type, const char *name, uint16_t reply, size_t minimum) {
     int status = check_name(name);
     if (status) return status;
     uint8_t body[2 + 64];
     size_t n = put_string(body, name);
-    uint16_t type; size_t length;
-    status = request(c, 0x0003, body, n, NULL, 0, &type, &length, NULL, NULL);
-    if (!status) status = expect(type, 0x8003, length, 32);
+    uint16_t got; size_t length;
+    status = request(c, type, body, n, NULL, 0, &got, &length, NULL, NULL);
+    return status ? status : expect(got, reply, length, minimum);
+}
+
+int shmb_subscribe(shmb_client *c, const char *name, shmb_version_info *latest) {
+    int status = segment_request(c, 0x0003, name, 0x8003, 32);
     if (!status && latest) {
         const uint8_t *b = c->frame + HEADER;
         *latest = (shmb_version_info){ get64(b), get64(b + 8), get64(b + 16), get64(b + 24) };
@@ -439,15 +444,7 @@ int shmb_subscribe(shmb_client *c, const char *name, shmb_version_info *latest) 
     return status;
 }
 
-int shmb_unsubscribe(shmb_client *c, const char *name) {
-    int status = check_name(name);
-    if (status) return status;
-    uint8_t body[2 + 64];
-    size_t n = put_string(body, name);
-    uint16_t type; size_t length;
-    status = request(c, 0x0004, body, n, NULL, 0, &type, &length, NULL, NULL);
-    return status ? status : expect(type, 0x8000, length, 0);
-}
+int shmb_unsubscribe(shmb_client *c, const char *name) { return segment_request(c, 0x0004, name, 0x8000, 0); }
 
 int shmb_next_event(shmb_client *c, int timeout_ms, shmb_event *event) {
     if (!event) return fail(SHMB_ERR_INVALID_ARGUMENT, "event is required");
@@ -595,13 +592,7 @@ static int attach(shmb_ring *r, uint64_t *capacity) {
     return status;
 }
 
-static int detach(shmb_ring *r) {
-    uint8_t body[2 + 64];
-    size_t n = put_string(body, r->segment);
-    uint16_t type; size_t length;
-    int status = request(r->client, 0x0008, body, n, NULL, 0, &type, &length, NULL, NULL);
-    return status ? status : expect(type, 0x8000, length, 0);
-}
+static int detach(shmb_ring *r) { return segment_request(r->client, 0x0008, r->segment, 0x8000, 0); }
 
 int shmb_ring_open(shmb_client *c, const char *name, shmb_ring **out) {
     int status = check_name(name);
