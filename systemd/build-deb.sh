@@ -16,10 +16,11 @@ version=0.2.0
 arch=$(dpkg --print-architecture)
 multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)
 
+command -v patchelf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq patchelf >/dev/null; }
 for product in shmbrokerd shmbrokerctl shmbroker-sysload; do
-    swift build -c release --static-swift-stdlib --product "$product" >/dev/null
+    swift build -c release --static-swift-stdlib --scratch-path .build-static --product "$product" >/dev/null
 done
-bin=$(swift build -c release --static-swift-stdlib --show-bin-path)
+bin=$(swift build -c release --static-swift-stdlib --scratch-path .build-static --show-bin-path)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root="$work/shmbroker"
@@ -32,6 +33,8 @@ install -d -m 0755 "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system" "$r
 for product in shmbrokerd shmbrokerctl shmbroker-sysload; do
     install -m 0755 "$bin/$product" "$root/usr/bin/"
     strip --strip-unneeded --remove-section=.comment --remove-section=.note "$root/usr/bin/$product"
+    # The Swift runtime is linked in: the toolchain's library path must not stay in the binary.
+    patchelf --remove-rpath "$root/usr/bin/$product"
 done
 for unit in shmbroker shmbroker-sysload; do
     sed -e 's|/usr/local/bin/|/usr/bin/|' -e 's|file:///usr/local/share/doc/shmbroker/README.md|man:shmbrokerd(8)|' \
@@ -55,7 +58,8 @@ for page in "$work"/man/man*/*; do
     chmod 0644 "$root/usr/share/man/$section/$(basename "$page").gz"
 done
 for command in shmbrokerd shmbrokerctl; do
-    "$root/usr/bin/$command" --generate-completion-script bash > "$root/usr/share/bash-completion/completions/$command"
+    # (bash completions are sourced, not run: no #! line)
+    "$root/usr/bin/$command" --generate-completion-script bash | sed '1{/^#!/d}' > "$root/usr/share/bash-completion/completions/$command"
     "$root/usr/bin/$command" --generate-completion-script zsh > "$root/usr/share/zsh/vendor-completions/_$command"
     "$root/usr/bin/$command" --generate-completion-script fish > "$root/usr/share/fish/vendor_completions.d/$command.fish"
 done
@@ -82,23 +86,25 @@ License: Apache-2.0
  On Debian systems the full text of the Apache License 2.0 is in
  /usr/share/common-licenses/Apache-2.0.
 COPYRIGHT
-printf 'shmbroker (%s) unstable; urgency=medium\n\n  * Built by systemd/build-deb.sh.\n\n -- shmbroker maintainers <shmbroker@localhost>  %s\n' \
-    "$version" "$(date -R)" | gzip -9n > "$root/usr/share/doc/shmbroker/changelog.Debian.gz"
+printf 'shmbroker (%s) unstable; urgency=medium\n\n  * Built by systemd/build-deb.sh.\n\n -- shmbroker maintainers <maintainers@shmbroker.example.org>  %s\n' \
+    "$version" "$(date -R)" | gzip -9n > "$root/usr/share/doc/shmbroker/changelog.gz"
 
 # Control files and maintainer scripts.
 echo /etc/shmbroker/shmbroker.json > "$root/DEBIAN/conffiles"
 echo /etc/shmbroker/sysload.json >> "$root/DEBIAN/conffiles"
+# ldconfig runs from dpkg's trigger; dependents of libshmbroker.so.0 depend on this package.
+echo "activate-noawait ldconfig" > "$root/DEBIAN/triggers"
+echo "libshmbroker 0 shmbroker (>= $version)" > "$root/DEBIAN/shlibs"
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 cat > "$root/DEBIAN/control" <<CONTROL
 Package: shmbroker
 Version: $version
 Architecture: $arch
-Maintainer: shmbroker maintainers <shmbroker@localhost>
+Maintainer: shmbroker maintainers <maintainers@shmbroker.example.org>
 Installed-Size: $size
 Depends: libc6 (>= 2.34), libsystemd0, libstdc++6, libgcc-s1, init-system-helpers (>= 1.54)
 Section: admin
 Priority: optional
-Homepage: https://localhost/shmbroker
 Description: shared-memory segments for local processes, with one writer each
  shmbrokerd owns named shared-memory segments (memfds) and is their only writer:
  every version carries a CRC-64 and a version counter, written lock-free, so
@@ -113,7 +119,6 @@ set -e
 if [ "$1" = configure ]; then
     systemd-sysusers /usr/lib/sysusers.d/shmbroker.conf || true
     systemd-tmpfiles --create /usr/lib/tmpfiles.d/shmbroker.conf || true
-    ldconfig
 fi
 if [ "$1" = configure ] || [ "$1" = abort-upgrade ] || [ "$1" = abort-deconfigure ] || [ "$1" = abort-remove ]; then
     deb-systemd-helper unmask shmbroker.socket >/dev/null || true
@@ -142,19 +147,18 @@ SCRIPT
 cat > "$root/DEBIAN/postrm" <<'SCRIPT'
 #!/bin/sh
 set -e
-if [ "$1" = remove ]; then
-    ldconfig
-    if [ -d /run/systemd/system ]; then systemctl --system daemon-reload >/dev/null || true; fi
+if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
+    systemctl --system daemon-reload >/dev/null || true
 fi
 if [ "$1" = purge ]; then
-    if [ -x /usr/bin/deb-systemd-helper ]; then
+    if command -v deb-systemd-helper >/dev/null; then
         deb-systemd-helper purge shmbroker.socket shmbroker.service shmbroker-sysload.socket shmbroker-sysload.service >/dev/null || true
     fi
     rm -rf /var/lib/shmbroker /var/lib/shmbroker-sysload
 fi
 SCRIPT
 chmod 0755 "$root/DEBIAN/postinst" "$root/DEBIAN/prerm" "$root/DEBIAN/postrm"
-chmod 0644 "$root/DEBIAN/control" "$root/DEBIAN/conffiles"
+chmod 0644 "$root/DEBIAN/control" "$root/DEBIAN/conffiles" "$root/DEBIAN/triggers" "$root/DEBIAN/shlibs"
 package="$out/shmbroker_${version}_${arch}.deb"
 dpkg-deb --root-owner-group -Zxz --build "$root" "$package" >/dev/null
 echo "$package"

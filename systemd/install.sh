@@ -23,12 +23,13 @@ if ! pkg-config --exists libsystemd 2>/dev/null; then
     apt-get update -qq && apt-get install -y libsystemd-dev pkg-config
 fi
 
-# Static Swift runtime: the service then needs nothing from the toolchain at run time.
-swift build -c release --static-swift-stdlib --product shmbrokerd
-swift build -c release --static-swift-stdlib --product shmbrokerctl
-swift build -c release --static-swift-stdlib --product shmbroker-sysload
+# Static Swift runtime: the service then needs nothing from the toolchain at run time. (A build
+# folder of its own: a plain `swift build -c release` in .build would share the binaries' paths.)
+swift build -c release --static-swift-stdlib --scratch-path .build-static --product shmbrokerd
+swift build -c release --static-swift-stdlib --scratch-path .build-static --product shmbrokerctl
+swift build -c release --static-swift-stdlib --scratch-path .build-static --product shmbroker-sysload
 make -s -C Sources/libshmbroker PREFIX="$PREFIX" BUILD="$(pwd)/.build/libshmbroker"
-BIN=$(swift build -c release --static-swift-stdlib --show-bin-path)
+BIN=$(swift build -c release --static-swift-stdlib --scratch-path .build-static --show-bin-path)
 
 install -d -m 0755 "$PREFIX/bin" "$PREFIX/share/shmbroker" "$PREFIX/share/doc/shmbroker/examples" /etc/shmbroker /etc/sysusers.d
 install -m 0755 "$BIN/shmbrokerd" "$BIN/shmbrokerctl" "$BIN/shmbroker-sysload" "$PREFIX/bin/"
