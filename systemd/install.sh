@@ -19,8 +19,8 @@ if [ "$(id -u)" != 0 ]; then
     echo "install.sh: run as root (it writes to $PREFIX, /etc/systemd/system and /etc)" >&2
     exit 1
 fi
-if ! pkg-config --exists libsystemd 2>/dev/null; then
-    apt-get update -qq && apt-get install -y libsystemd-dev pkg-config
+if ! pkg-config --exists libsystemd 2>/dev/null || ! command -v make >/dev/null || ! command -v cc >/dev/null; then
+    apt-get update -qq && apt-get install -y libsystemd-dev pkg-config make gcc
 fi
 
 # Static Swift runtime: the service then needs nothing from the toolchain at run time. (A build
