@@ -748,7 +748,7 @@ public final class BrokerServer {
     /// `limits.maxClientsPerUser`, so no unprivileged user can lock the others (or root) out.
     func admissionRefusal(for peer: PeerCredentials) -> String? {
         let limits = configuration.limits
-        if peer.uid == 0 || peer.uid == daemonUID {
+        if isPrivileged(peer) {
             guard clients.count < limits.maximumClients else {
                 return "the daemon serves at most \(limits.maximumClients) clients (limits.maxClients)"
             }

@@ -259,14 +259,15 @@ public final class OwnedSegment: @unchecked Sendable {
         return receipt
     }
 
-    /// The latest version published (0: never), from any thread.
+    /// The latest version published (0: never), from any thread — but not from inside a
+    /// `publish(length:)` fill closure, which holds the segment (the call would wait for itself).
     public var latestVersion: UInt64 {
         while access.compareExchange(expected: 0, desired: 2, ordering: .acquiring).original != 0 { sched_yield() }
         defer { access.store(0, ordering: .releasing) }
         return writer?.latestVersion ?? 0
     }
 
-    /// The segment's capacity in bytes (0 once retired).
+    /// The segment's capacity in bytes (0 once retired); not from inside a fill closure either.
     public var capacity: Int {
         while access.compareExchange(expected: 0, desired: 2, ordering: .acquiring).original != 0 { sched_yield() }
         defer { access.store(0, ordering: .releasing) }

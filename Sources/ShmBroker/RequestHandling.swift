@@ -288,11 +288,18 @@ extension BrokerServer {
         }
     }
 
+    /// Root and the owner's own uid: they see everything and may use the reserved connections.
+    func isPrivileged(_ peer: PeerCredentials) -> Bool { peer.uid == 0 || peer.uid == daemonUID }
+
+    /// Whether a segment's details (in STATUS and METRICS) may be shown to `peer`: its readers list decides.
+    func mayRead(_ segment: ManagedSegment, _ peer: PeerCredentials) -> Bool {
+        segment.definition.readers.allows(peer, daemonUID: daemonUID)
+    }
+
     /// METRICS: the Prometheus text, under STATUS's rule (a segment's series only for its readers).
     func handleMetrics(requestID: UInt32, client: ClientConnection) {
         let peer = client.credentials
-        let privileged = peer.uid == 0 || peer.uid == daemonUID
-        let visible = privileged ? nil : Set(segments.values.filter { $0.definition.readers.allows(peer, daemonUID: daemonUID) }.map(\.name))
+        let visible = isPrivileged(peer) ? nil : Set(segments.values.filter { mayRead($0, peer) }.map(\.name))
         let text = Array(metricsText(visibleSegments: visible).utf8)
         if text.count <= ControlProtocol.maximumFrameSize - ControlProtocol.headerSize {
             send(ServerMessage.metricsReport(text: text).encode(requestID: requestID), to: client)
@@ -312,13 +319,13 @@ extension BrokerServer {
     /// connections. Counters are daemon-wide totals.
     func handleStatus(requestID: UInt32, client: ClientConnection) {
         let peer = client.credentials
-        let privileged = peer.uid == 0 || peer.uid == daemonUID
+        let privileged = isPrivileged(peer)
         let report = StatusReport(
             daemon: StatusReport.Daemon(version: Self.version, pid: getpid(), startedAt: startedAt.timeIntervalSince1970,
                                         configPath: configPath, socketPath: configuration.socket.path,
                                         protocolVersion: ControlProtocol.version),
             segments: segmentOrder.compactMap { segments[$0] }
-                .filter { $0.definition.readers.allows(peer, daemonUID: daemonUID) }
+                .filter { mayRead($0, peer) }
                 .map { segment in
                 let receipt = segment.writer.latestReceipt
                 return StatusReport.Segment(
