@@ -3,6 +3,8 @@
 #
 #     systemd/build-deb.sh OUTDIR
 #
+# SHMBROKER_DEB_VERSION overrides the package version (the upgrade test builds a second one).
+#
 # The package holds the binaries (Swift runtime linked statically), the units, the sysusers and
 # tmpfiles snippets, the config (a conffile), the schema, man pages, shell completions, the docs,
 # and libshmbroker with its header and pkg-config file. Its maintainer scripts create the user and
@@ -12,7 +14,7 @@ set -euo pipefail
 mkdir -p "$1"
 out=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
-version=0.2.0
+version=${SHMBROKER_DEB_VERSION:-0.2.0}
 arch=$(dpkg --print-architecture)
 multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)
 
@@ -155,6 +157,10 @@ if [ "$1" = purge ]; then
         deb-systemd-helper purge shmbroker.socket shmbroker.service shmbroker-sysload.socket shmbroker-sysload.service >/dev/null || true
     fi
     rm -rf /var/lib/shmbroker /var/lib/shmbroker-sysload
+    # The package created the user and group (sysusers); after a purge no file is theirs any more.
+    # (userdel refuses while a process still runs as the user.)
+    if getent passwd shmbroker >/dev/null; then userdel shmbroker >/dev/null 2>&1 || true; fi
+    if getent group shmbroker >/dev/null; then groupdel shmbroker >/dev/null 2>&1 || true; fi
 fi
 SCRIPT
 chmod 0755 "$root/DEBIAN/postinst" "$root/DEBIAN/prerm" "$root/DEBIAN/postrm"

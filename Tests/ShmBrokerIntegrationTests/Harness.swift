@@ -90,19 +90,34 @@ final class ChildProcess: @unchecked Sendable {
         ((try? String(contentsOf: stdoutFile, encoding: .utf8)) ?? "").filter { $0 == "\n" }.count
     }
 
-    /// Waits for exit (killing the process after `timeout` seconds) and collects its output.
-    func finish(timeout: Double = 120) -> ProcessResult {
-        let deadline = Date().addingTimeInterval(timeout)
+    /// Waits up to `seconds` for Foundation to report the exit; false if it did not.
+    ///
+    /// Never `waitUntilExit()` without a bound: Foundation learns of an exit when the child's end
+    /// of a socket pair closes, and a daemon the child left behind (tmux's server) keeps it open.
+    func waitForExit(seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
         while process.isRunning && Date() < deadline { usleep(10_000) }
-        if process.isRunning {
+        return !process.isRunning
+    }
+
+    /// Waits for exit (killing the process after `timeout` seconds) and collects its output.
+    /// A process whose exit is never reported gets status -1 and says so in `stderr`.
+    func finish(timeout: Double = 120) -> ProcessResult {
+        if !waitForExit(seconds: timeout) {
             kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
         }
-        process.waitUntilExit()
+        let reported = waitForExit(seconds: 10)
+        let status: Int32
+        if !reported {
+            status = -1
+        } else {
+            status = process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
+        }
         let result = ProcessResult(
-            status: process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus,
+            status: status,
             stdout: (try? String(contentsOf: stdoutFile, encoding: .utf8)) ?? "",
-            stderr: stderrText)
+            stderr: stderrText + (reported ? "" : "\n[test harness: the exit of pid \(pid) was not reported 10 s after SIGKILL; "
+                + "a process it started may hold Foundation's exit descriptor]"))
         try? FileManager.default.removeItem(at: stdoutFile)
         try? FileManager.default.removeItem(at: stderrFile)
         return result
@@ -118,6 +133,15 @@ final class ChildProcess: @unchecked Sendable {
         }
         return false
     }
+}
+
+/// Runs a command that leaves a daemon behind (tmux starts its server): the command runs with
+/// every descriptor above stderr closed, so the daemon does not inherit the one through which
+/// Foundation learns that its child exited (or the exit would not be reported while it lives).
+@discardableResult
+func runDetaching(_ executable: String, _ arguments: [String], timeout: Double = 120) throws -> ProcessResult {
+    let closeAndExec = #"for fd in /proc/$$/fd/*; do fd=${fd##*/}; [ "$fd" -gt 2 ] && eval "exec $fd>&-"; done; exec "$0" "$@""#
+    return try runToCompletion("/bin/bash", ["-c", closeAndExec, executable] + arguments, timeout: timeout)
 }
 
 /// Runs a command to completion.
@@ -270,7 +294,7 @@ final class TestDaemon {
     deinit {
         if child.process.isRunning {
             child.signal(SIGKILL)
-            child.process.waitUntilExit()
+            _ = child.waitForExit(seconds: 10)
         }
         try? FileManager.default.removeItem(atPath: directory)
     }

@@ -135,10 +135,12 @@ final class OperatorTests: XCTestCase {
         let daemon = try TestDaemon(segments: [segment("busy", size: 64, publishers: ["*"]), segment("quiet", size: 64)])
         defer { daemon.stop() }
         let session = "shmbroker-top-\(getpid())"
-        let started = try runToCompletion("/usr/bin/tmux", ["new-session", "-d", "-s", session, "-x", "140", "-y", "40",
+        // A server of our own (-L), never a user's; started by this call, stopped at the end.
+        let tmux = ["-L", session]
+        let started = try runDetaching("/usr/bin/tmux", tmux + ["new-session", "-d", "-s", session, "-x", "140", "-y", "40",
                                                            "\(Binaries.ctl) top --interval 0.5 --socket \(daemon.socketPath)"])
         XCTAssertEqual(started.status, 0, started.stderr)
-        defer { _ = try? runToCompletion("/usr/bin/tmux", ["kill-session", "-t", session]) }
+        defer { _ = try? runDetaching("/usr/bin/tmux", tmux + ["kill-server"]) }
         let client = try await daemon.connect()
         let publisher = try await client.openPublisher("busy")
         var screen = ""
@@ -147,7 +149,7 @@ final class OperatorTests: XCTestCase {
             for _ in 0..<200 { try publisher.publish([1, 2, 3, 4]) }
             _ = try publisher.flush()
             usleep(100_000)
-            screen = try runToCompletion("/usr/bin/tmux", ["capture-pane", "-p", "-t", session]).stdout
+            screen = try runDetaching("/usr/bin/tmux", tmux + ["capture-pane", "-p", "-t", session]).stdout
             let busy = screen.split(separator: "\n").first { $0.hasPrefix("busy ") } ?? ""
             let rate = busy.split(separator: " ", omittingEmptySubsequences: true).dropFirst(2).first.flatMap { Double($0) } ?? 0
             if rate > 0 { break }

@@ -210,7 +210,8 @@ final class SystemdSandbox {
         if unshare.isRunning {
             if systemdPID != 0 { kill(systemdPID, SIGKILL) }
             kill(unshare.processIdentifier, SIGKILL)
-            unshare.waitUntilExit()
+            let deadline = Date().addingTimeInterval(10)
+            while unshare.isRunning && Date() < deadline { usleep(50_000) }
         }
         try? FileManager.default.removeItem(atPath: state)
     }
