@@ -20,13 +20,20 @@ public final class ShmBrokerClient: Sendable {
     /// How the client behaves when the daemon goes away.
     public struct Options: Sendable {
         /// Reconnect automatically after the daemon closes the connection (a restart, say), and
-        /// resubscribe every subscription; requests issued meanwhile wait for the new connection.
+        /// resubscribe every subscription; requests issued meanwhile wait for the new connection,
+        /// up to ``requestWaitForReconnectionNanoseconds``.
         public var reconnects = true
         /// Longest pause between two reconnection attempts.
         public var maximumReconnectDelayNanoseconds: UInt64 = 1_000_000_000
+        /// How long a request made while reconnecting waits for the new connection before it
+        /// fails with ``ShmBrokerClientError/disconnected`` (default 30 s: a restart under systemd
+        /// takes well under a second; a daemon that stays away must not hang its callers).
+        /// Subscriptions keep reconnecting regardless; nil waits indefinitely.
+        public var requestWaitForReconnectionNanoseconds: UInt64? = 30_000_000_000
 
-        public init(reconnects: Bool = true) {
+        public init(reconnects: Bool = true, requestWaitForReconnectionNanoseconds: UInt64? = 30_000_000_000) {
             self.reconnects = reconnects
+            self.requestWaitForReconnectionNanoseconds = requestWaitForReconnectionNanoseconds
         }
     }
 
@@ -56,7 +63,9 @@ public final class ShmBrokerClient: Sendable {
         var subscriptions: [String: SubscriptionEntry] = [:]
         /// Open publishers, by segment, to re-attach after a reconnection.
         var publishers: [String: WeakPublisher] = [:]
-        var waitingForConnection: [CheckedContinuation<Connection, any Error>] = []
+        /// Requests waiting for a reconnection, by a number that lets a timeout find its own.
+        var waitingForConnection: [UInt64: CheckedContinuation<Connection, any Error>] = [:]
+        var nextWaiterID: UInt64 = 0
         var reconnecting = false
         var closed = false
     }
@@ -118,12 +127,23 @@ public final class ShmBrokerClient: Sendable {
     /// The live connection, waiting for a reconnection in progress.
     private nonisolated(nonsending) func currentConnection() async throws(ShmBrokerClientError) -> Connection {
         if let ready = state.withLock({ $0.closed ? nil : $0.connection }) { return ready }
+        let limit = options.requestWaitForReconnectionNanoseconds
         do {
             return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Connection, any Error>) in
                 let outcome: Result<Connection, ShmBrokerClientError>? = state.withLock { state in
                     if state.closed || (!state.reconnecting && state.connection == nil) { return .failure(.disconnected) }
                     if let connection = state.connection { return .success(connection) }
-                    state.waitingForConnection.append(continuation)
+                    let id = state.nextWaiterID
+                    state.nextWaiterID += 1
+                    state.waitingForConnection[id] = continuation
+                    if let limit {
+                        // Fails this request if no connection came in time (and it is still waiting).
+                        Task.detached { [weak self] in
+                            try? await Task.sleep(nanoseconds: limit)
+                            self?.state.withLock { $0.waitingForConnection.removeValue(forKey: id) }?
+                                .resume(throwing: ShmBrokerClientError.disconnected)
+                        }
+                    }
                     return nil
                 }
                 if let outcome { continuation.resume(with: outcome) }
@@ -207,7 +227,7 @@ public final class ShmBrokerClient: Sendable {
                 defer { state.waitingForConnection.removeAll() }
                 return state.waitingForConnection
             }
-            waiters.forEach { $0.resume(returning: connection) }
+            waiters.values.forEach { $0.resume(returning: connection) }
             return true
         } catch {
             return false
@@ -261,7 +281,7 @@ public final class ShmBrokerClient: Sendable {
             return (state.subscriptions, state.waitingForConnection)
         }
         subscriptions.values.forEach { $0.continuation.finish() }
-        waiters.forEach { $0.resume(throwing: ShmBrokerClientError.disconnected) }
+        waiters.values.forEach { $0.resume(throwing: ShmBrokerClientError.disconnected) }
     }
 
     /// Opens a publish ring to a segment: the fast path for a producer that publishes often.

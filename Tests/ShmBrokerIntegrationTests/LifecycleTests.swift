@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import ShmBrokerClient
 import ShmBrokerProtocol
+import Synchronization
 import XCTest
 
 /// sd_notify ordering against a real NOTIFY_SOCKET listener, SIGTERM, and SIGHUP reloads.
@@ -155,6 +156,31 @@ final class LifecycleTests: XCTestCase {
         } catch {
             XCTAssertEqual(error, .disconnected)
         }
+    }
+
+    /// A request made while the daemon stays away fails once the client's bound has passed,
+    /// instead of waiting for a reconnection that never comes (`shmbrokerctl top` hung so).
+    func testARequestWhileTheDaemonStaysAwayFailsAfterTheBound() async throws {
+        let daemon = try TestDaemon(segments: [segment("feed", size: 64)])
+        let client = try await ShmBrokerClient.connect(
+            socketPath: daemon.socketPath, options: .init(reconnects: true, requestWaitForReconnectionNanoseconds: 500_000_000))
+        _ = try await client.status()
+        daemon.stop()
+        // Unstructured, so that a request that never returns (the defect) fails the test instead
+        // of holding it.
+        let outcome = Mutex<String?>(nil)
+        Task.detached {
+            do {
+                _ = try await client.status()
+                outcome.withLock { $0 = "answered" }
+            } catch {
+                outcome.withLock { $0 = "\(error)" }
+            }
+        }
+        let deadline = Date().addingTimeInterval(20)
+        while outcome.withLock({ $0 }) == nil && Date() < deadline { try await Task.sleep(nanoseconds: 20_000_000) }
+        XCTAssertEqual(outcome.withLock { $0 } ?? "still waiting after 20 s", "\(ShmBrokerClientError.disconnected)")
+        client.close()
     }
 
     func testCheckConfigReportsEveryProblemAndDoesNotStart() throws {

@@ -140,7 +140,13 @@ final class OperatorTests: XCTestCase {
         let started = try runDetaching("/usr/bin/tmux", tmux + ["new-session", "-d", "-s", session, "-x", "140", "-y", "40",
                                                            "\(Binaries.ctl) top --interval 0.5 --socket \(daemon.socketPath)"])
         XCTAssertEqual(started.status, 0, started.stderr)
-        defer { _ = try? runDetaching("/usr/bin/tmux", tmux + ["kill-server"]) }
+        // (kill-server alone leaves the server waiting for `top`, which it does not hang up here.)
+        let panePID = Int32(try runDetaching("/usr/bin/tmux", tmux + ["display-message", "-p", "-t", session, "#{pane_pid}"])
+            .stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        defer {
+            if panePID > 0 { kill(panePID, SIGTERM) }
+            _ = try? runDetaching("/usr/bin/tmux", tmux + ["kill-server"])
+        }
         let client = try await daemon.connect()
         let publisher = try await client.openPublisher("busy")
         var screen = ""
