@@ -24,6 +24,8 @@ int shmb_memfd_create(const char *name) {
     return memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
 }
 
+long long shmb_first_hole(int fd) { return (long long)lseek(fd, 0, SEEK_HOLE); }
+
 int shmb_seal_size(int fd) {
     return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
 }

@@ -93,7 +93,11 @@ extension BrokerServer {
         }
         let region: MappedRegion
         do {
-            region = try MappedRegion(mapping: file, length: size, writable: true)
+            // Prefaulted when the producer allocated every page (as SegmentPublisher does), so
+            // the ring's first lap costs the loop no page faults; a sparse file is not populated,
+            // which would allocate its holes on the daemon's account.
+            region = try MappedRegion(mapping: file, length: size, writable: true,
+                                      populate: MemoryFile.isFullyAllocated(file, size: size))
         } catch {
             throw ProtocolError(.badDescriptor, "cannot map the ring file read-write: \(error)")
         }

@@ -75,7 +75,11 @@ public final class SegmentPublisher: Sendable {
             let file = try MemoryFile.createScratch(name: "shmbroker-ring", sealedAgainstShrinking: true)
             do throws(Errno) {
                 try file.setSize(PublishRingLayout.headerSize + dataSize)
-                let region = try MappedRegion(mapping: file, length: PublishRingLayout.headerSize + dataSize, writable: true)
+                // Every page allocated and mapped before the first publish: no page fault (and
+                // no allocation that could fail) on the ring's first lap, in this process or,
+                // since the file then has no holes, in the daemon's mapping.
+                try MemoryFile.reserve(file, size: PublishRingLayout.headerSize + dataSize)
+                let region = try MappedRegion(mapping: file, length: PublishRingLayout.headerSize + dataSize, writable: true, populate: true)
                 let doorbell = try Doorbell()
                 return (PublishRingProducer(formatting: region, dataSize: dataSize), file, doorbell)
             } catch {

@@ -21,10 +21,7 @@ public enum MemoryFile {
         let fd = FileDescriptor(rawValue: raw)
         do throws(Errno) {
             _ = try retryingInterrupts { ftruncate(raw, off_t(size)) }
-            if reserve {
-                let result = posix_fallocate(raw, 0, off_t(size))
-                if result != 0 { throw Errno(rawValue: result) }
-            }
+            if reserve { try Self.reserve(fd, size: size) }
             _ = try retryingInterrupts { shmb_seal_size(raw) }
             _ = try retryingInterrupts { fchmod(raw, mode) }
         } catch {
@@ -32,6 +29,19 @@ public enum MemoryFile {
             throw error
         }
         return fd
+    }
+
+    /// Allocates every page of the first `size` bytes of `fd` now (`posix_fallocate`): later
+    /// writes cannot fail for want of memory, and first touches need not allocate.
+    public static func reserve(_ fd: FileDescriptor, size: Int) throws(Errno) {
+        let result = posix_fallocate(fd.rawValue, 0, off_t(size))
+        if result != 0 { throw Errno(rawValue: result) }
+    }
+
+    /// Whether the first `size` bytes of `fd` hold no hole (`SEEK_HOLE`), so that mapping them
+    /// with ``MappedRegion/init(mapping:length:writable:populate:)`` allocates nothing.
+    public static func isFullyAllocated(_ fd: FileDescriptor, size: Int) -> Bool {
+        shmb_first_hole(fd.rawValue) >= Int64(size)
     }
 
     /// Creates an empty memfd that grows as it is written: a producer's staging file.
@@ -112,9 +122,11 @@ public final class MappedRegion: @unchecked Sendable {
     ///   - fd: the file to map; it may be closed afterwards, the mapping stays valid.
     ///   - length: bytes to map.
     ///   - writable: `PROT_READ | PROT_WRITE` if true, else `PROT_READ` only.
-    public init(mapping fd: FileDescriptor, length: Int, writable: Bool) throws(Errno) {
+    ///   - populate: fill the page tables now (`MAP_POPULATE`), so that the first pass over the
+    ///     memory takes no page faults; on a file with holes this allocates them.
+    public init(mapping fd: FileDescriptor, length: Int, writable: Bool, populate: Bool = false) throws(Errno) {
         let protection = writable ? (PROT_READ | PROT_WRITE) : PROT_READ
-        guard let address = mmap(nil, length, protection, MAP_SHARED, fd.rawValue, 0),
+        guard let address = mmap(nil, length, protection, MAP_SHARED | (populate ? MAP_POPULATE : 0), fd.rawValue, 0),
               address != MAP_FAILED
         else { throw Errno(rawValue: errno) }
         self.base = address

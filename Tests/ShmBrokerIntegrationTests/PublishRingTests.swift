@@ -117,6 +117,57 @@ final class PublishRingTests: XCTestCase {
 
     /// Rings that are not rings, or that break the rules later, get a precise refusal or are
     /// detached with a reason in the ring; the daemon and its other clients carry on.
+    /// A library ring is allocated and mapped before its first publish, in the producer and in
+    /// the daemon (no page faults on its first lap); a sparse ring file from another producer is
+    /// mapped without populating, so its holes are not allocated on the daemon's account.
+    func testLibraryRingsArePrefaultedAndSparseRingsAreNot() async throws {
+        let daemon = try TestDaemon(segments: [segment("big", size: "4MiB"), segment("other", size: "4MiB")])
+        defer { daemon.stop() }
+        let client = try await daemon.connect()
+        let publisher = try await client.openPublisher("big")
+        let ringBytes = PublishRingLayout.headerSize + PublishRingLayout.dataSize(forCapacity: 4 << 20)
+        let resident = try XCTUnwrap(ringMappings(of: daemon.pid).first, "the daemon maps the ring")
+        XCTAssertEqual(resident.size, ringBytes)
+        XCTAssertEqual(resident.rss, ringBytes, "every page of the library's ring is mapped in the daemon at attach")
+        await publisher.close()
+
+        let raw = try RawConnection(socketPath: daemon.socketPath)
+        try raw.hello()
+        let doorbell = try Doorbell()
+        defer { doorbell.close() }
+        let file = try MemoryFile.createScratch(name: "shmbroker-ring", sealedAgainstShrinking: true)
+        defer { file.closeQuietly() }
+        try file.setSize(ringBytes)  // sparse: only the pages written below exist
+        let region = try MappedRegion(mapping: file, length: ringBytes, writable: true)
+        _ = PublishRingProducer(formatting: region, dataSize: ringBytes - PublishRingLayout.headerSize)
+        guard case .ringAttached = try raw.request(.attachRing(segment: "other"), descriptors: [file, doorbell.descriptor]) else {
+            return XCTFail("the sparse ring was refused")
+        }
+        let sparse = try XCTUnwrap(ringMappings(of: daemon.pid).first { $0.size == ringBytes })
+        XCTAssertLessThan(sparse.rss, ringBytes / 4, "a sparse ring is not populated by the daemon: \(sparse)")
+        guard case .statusReport = try raw.request(.status) else { return XCTFail("the daemon stopped serving") }
+    }
+
+    /// Size and resident bytes of each publish-ring mapping (memfd "shmbroker-ring") of `pid`.
+    private func ringMappings(of pid: Int32) throws -> [(size: Int, rss: Int)] {
+        // (String(contentsOfFile:) stops after the first 4 KiB of a /proc file.)
+        let handle = try XCTUnwrap(FileHandle(forReadingAtPath: "/proc/\(pid)/smaps"))
+        defer { try? handle.close() }
+        let smaps = String(decoding: handle.readDataToEndOfFile(), as: UTF8.self)
+        var found: [(size: Int, rss: Int)] = []
+        var inRing = false
+        for line in smaps.split(separator: "\n") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            if let first = fields.first, first.contains("-"), fields.count >= 5 {
+                inRing = line.contains("memfd:shmbroker-ring")
+            } else if inRing, fields.count >= 2, let kilobytes = Int(fields[1]) {
+                if fields[0] == "Size:" { found.append((kilobytes << 10, 0)) }
+                if fields[0] == "Rss:", !found.isEmpty { found[found.count - 1].rss = kilobytes << 10 }
+            }
+        }
+        return found
+    }
+
     func testHostileRingsAreRefusedOrDetachedAndTheDaemonCarriesOn() async throws {
         let daemon = try TestDaemon(segments: [segment("target", size: 4096)])
         defer { daemon.stop() }

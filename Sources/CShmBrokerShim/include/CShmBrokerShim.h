@@ -15,6 +15,8 @@ int shmb_memfd_create(const char *name);
 
 /// Adds F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL. Returns 0 or -1 with errno set.
 int shmb_seal_size(int fd);
+/// The offset of the first hole at or after offset 0 (`lseek(fd, 0, SEEK_HOLE)`), or -1 with errno.
+long long shmb_first_hole(int fd);
 
 /// Adds the given F_SEAL_* bits (F_ADD_SEALS). Returns 0 or -1 with errno set.
 int shmb_add_seals(int fd, int seals);
