@@ -104,7 +104,7 @@ Version: $version
 Architecture: $arch
 Maintainer: shmbroker maintainers <maintainers@shmbroker.example.org>
 Installed-Size: $size
-Depends: libc6 (>= 2.34), libsystemd0, libstdc++6, libgcc-s1, init-system-helpers (>= 1.54)
+Depends: libc6 (>= 2.34), libsystemd0, libstdc++6, libgcc-s1, init-system-helpers (>= 1.54), systemd, procps
 Section: admin
 Priority: optional
 Description: shared-memory segments for local processes, with one writer each

@@ -18,6 +18,12 @@ cache=${1:-/var/tmp/shmbroker-debroot}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 arch=$(dpkg --print-architecture)
 
+# Installed the way a user installs a local package, with apt (which resolves its dependencies
+# from the root's mirror: the unit's ExecReload needs /bin/kill from procps, which minbase lacks).
+# "installed" or "absent" (never installed, or purged: dpkg may keep a not-installed entry).
+presence() { case "$(inside dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" in *" installed") echo installed ;; *) echo absent ;; esac; }
+apt_in() { inside env DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o Dpkg::Use-Pty=0 "$@" >/dev/null; }
+
 # Not under /tmp: the booted systemd must not see the host's /tmp, and the host's tmp cleaners must
 # not see this.
 work=$(mktemp -d /var/tmp/shmbroker-deb-test.XXXXXX)
@@ -69,10 +75,10 @@ cp -a "$cache" "$root"
 cp "$work"/debs/*.deb "$root/root/"
 
 # The snapshot that purge must return to: every file name on the root's own file system (what
-# dpkg, journald and systemd keep for themselves left out), and the user database.
+# dpkg, apt, journald and systemd keep for themselves left out), and the user database.
 snapshot() {
     inside sh -c 'find / -xdev -path /var/lib/dpkg -prune -o -path /var/log -prune -o -path /var/cache -prune \
-        -o -path /root -prune -o -path /var/lib/systemd/random-seed -prune -o -path /var/lib/systemd/catalog -prune \
+        -o -path /root -prune -o -path /var/lib/apt -prune -o -path /var/lib/systemd/random-seed -prune -o -path /var/lib/systemd/catalog -prune \
         -o -path /var/lib/systemd/timers -prune -o -path /var/lib/systemd/timesync -prune -o -path /etc/ld.so.cache -prune \
         -o -print | sort; cat /etc/passwd /etc/group /etc/shadow /etc/gshadow'
 }
@@ -118,8 +124,10 @@ ok "systemd booted on a clean debootstrapped root (state: $state)"
 before=$(snapshot)
 
 echo "--- install"
-inside env DEBIAN_FRONTEND=noninteractive dpkg -i "/root/shmbroker_0.2.0_${arch}.deb" >/dev/null || fail "dpkg -i"
+expect "procps is not on the clean root" absent "$(presence procps)"
+apt_in install "/root/shmbroker_0.2.0_${arch}.deb" || fail "apt-get install ./shmbroker_0.2.0_${arch}.deb"
 expect "the package is installed" "install ok installed 0.2.0" "$(inside dpkg-query -W -f='${Status} ${Version}' shmbroker)"
+expect "its dependencies came with it (procps for ExecReload's kill)" installed "$(presence procps)"
 inside getent passwd shmbroker >/dev/null && ok "the shmbroker user exists" || fail "no shmbroker user"
 expect "shmbroker.socket is enabled" enabled "$(inside systemctl is-enabled shmbroker.socket || true)"
 expect "shmbroker.socket listens" active "$(inside systemctl is-active shmbroker.socket || true)"
@@ -144,7 +152,7 @@ expect "reload kept the daemon (same main PID)" "$pid" "$(inside systemctl show 
 expect "reload kept the published data" "kept across the upgrade" "$(inside shmbrokerctl read status)"
 
 echo "--- upgrade to 0.2.1"
-inside env DEBIAN_FRONTEND=noninteractive dpkg -i "/root/shmbroker_0.2.1_${arch}.deb" >/dev/null || fail "dpkg -i (upgrade)"
+apt_in install "/root/shmbroker_0.2.1_${arch}.deb" || fail "apt-get install ./shmbroker_0.2.1_${arch}.deb (upgrade)"
 expect "the upgrade is installed" "install ok installed 0.2.1" "$(inside dpkg-query -W -f='${Status} ${Version}' shmbroker)"
 inside grep -q added-by-the-operator /etc/shmbroker/shmbroker.json && ok "the upgrade kept the operator's config" || fail "the edited conffile was replaced"
 [ "$(inside systemctl show -p MainPID --value shmbroker.service)" != "$pid" ] && ok "the upgrade restarted the daemon" \
@@ -155,7 +163,7 @@ expect "and its version" "$version" "$after_version"
 inside shmbrokerctl list | grep -q added-by-the-operator && ok "the restarted daemon serves the edited config" || fail "the edited config is not served"
 
 echo "--- remove"
-inside env DEBIAN_FRONTEND=noninteractive dpkg -r shmbroker >/dev/null || fail "dpkg -r"
+apt_in remove shmbroker || fail "apt-get remove shmbroker"
 expect "remove stopped the daemon" inactive "$(inside systemctl is-active shmbroker.service || true)"
 expect "remove stopped the socket" inactive "$(inside systemctl is-active shmbroker.socket || true)"
 inside test ! -e /usr/bin/shmbrokerd && inside test ! -e /run/shmbroker/control.sock && ok "remove took the binaries and the socket" \
@@ -163,8 +171,9 @@ inside test ! -e /usr/bin/shmbrokerd && inside test ! -e /run/shmbroker/control.
 inside test -f /etc/shmbroker/shmbroker.json && ok "remove kept the config (a conffile)" || fail "remove deleted the config"
 
 echo "--- purge"
-inside env DEBIAN_FRONTEND=noninteractive dpkg -P shmbroker >/dev/null || fail "dpkg -P"
-expect "the package is gone" "" "$(inside dpkg-query -W -f='${Status}' shmbroker 2>/dev/null || true)"
+apt_in purge --autoremove shmbroker || fail "apt-get purge --autoremove shmbroker"
+expect "the package is gone" absent "$(presence shmbroker)"
+expect "and the dependencies it pulled in" absent "$(presence procps)"
 after=$(snapshot)
 if [ "$before" = "$after" ]; then
     ok "purge left nothing behind (file list and user database as before the install)"
