@@ -297,7 +297,7 @@ struct Run: AsyncParsableCommand {
         let cases = try throughputCases.map(Self.parseCases) ?? standardCases
         for (size, readers) in cases {
             let segment = "tp-\(sizeName(size))"
-            let totalBytes = quick ? 64 << 20 : 256 << 20
+            let totalBytes = quick ? 64 << 20 : (size >= 16 << 20 ? 1 << 30 : 256 << 20)
             let count = max(16, min(20_000, totalBytes / size))
             // The transports take turns, so a noisy moment on this shared machine hits one trial
             // of each rather than all of one.
