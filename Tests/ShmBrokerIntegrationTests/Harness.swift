@@ -24,6 +24,18 @@ enum Binaries {
     static var testKit: String { path("shmbroker-testkit") }
 }
 
+extension Process {
+    /// Waits up to `seconds` for Foundation to report the exit; false if it did not.
+    ///
+    /// Never `waitUntilExit()` without a bound: Foundation learns of an exit when the child's end
+    /// of a socket pair closes, and a daemon the child left behind (tmux's server) keeps it open.
+    func waitForExit(seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while isRunning && Date() < deadline { usleep(10_000) }
+        return !isRunning
+    }
+}
+
 /// A finished child process.
 struct ProcessResult {
     var status: Int32
@@ -91,14 +103,7 @@ final class ChildProcess: @unchecked Sendable {
     }
 
     /// Waits up to `seconds` for Foundation to report the exit; false if it did not.
-    ///
-    /// Never `waitUntilExit()` without a bound: Foundation learns of an exit when the child's end
-    /// of a socket pair closes, and a daemon the child left behind (tmux's server) keeps it open.
-    func waitForExit(seconds: Double) -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
-        return !process.isRunning
-    }
+    func waitForExit(seconds: Double) -> Bool { process.waitForExit(seconds: seconds) }
 
     /// Waits for exit (killing the process after `timeout` seconds) and collects its output.
     /// A process whose exit is never reported gets status -1 and says so in `stderr`.

@@ -205,13 +205,10 @@ final class SystemdSandbox {
         if systemdPID != 0 {
             _ = try? inside(["/usr/bin/systemctl", "poweroff", "--no-block"], timeout: 20)
         }
-        let deadline = Date().addingTimeInterval(20)
-        while unshare.isRunning && Date() < deadline { usleep(50_000) }
-        if unshare.isRunning {
+        if !unshare.waitForExit(seconds: 20) {
             if systemdPID != 0 { kill(systemdPID, SIGKILL) }
             kill(unshare.processIdentifier, SIGKILL)
-            let deadline = Date().addingTimeInterval(10)
-            while unshare.isRunning && Date() < deadline { usleep(50_000) }
+            _ = unshare.waitForExit(seconds: 10)
         }
         try? FileManager.default.removeItem(atPath: state)
     }

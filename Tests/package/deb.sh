@@ -22,6 +22,8 @@ arch=$(dpkg --print-architecture)
 # from the root's mirror: the unit's ExecReload needs /bin/kill from procps, which minbase lacks).
 # "installed" or "absent" (never installed, or purged: dpkg may keep a not-installed entry).
 presence() { case "$(inside dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" in *" installed") echo installed ;; *) echo absent ;; esac; }
+# The version number of the status segment's latest version, from `shmbrokerctl read --verbose`.
+published_version() { inside shmbrokerctl read status --verbose 2>&1 >/dev/null | sed -n 's/.*version \([0-9]*\).*/\1/p' | head -1; }
 apt_in() { inside env DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o Dpkg::Use-Pty=0 "$@" >/dev/null; }
 
 # Not under /tmp: the booted systemd must not see the host's /tmp, and the host's tmp cleaners must
@@ -108,8 +110,8 @@ setsid unshare --fork --pid --mount --mount-proc --propagation private "$work/bo
 unshare_pid=$!
 for _ in $(seq 300); do
     child=$(cat "/proc/$unshare_pid/task/$unshare_pid/children" 2>/dev/null | cut -d' ' -f1)
-    if [ -n "$child" ] && [ "$(readlink "/proc/$child/exe" 2>/dev/null)" = /usr/lib/systemd/systemd ]; then sd=$child; break; fi
-    if [ -n "$child" ] && [ "$(readlink "/proc/$child/exe" 2>/dev/null)" = /lib/systemd/systemd ]; then sd=$child; break; fi
+    # (the boot script first, then, after its exec, systemd: /lib is /usr/lib on a merged-/usr root)
+    case "$(readlink "/proc/${child:-0}/exe" 2>/dev/null)" in /usr/lib/systemd/systemd|/lib/systemd/systemd) sd=$child; break ;; esac
     kill -0 "$unshare_pid" 2>/dev/null || { cat "$work/boot.log"; echo "FAIL: the namespace exited during boot"; exit 1; }
     sleep 0.1
 done
@@ -140,7 +142,7 @@ expect "it runs as its own user" shmbroker "$(inside stat -c %U "/proc/$(inside 
 printf 'kept across the upgrade' | inside shmbrokerctl publish status >/dev/null || fail "publish"
 expect "root published and nobody reads it" "kept across the upgrade" \
     "$(inside setpriv --reuid=65534 --regid=65534 --clear-groups shmbrokerctl read status)"
-version=$(inside shmbrokerctl read status --verbose 2>&1 >/dev/null | sed -n 's/.*version \([0-9]*\).*/\1/p' | head -1)
+version=$(published_version)
 [ -n "$version" ] || fail "no version in 'shmbrokerctl read --verbose'"
 
 echo "--- reload with an operator's edit of the config"
@@ -158,8 +160,7 @@ inside grep -q added-by-the-operator /etc/shmbroker/shmbroker.json && ok "the up
 [ "$(inside systemctl show -p MainPID --value shmbroker.service)" != "$pid" ] && ok "the upgrade restarted the daemon" \
     || fail "the daemon was not restarted by the upgrade"
 expect "the upgrade kept the published data" "kept across the upgrade" "$(inside shmbrokerctl read status)"
-after_version=$(inside shmbrokerctl read status --verbose 2>&1 >/dev/null | sed -n 's/.*version \([0-9]*\).*/\1/p' | head -1)
-expect "and its version" "$version" "$after_version"
+expect "and its version" "$version" "$(published_version)"
 inside shmbrokerctl list | grep -q added-by-the-operator && ok "the restarted daemon serves the edited config" || fail "the edited config is not served"
 
 echo "--- remove"
