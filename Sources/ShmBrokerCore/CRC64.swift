@@ -8,9 +8,10 @@ import Glibc
 /// verify content with a standard library routine (for example liblzma's `lzma_crc64`).
 ///
 /// The widest implementation the CPU has is chosen once, at run time (``Path``): 512-bit
-/// VPCLMULQDQ folding, 256-bit VPCLMULQDQ, 128-bit PCLMULQDQ, or a portable slicing-by-8 table.
+/// VPCLMULQDQ folding, 256-bit VPCLMULQDQ, 128-bit PCLMULQDQ (VEX-encoded where the CPU has AVX),
+/// or a portable slicing-by-8 table.
 /// All give identical results (the tests compare each against the bit-at-a-time definition).
-/// `SHMBROKER_CRC64_PATH` (`portable`, `clmul128`, `vpclmul256`, `vpclmul512`) caps the choice,
+/// `SHMBROKER_CRC64_PATH` (`portable`, `clmul128`, `clmul128avx`, `vpclmul256`, `vpclmul512`) caps the choice,
 /// for measuring one path against another.
 public struct CRC64: Sendable {
     /// One implementation of the checksum.
@@ -19,15 +20,19 @@ public struct CRC64: Sendable {
         case portable = 0
         /// PCLMULQDQ + SSE4.1, 128 bits per fold.
         case clmul128 = 1
+        /// The same folds in AVX's three-operand encoding (fewer register copies; CPUs with AVX
+        /// but without VPCLMULQDQ, such as Cascade Lake, use it).
+        case clmul128avx = 2
         /// VPCLMULQDQ + AVX2, 256 bits per fold.
-        case vpclmul256 = 2
+        case vpclmul256 = 3
         /// VPCLMULQDQ + AVX-512F, 512 bits per fold.
-        case vpclmul512 = 3
+        case vpclmul512 = 4
 
         public var description: String {
             switch self {
             case .portable: return "portable"
             case .clmul128: return "clmul128"
+            case .clmul128avx: return "clmul128avx"
             case .vpclmul256: return "vpclmul256"
             case .vpclmul512: return "vpclmul512"
             }
