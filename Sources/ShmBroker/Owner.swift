@@ -218,7 +218,7 @@ public final class OwnedSegment: @unchecked Sendable {
         defer { leave() }
         let receipt: PublishReceipt
         do {
-            receipt = try writer.publish(bytes)
+            receipt = try writer.publish(bytes, source: .local)
         } catch {
             throw .payloadTooLarge(segment: name, length: bytes.count, capacity: writer.layout.capacity)
         }

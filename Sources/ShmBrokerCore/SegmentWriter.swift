@@ -112,18 +112,31 @@ public final class SegmentWriter: @unchecked Sendable {
         }
     }
 
+    /// Where the bytes of a publish come from, which decides how they are copied into the slot.
+    public enum Source: Sendable {
+        /// Memory another core just wrote (a producer's ring, a request's buffer): mid sizes are
+        /// copied, then checksummed from the copy (``CRC64/copyThenChecksum(from:to:)``).
+        case writtenByAnotherCore
+        /// Memory in this thread's cache (an in-process owner's buffer): always one fused pass,
+        /// about 1.2x faster at 64 KiB to a reader on the other core (measured with `shmbroker-bench`).
+        case local
+    }
+
     /// Publishes `bytes` as the next version.
     ///
+    /// - Parameters:
+    ///   - bytes: the payload.
+    ///   - source: where `bytes` lives, for the choice of copy (default: written by another core).
     /// - Throws: ``SegmentError/payloadTooLarge(length:capacity:)`` (nothing written) if it does not fit.
     /// - Returns: the new version, its length and its CRC-64.
     @discardableResult
-    public func publish(_ bytes: UnsafeRawBufferPointer) throws(SegmentError) -> PublishReceipt {
+    public func publish(_ bytes: UnsafeRawBufferPointer, source: Source = .writtenByAnotherCore) throws(SegmentError) -> PublishReceipt {
         guard bytes.count <= layout.capacity else {
             throw .payloadTooLarge(length: bytes.count, capacity: layout.capacity)
         }
         let (version, slot) = beginWrite()
         // Copy and checksum: in one pass, or for mid sizes in two (see CRC64.copyThenChecksum).
-        let crc = CRC64.isHardwareAccelerated && CRC64.twoPassPublishSizes.contains(bytes.count)
+        let crc = source == .writtenByAnotherCore && CRC64.isHardwareAccelerated && CRC64.twoPassPublishSizes.contains(bytes.count)
             ? CRC64.copyThenChecksum(from: bytes, to: memory.slotData(slot))
             : CRC64.copyAndChecksum(from: bytes, to: memory.slotData(slot))
         return commit(version: version, slot: slot, length: bytes.count, crc: crc)

@@ -109,6 +109,29 @@ final class SegmentTests: XCTestCase {
         }
     }
 
+    /// Both copy strategies (two passes for mid sizes from another core's memory, one fused pass
+    /// for a local buffer) store the same bytes with the checksum of what was stored, at sizes
+    /// on both sides of the two-pass range.
+    func testEitherPublishSourceStoresTheBytesWithTheirChecksum() throws {
+        let capacity = 300 << 10
+        let segment = try makeSegment(capacity: capacity)
+        defer { segment.file.closeQuietly() }
+        var buffer = [UInt8](repeating: 0, count: capacity)
+        for size in [100, 8191, 8192, 64 << 10, (256 << 10) + 1, capacity] {
+            let payload = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ size) }
+            for source in [SegmentWriter.Source.writtenByAnotherCore, .local] {
+                let receipt = try payload.withUnsafeBytes { try segment.writer.publish($0, source: source) }
+                XCTAssertEqual(receipt.crc64, CRC64.checksum(payload), "size \(size), \(source)")
+                guard case .copied(let info) = try buffer.withUnsafeMutableBytes({ try segment.reader.readOnce(into: $0) }) else {
+                    return XCTFail("no verified copy at size \(size), \(source)")
+                }
+                XCTAssertEqual(info.version, receipt.version)
+                XCTAssertEqual(info.crc64, receipt.crc64)
+                XCTAssertTrue(buffer[..<size].elementsEqual(payload), "size \(size), \(source)")
+            }
+        }
+    }
+
     func testOversizePayloadIsRefusedAndNothingChanges() throws {
         let segment = try makeSegment(capacity: 8)
         defer { segment.file.closeQuietly() }
