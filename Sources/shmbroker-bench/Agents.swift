@@ -70,7 +70,6 @@ struct SegmentLatency: AsyncParsableCommand {
             }
             return round + 1 < rounds
         }
-        func median(_ values: [UInt64]) -> UInt64 { values.isEmpty ? 0 : values.sorted()[values.count / 2] }
         emitJSON(["latencies": latencies.json, "medianToDaemon": median(toDaemon), "medianDaemonToReader": median(toReader)])
     }
 }

@@ -97,6 +97,9 @@ struct LatencySummary {
     var json: [String: Any] { ["count": count, "p50_us": p50, "p99_us": p99, "p999_us": p999] }
 }
 
+/// The median of `values` (the upper one of an even count; 0 for none).
+func median(_ values: [UInt64]) -> UInt64 { values.isEmpty ? 0 : values.sorted()[values.count / 2] }
+
 /// Runs `body` repeatedly and returns the median throughput in GB/s for `bytes` per run.
 func medianThroughput(bytes: Int, runs: Int, _ body: () -> Void) -> Double {
     body()  // warm-up: page faults and caches
