@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -207,6 +208,19 @@ static uint64_t clock_ns(clockid_t id) {
     clock_gettime(id, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
+
+int shmb_pin_current_thread(int cpu) {
+    if (cpu < 0 || cpu >= CPU_SETSIZE) {
+        errno = EINVAL;
+        return -1;
+    }
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return sched_setaffinity(0, sizeof set, &set);
+}
+
+int shmb_current_cpu(void) { return sched_getcpu(); }
 
 uint64_t shmb_realtime_ns(void) { return clock_ns(CLOCK_REALTIME); }
 uint64_t shmb_monotonic_ns(void) { return clock_ns(CLOCK_MONOTONIC); }

@@ -82,6 +82,25 @@ extension FileDescriptor {
     }
 }
 
+/// Which CPUs a thread may run on.
+public enum CPUAffinity {
+    /// Restricts the calling thread to one CPU, for a reader that spins on a version word and
+    /// should own a core: unpinned, the scheduler may share that core with the very thread it
+    /// waits for, or move it, and a spin then waits for a time slice instead of a cache line.
+    ///
+    /// - Parameter cpu: the CPU number (0 ..< the number of CPUs this process may use).
+    /// - Throws: `Errno.invalidArgument` for a CPU that does not exist or is outside the
+    ///   process's allowed set (a cgroup's `cpuset`, `taskset`).
+    public static func pinCurrentThread(toCPU cpu: Int) throws(Errno) {
+        _ = try retryingInterrupts { shmb_pin_current_thread(Int32(clamping: cpu)) }
+    }
+
+    /// The CPU the calling thread last ran on.
+    public static func currentCPU() throws(Errno) -> Int {
+        Int(try retryingInterrupts { shmb_current_cpu() })
+    }
+}
+
 /// Clocks used for publish times and deadlines.
 public enum Clock {
     /// Wall-clock time in nanoseconds since the Unix epoch (`CLOCK_REALTIME`).

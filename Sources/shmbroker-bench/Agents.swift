@@ -50,6 +50,7 @@ struct SegmentLatency: AsyncParsableCommand {
     @Option var segment: String
     @Option var rounds: UInt64
     @Option(help: "How to wait for each version: futex, spin or events.") var wait: WaitMode = .futex
+    @Option(help: "Pin the waiting thread to this CPU (a spinning reader that owns a core).") var pinCPU: Int?
 
     func run() async throws {
         let rounds = self.rounds  // read the option once, not per wake-up
@@ -57,7 +58,13 @@ struct SegmentLatency: AsyncParsableCommand {
         var toDaemon: [UInt64] = [], toReader: [UInt64] = []
         toDaemon.reserveCapacity(Int(rounds))
         toReader.reserveCapacity(Int(rounds))
-        try await followSegment(socket: socket, segment: segment, wait: wait) { info, buffer in
+        // Pinned after the last suspension point, on the thread that then runs the wait loop.
+        let pinCPU = self.pinCPU
+        try await followSegment(socket: socket, segment: segment, wait: wait, afterReady: {
+            if let pinCPU {
+                do { try CPUAffinity.pinCurrentThread(toCPU: pinCPU) } catch { FileHandle.standardError.write(Data("cannot pin to CPU \(pinCPU): \(error)\n".utf8)) }
+            }
+        }) { info, buffer in
             let received = Clock.monotonicNanoseconds()
             let receivedWall = Clock.realtimeNanoseconds()
             let (sentAt, round) = Stamp.read(buffer)

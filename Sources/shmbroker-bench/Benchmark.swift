@@ -177,9 +177,13 @@ struct Run: AsyncParsableCommand {
 
     /// One producer publish per round, spaced so each is read alone; vs the same payload over a
     /// raw Unix stream socket between two processes.
+    /// The CPU a spinning reader agent pins its thread to: the last one this process may use.
+    static let spinningReaderCPU = ProcessInfo.processInfo.activeProcessorCount - 1
+
     func latencyBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: Any] {
         let rounds: UInt64 = quick ? 300 : 3000
-        report.section("End-to-end latency, publish call -> reader holds the verified version (µs; \(rounds) rounds)")
+        report.section("End-to-end latency, publish call -> reader holds the verified version (µs; \(rounds) rounds; "
+                       + "the owner-spin reader's thread pinned to CPU \(Self.spinningReaderCPU))")
         report.row(["payload", "path", "shm p50", "p99", "p99.9", "socket p50", "p99", "p99.9", "p50 ratio"])
         let client = try await daemon.connect()
         var rows: [String: Any] = [:]
@@ -217,8 +221,10 @@ struct Run: AsyncParsableCommand {
             }
             // The embedded owner publishes in-process; readers wait three ways.
             for mode in WaitMode.allCases {
+                // A spinning reader owns a core: its thread is pinned to the last CPU.
                 let agent = try AgentProcess(["segment-latency", "--socket", owner.socketPath, "--segment", segment,
-                                              "--rounds", "\(rounds)", "--wait", mode.rawValue])
+                                              "--rounds", "\(rounds)", "--wait", mode.rawValue]
+                                             + (mode == .spin ? ["--pin-cpu", "\(Self.spinningReaderCPU)"] : []))
                 try agent.waitUntilReady()
                 var payload = [UInt8](repeating: 0xA5, count: size)
                 let owned = owner[segment]

@@ -81,6 +81,13 @@ int shmb_timerfd_periodic(uint64_t interval_ns);
 /// Reads the expiry count of a timerfd (0 if none) or -1 on error.
 int64_t shmb_timerfd_read(int fd);
 
+/// Restricts the calling thread to CPU `cpu` (sched_setaffinity of thread 0 with one bit set):
+/// 0, or -1 with errno set (EINVAL for a CPU that does not exist or is not allowed).
+int shmb_pin_current_thread(int cpu);
+
+/// The CPU the calling thread last ran on (sched_getcpu), or -1 with errno set.
+int shmb_current_cpu(void);
+
 /// Current CLOCK_REALTIME in nanoseconds since the epoch.
 uint64_t shmb_realtime_ns(void);
 /// Current CLOCK_MONOTONIC in nanoseconds.
