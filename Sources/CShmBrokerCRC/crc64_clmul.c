@@ -1,15 +1,18 @@
 // CRC-64/XZ by folding 128-bit blocks with carry-less multiplication (Gopal et al., "Fast CRC
 // Computation for Generic Polynomials Using PCLMULQDQ", reflected variant). Eight accumulators
-// fold 128 bytes per iteration; the last 16-byte remainder and any tail go through a byte table,
-// which avoids a Barrett reduction. Constants are bit-reflected x^n mod P for the ECMA-182
-// polynomial: for a fold over D bytes the low half uses n = 8D+63 and the high half n = 8D-1.
+// fold 128 bytes per iteration (four, or one, for shorter input). Constants are bit-reflected
+// x^n mod P for the ECMA-182 polynomial: for a fold over D bytes the low half uses n = 8D+63 and
+// the high half n = 8D-1. The accumulators are combined by a shallow tree of folds onto the last
+// one; its 128 bits become the 64-bit state by one fold (x^127) and one Barrett reduction; an
+// 8-byte tail takes one more Barrett reduction and the last bytes a byte table.
 //
 // Wider paths, chosen at run time: with VPCLMULQDQ and AVX2, eight 256-bit accumulators fold 256
 // bytes per iteration; with VPCLMULQDQ and AVX-512F, eight 512-bit accumulators fold 512. Each
 // 128-bit lane of an accumulator folds exactly as in the 128-bit path, over the longer distance.
-// At the end the accumulators, stored in order, are a message whose CRC from a zero state is the
-// running state (the same fact the 128-bit path uses for its last block), so the 128-bit path
-// reduces them and handles the tail. Target attributes stay on each function: no global -march.
+// At the end they are reduced in registers the same way (a tree onto the last accumulator, then
+// its lanes onto its last lane), and the 128-bit path's finish handles the rest. The 128-bit
+// code is compiled twice, in SSE and in VEX encoding. Target attributes stay on each function:
+// no global -march.
 #include "CShmBrokerCRC.h"
 
 #include <string.h>
@@ -345,7 +348,7 @@ static uint64_t fold512(uint64_t state, uint8_t *destination, const uint8_t *p, 
 #undef FOLD512_XOR
 }
 
-/// Below these lengths the wider paths' fixed cost (one reduction of 256 or 512 bytes) does not pay.
+/// The wider paths start with one full set of accumulators: 256 or 512 bytes.
 enum { wide256_minimum = 256, wide512_minimum = 512 };
 
 static uint64_t fold_path(int path, uint64_t state, uint8_t *destination, const uint8_t *p, size_t n) {

@@ -175,11 +175,11 @@ struct Run: AsyncParsableCommand {
 
     // MARK: Through the daemon
 
-    /// One producer publish per round, spaced so each is read alone; vs the same payload over a
-    /// raw Unix stream socket between two processes.
     /// The CPU a spinning reader agent pins its thread to: the last one this process may use.
     static let spinningReaderCPU = ProcessInfo.processInfo.activeProcessorCount - 1
 
+    /// One producer publish per round, spaced so each is read alone; vs the same payload over a
+    /// raw Unix stream socket between two processes.
     func latencyBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: Any] {
         let rounds: UInt64 = quick ? 300 : 3000
         report.section("End-to-end latency, publish call -> reader holds the verified version (µs; \(rounds) rounds; "
