@@ -40,7 +40,7 @@ func announceReady() { FileHandle.standardError.write(Data("ready\n".utf8)) }
 struct Agent: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Reader processes spawned by the benchmark.", shouldDisplay: false,
-        subcommands: [SegmentLatency.self, SocketLatency.self, SegmentDrain.self, SocketDrain.self])
+        subcommands: [SegmentLatency.self, SocketLatency.self, SocketRelay.self, SegmentDrain.self, SocketDrain.self])
 }
 
 /// Waits on the segment's futex, reads each new version verified, records its one-way latency.
@@ -164,6 +164,34 @@ struct SocketLatency: AsyncParsableCommand {
             latencies.record(round: round, latency: received &- sentAt)
         }
         emitJSON(["latencies": latencies.json])
+    }
+}
+
+/// Forwards fixed-size messages from one Unix stream socket to another: a broker process between
+/// writer and reader, with nothing but two socket hops. The ring path's floor on a machine where
+/// each wake-up is what costs.
+struct SocketRelay: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "socket-relay")
+    @Option(help: "The writer's listening socket to connect to.") var upstream: String
+    @Option(help: "Where to listen for the one reader.") var downstream: String
+    @Option var size: Int
+    @Option var rounds: UInt64
+
+    func run() throws {
+        let listener = try RawStream.listen(downstream)
+        let input = try RawStream.connect(upstream)
+        let output = accept(listener, nil, nil)
+        guard output >= 0 else { throw Errno(rawValue: errno) }
+        var buffer = [UInt8](repeating: 0, count: size)
+        announceReady()
+        for _ in 0..<rounds {
+            guard RawStream.readExactly(input, &buffer) else { break }
+            buffer.withUnsafeBytes { RawStream.writeAll(output, $0) }
+        }
+        close(output)
+        close(listener)
+        unlink(downstream)
+        emitJSON([:])
     }
 }
 

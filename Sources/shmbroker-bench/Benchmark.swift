@@ -189,7 +189,12 @@ struct Run: AsyncParsableCommand {
         var rows: [String: Any] = [:]
         for (size, segment) in [(64, "lat64"), (4096, "lat4k")] {
             let socket = LatencySummary(try socketLatency(size: size, rounds: rounds, readers: 1).perRound)
-            var row: [String: Any] = ["socket": socket.json]
+            // The same messages through a relay process: two socket hops, the floor of any design
+            // that puts a broker process between producer and reader (the daemon's paths do).
+            let relayed = LatencySummary(try socketLatency(size: size, rounds: rounds, readers: 1, relayed: true).perRound)
+            var row: [String: Any] = ["socket": socket.json, "socket_relay": relayed.json]
+            report.row([sizeName(size), "socket-relay", fmt(relayed.p50), fmt(relayed.p99), fmt(relayed.p999), fmt(socket.p50),
+                        fmt(socket.p99), fmt(socket.p999), fmt(relayed.p50 / socket.p50) + "x"])
             for path in [ProducerPath.requests, .ring] {
                 let agent = try AgentProcess(["segment-latency", "--socket", daemon.socketPath, "--segment", segment, "--rounds", "\(rounds)"])
                 try agent.waitUntilReady()
@@ -215,6 +220,8 @@ struct Run: AsyncParsableCommand {
                             fmt(socket.p999), fmt(shm.p50 / socket.p50) + "x"])
                 report.text += "   split (medians): producer call -> daemon publish \(fmt(split.toDaemon)) µs, daemon publish -> reader holds it \(fmt(split.toReader)) µs\n"
                 if path == .ring {
+                    row["ring_over_relay"] = shm.p50 / relayed.p50
+                    report.text += "   against the socket relay (two hops through a third process, same run): \(fmt(shm.p50 / relayed.p50))x its p50\n"
                     report.goal("end-to-end p50 <= 2x raw socket one-way p50 (\(sizeName(size)), publish ring)",
                                 value: shm.p50 / socket.p50, target: 2, lowerIsBetter: true)
                 }
@@ -266,15 +273,29 @@ struct Run: AsyncParsableCommand {
 
     /// Sends `rounds` stamped messages to `readers` socket-latency agents, one message per reader
     /// per round; returns the latency of the last reader in each round.
-    func socketLatency(size: Int, rounds: UInt64, readers: Int, spacingMicroseconds: UInt32 = 200) throws -> (perRound: [UInt64], all: [UInt64]) {
+    /// - Parameter relayed: whether the one reader gets the messages through a relay process (a
+    ///   socket-latency agent behind a socket-relay agent) instead of straight from this process.
+    func socketLatency(size: Int, rounds: UInt64, readers: Int, spacingMicroseconds: UInt32 = 200,
+                       relayed: Bool = false) throws -> (perRound: [UInt64], all: [UInt64]) {
         let path = NSTemporaryDirectory() + "shmbroker-bench-\(getpid()).sock"
+        let relayPath = path + ".relay"
         let listener = try RawStream.listen(path)
         defer { close(listener); unlink(path) }
-        let agents = try (0..<readers).map { _ in
-            try AgentProcess(["socket-latency", "--path", path, "--size", "\(size)", "--rounds", "\(rounds)"])
-        }
-        let connections = (0..<readers).map { _ in accept(listener, nil, nil) }
+        var connections: [Int32] = []
         defer { connections.forEach { close($0) } }
+        var relay: AgentProcess?
+        if relayed {
+            precondition(readers == 1, "a relayed run has one reader")
+            relay = try AgentProcess(["socket-relay", "--upstream", path, "--downstream", relayPath,
+                                      "--size", "\(size)", "--rounds", "\(rounds)"])
+            // The relay listens downstream before it connects here, so its reader can connect next.
+            connections = [accept(listener, nil, nil)]
+        }
+        let agents = try (0..<readers).map { _ in
+            try AgentProcess(["socket-latency", "--path", relayed ? relayPath : path, "--size", "\(size)", "--rounds", "\(rounds)"])
+        }
+        if !relayed { connections = (0..<readers).map { _ in accept(listener, nil, nil) } }
+        try relay?.waitUntilReady()
         for agent in agents { try agent.waitUntilReady() }
         var payload = [UInt8](repeating: 0x5A, count: size)
         for round in 0..<rounds {
@@ -283,6 +304,7 @@ struct Run: AsyncParsableCommand {
             usleep(spacingMicroseconds)
         }
         let perAgent = try agents.map { try $0.latencies() }
+        _ = try relay?.result()
         return (lastArrivals(perAgent, rounds: rounds), perAgent.flatMap { $0.values })
     }
 
@@ -350,13 +372,15 @@ struct Run: AsyncParsableCommand {
             let requests = requestsTrial?.megabytesPerSecond ?? .nan, socket = socketTrial?.megabytesPerSecond ?? .nan
             let ownerRate = ownerTrial?.megabytesPerSecond ?? .nan
             let ratios = socketTrials.isEmpty || ownerTrials.isEmpty ? [] : zip(ownerTrials, socketTrials).map { $0.megabytesPerSecond / $1.megabytesPerSecond }.sorted()
+            // Ring against requests, trial by trial (each pair ran back to back): how stable the ring's lead is.
+            let ringLead = ringZeroCopy.isEmpty || requestsZeroCopy.isEmpty ? [] : zip(ringZeroCopy, requestsZeroCopy).map { $0.megabytesPerSecond / $1.megabytesPerSecond }.sorted()
             func json(_ value: Double) -> Any { value.isNaN ? NSNull() : value }
             rows["\(sizeName(size))x\(readers)"] = [
                 "shm_MBps": json(copying), "shm_zero_copy_MBps": json(zeroCopy), "shm_requests_zero_copy_MBps": json(requests),
                 "socket_MBps": json(socket), "ratio": json(copying / socket), "ratio_zero_copy": json(zeroCopy / socket),
                 "ratio_requests_zero_copy": json(requests / socket), "published": count,
                 "owner_zero_copy_MBps": json(ownerRate), "ratio_owner_zero_copy": json(ownerRate / socket),
-                "ratio_owner_per_trial": ratios,
+                "ratio_owner_per_trial": ratios, "ratio_ring_over_requests_per_trial": ringLead,
                 "cpu_cores_median_trial": [
                     "ring_copy": copyingTrial?.cpu.json, "ring_zero_copy": zeroCopyTrial?.cpu.json,
                     "requests_zero_copy": requestsTrial?.cpu.json, "socket": socketTrial?.cpu.json, "owner": ownerTrial?.cpu.json,
@@ -366,6 +390,9 @@ struct Run: AsyncParsableCommand {
                         ratioCell(zeroCopy / socket), ratioCell(requests / socket), ratioCell(ownerRate / socket)])
             if ratios.count > 1 {
                 report.note("owner/socket per interleaved trial: " + ratios.map { fmt($0) }.joined(separator: ", "))
+            }
+            if ringLead.count > 1 {
+                report.note("ring/requests per interleaved trial: " + ringLead.map { fmt($0) }.joined(separator: ", "))
             }
             let shares = [("ring 0-copy", zeroCopyTrial), ("owner", ownerTrial), ("socket", socketTrial)].compactMap { name, trial in
                 trial.map { "\(name) \($0.cpu.cell)" }
