@@ -754,11 +754,19 @@ struct Run: AsyncParsableCommand {
     }
 }
 
+/// The CPU's model name with its family and model numbers (a VM often shows only "AMD EPYC", and
+/// the numbers tell Zen 4 from Zen 5), and the number of cores.
 func machineDescription() -> String {
-    let cpu = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8))?
-        .split(separator: "\n").first { $0.hasPrefix("model name") }?
-        .split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "unknown CPU"
-    return "\(cpu), \(ProcessInfo.processInfo.activeProcessorCount) cores"
+    let lines = ((try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? "").split(separator: "\n")
+    func field(_ name: String) -> String? {
+        // "model\t\t: 2" is the field "model"; "model name\t: ..." is not.
+        lines.lazy.map { $0.split(separator: ":", maxSplits: 1) }
+            .first { $0.count == 2 && $0[0].trimmingCharacters(in: .whitespaces) == name }?[1].trimmingCharacters(in: .whitespaces)
+    }
+    let cpu = field("model name") ?? "unknown CPU"
+    let numbers = [field("cpu family").map { "family \($0)" }, field("model").map { "model \($0)" }].compactMap { $0 }
+    let identity = numbers.isEmpty ? cpu : "\(cpu) (\(numbers.joined(separator: " ")))"
+    return "\(identity), \(ProcessInfo.processInfo.activeProcessorCount) cores"
 }
 
 /// The items of an option like `--only crc, read`, spaces trimmed.
