@@ -202,6 +202,8 @@ struct SegmentDrain: AsyncParsableCommand {
     @Option var segment: String
     @Option var until: UInt64
     @Flag(help: "Verify each version in place (zero-copy borrow) instead of copying it out.") var zeroCopy = false
+    @Option(help: "With --zero-copy: spin this many µs for each version before sleeping on the futex (0: sleep at once).")
+    var spinMicroseconds: UInt64 = 0
 
     func run() async throws {
         var bytes = 0, versions = 0
@@ -210,10 +212,11 @@ struct SegmentDrain: AsyncParsableCommand {
             let client = try await ShmBrokerClient.connect(socketPath: socket, clientName: "bench-reader")
             let handle = try await client.open(segment)
             var last = handle.latestVersion
+            let strategy: SegmentReader.WaitStrategy = spinMicroseconds == 0 ? .futex : .spinThenFutex(nanoseconds: spinMicroseconds * 1000)
             announceReady()
             cpuAtReady = ownCPUNanoseconds()
             while last < until {
-                if handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000) == last { break }
+                if handle.waitForVersion(after: last, timeoutNanoseconds: 10_000_000_000, strategy: strategy) == last { break }
                 guard let (version, length) = try handle.reader.withLatestVersion(verifyingChecksum: true, { borrowed in
                     (borrowed.version, borrowed.bytes.count)
                 }) else { continue }

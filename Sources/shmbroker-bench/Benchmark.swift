@@ -32,8 +32,8 @@ struct Run: AsyncParsableCommand {
         """) var throughputCases: String?
     @Option(help: "Interleaved trials per throughput case (default 5; 1 with --quick).") var trials: Int?
     @Option(help: """
-        Throughput transports to run (comma-separated: ring-copy, ring, requests, owner, socket; default \
-        all), for profiling one alone; ratios need ring and socket.
+        Throughput transports to run (comma-separated: ring-copy, ring, requests, owner, owner-spin, socket; \
+        default all), for profiling one alone; ratios need ring and socket.
         """) var throughputPaths: String?
 
     func validate() throws {
@@ -43,7 +43,11 @@ struct Run: AsyncParsableCommand {
         if !unknown.isEmpty { throw ValidationError("unknown throughput paths \(unknown.sorted()); known: \(Self.allPaths.joined(separator: ", "))") }
     }
 
-    static let allPaths = ["ring-copy", "ring", "requests", "owner", "socket"]
+    static let allPaths = ["ring-copy", "ring", "requests", "owner", "owner-spin", "socket"]
+    /// How long the `owner-spin` path's readers spin for each version before they sleep on the
+    /// futex (`SegmentReader.WaitStrategy.spinThenFutex`): a streaming reader that would rather
+    /// burn a little CPU than make the owner pay a `FUTEX_WAKE` per version.
+    static let streamingSpinMicroseconds: UInt64 = 50
 
     /// The throughput transports asked for (all, without `--throughput-paths`).
     var selectedPaths: [String] {
@@ -328,8 +332,9 @@ struct Run: AsyncParsableCommand {
         let trials = self.trials ?? (quick ? 1 : 5)
         report.section("Producer -> reader throughput (MB/s delivered to readers; median of \(trials) interleaved trials; "
                        + "requests: \(Self.publishWindow) PUBLISH requests in flight)")
-        report.row(["payload", "readers", "ring copy", "ring 0-copy", "reqs 0-copy", "owner 0-copy", "socket",
-                    "ratio ring", "ratio reqs", "ratio owner"])
+        report.row(["payload", "readers", "ring copy", "ring 0-copy", "reqs 0-copy", "owner 0-copy", "owner spin", "socket",
+                    "ratio ring", "ratio reqs", "ratio owner", "owner spin"])
+        report.text += "(owner spin: the owner's zero-copy readers spin up to \(Self.streamingSpinMicroseconds) µs for each version before sleeping on the futex)\n"
         let client = try await daemon.connect()
         var rows: [String: Any] = [:]
         let standardCases: [(Int, Int)] = [(4 << 10, 1), (64 << 10, 1), (1 << 20, 1), (16 << 20, 1), (64 << 10, 8), (1 << 20, 8)]
@@ -342,6 +347,7 @@ struct Run: AsyncParsableCommand {
             // of each rather than all of one.
             var ringCopying: [ThroughputTrial] = [], ringZeroCopy: [ThroughputTrial] = []
             var requestsZeroCopy: [ThroughputTrial] = [], socketTrials: [ThroughputTrial] = [], ownerTrials: [ThroughputTrial] = []
+            var ownerSpinTrials: [ThroughputTrial] = []
             let paths = selectedPaths
             for _ in 0..<trials {
                 if paths.contains("ring-copy") {
@@ -359,6 +365,10 @@ struct Run: AsyncParsableCommand {
                 if paths.contains("owner") {
                     ownerTrials.append(try ownerThroughput(owner, segment: segment, size: size, count: count, readers: readers))
                 }
+                if paths.contains("owner-spin") {
+                    ownerSpinTrials.append(try ownerThroughput(owner, segment: segment, size: size, count: count, readers: readers,
+                                                               spinMicroseconds: Self.streamingSpinMicroseconds))
+                }
                 if paths.contains("socket") { socketTrials.append(try socketThroughput(size: size, count: count, readers: readers)) }
             }
             /// The median trial by throughput (nil for a transport left out).
@@ -367,34 +377,46 @@ struct Run: AsyncParsableCommand {
             }
             let copyingTrial = median(ringCopying), zeroCopyTrial = median(ringZeroCopy)
             let requestsTrial = median(requestsZeroCopy), socketTrial = median(socketTrials), ownerTrial = median(ownerTrials)
+            let ownerSpinTrial = median(ownerSpinTrials)
             // A transport left out reads as NaN ("n/a" in the table, null in the JSON).
             let copying = copyingTrial?.megabytesPerSecond ?? .nan, zeroCopy = zeroCopyTrial?.megabytesPerSecond ?? .nan
             let requests = requestsTrial?.megabytesPerSecond ?? .nan, socket = socketTrial?.megabytesPerSecond ?? .nan
-            let ownerRate = ownerTrial?.megabytesPerSecond ?? .nan
-            let ratios = socketTrials.isEmpty || ownerTrials.isEmpty ? [] : zip(ownerTrials, socketTrials).map { $0.megabytesPerSecond / $1.megabytesPerSecond }.sorted()
-            // Ring against requests, trial by trial (each pair ran back to back): how stable the ring's lead is.
-            let ringLead = ringZeroCopy.isEmpty || requestsZeroCopy.isEmpty ? [] : zip(ringZeroCopy, requestsZeroCopy).map { $0.megabytesPerSecond / $1.megabytesPerSecond }.sorted()
+            let ownerRate = ownerTrial?.megabytesPerSecond ?? .nan, ownerSpinRate = ownerSpinTrial?.megabytesPerSecond ?? .nan
+            /// The ratios of two transports' trials, pair by pair (each pair ran back to back), sorted.
+            func perTrial(_ trials: [ThroughputTrial], over baseline: [ThroughputTrial]) -> [Double] {
+                zip(trials, baseline).map { $0.megabytesPerSecond / $1.megabytesPerSecond }.sorted()
+            }
+            let ratios = perTrial(ownerTrials, over: socketTrials)
+            // Ring against requests, trial by trial: how stable the ring's lead is.
+            let ringLead = perTrial(ringZeroCopy, over: requestsZeroCopy)
             func json(_ value: Double) -> Any { value.isNaN ? NSNull() : value }
             rows["\(sizeName(size))x\(readers)"] = [
                 "shm_MBps": json(copying), "shm_zero_copy_MBps": json(zeroCopy), "shm_requests_zero_copy_MBps": json(requests),
                 "socket_MBps": json(socket), "ratio": json(copying / socket), "ratio_zero_copy": json(zeroCopy / socket),
                 "ratio_requests_zero_copy": json(requests / socket), "published": count,
                 "owner_zero_copy_MBps": json(ownerRate), "ratio_owner_zero_copy": json(ownerRate / socket),
+                "owner_spin_zero_copy_MBps": json(ownerSpinRate), "ratio_owner_spin_zero_copy": json(ownerSpinRate / socket),
                 "ratio_owner_per_trial": ratios, "ratio_ring_over_requests_per_trial": ringLead,
                 "cpu_cores_median_trial": [
                     "ring_copy": copyingTrial?.cpu.json, "ring_zero_copy": zeroCopyTrial?.cpu.json,
                     "requests_zero_copy": requestsTrial?.cpu.json, "socket": socketTrial?.cpu.json, "owner": ownerTrial?.cpu.json,
+                    "owner_spin": ownerSpinTrial?.cpu.json,
                 ].compactMapValues { $0 },
             ]
-            report.row([sizeName(size), "\(readers)", fmt(copying, 0), fmt(zeroCopy, 0), fmt(requests, 0), fmt(ownerRate, 0), fmt(socket, 0),
-                        ratioCell(zeroCopy / socket), ratioCell(requests / socket), ratioCell(ownerRate / socket)])
+            report.row([sizeName(size), "\(readers)", fmt(copying, 0), fmt(zeroCopy, 0), fmt(requests, 0), fmt(ownerRate, 0), fmt(ownerSpinRate, 0),
+                        fmt(socket, 0), ratioCell(zeroCopy / socket), ratioCell(requests / socket), ratioCell(ownerRate / socket),
+                        ratioCell(ownerSpinRate / socket)])
             if ratios.count > 1 {
                 report.note("owner/socket per interleaved trial: " + ratios.map { fmt($0) }.joined(separator: ", "))
+            }
+            let spinRatios = perTrial(ownerSpinTrials, over: socketTrials)
+            if spinRatios.count > 1 {
+                report.note("owner spin/socket per interleaved trial: " + spinRatios.map { fmt($0) }.joined(separator: ", "))
             }
             if ringLead.count > 1 {
                 report.note("ring/requests per interleaved trial: " + ringLead.map { fmt($0) }.joined(separator: ", "))
             }
-            let shares = [("ring 0-copy", zeroCopyTrial), ("owner", ownerTrial), ("socket", socketTrial)].compactMap { name, trial in
+            let shares = [("ring 0-copy", zeroCopyTrial), ("owner", ownerTrial), ("owner spin", ownerSpinTrial), ("socket", socketTrial)].compactMap { name, trial in
                 trial.map { "\(name) \($0.cpu.cell)" }
             }
             if !shares.isEmpty { report.note("CPU, cores (daemon / producer / readers): " + shares.joined(separator: "; ")) }
@@ -404,6 +426,8 @@ struct Run: AsyncParsableCommand {
                 report.goal("publish ring >= requests throughput at \(sizeName(size))", value: zeroCopy / requests, target: 1)
                 let target = size == 64 << 10 ? 3.0 : size == 1 << 20 ? 2.0 : 1.5
                 report.goal("owner -> 1 zero-copy reader >= \(fmt(target, 1))x socket at \(sizeName(size))", value: ownerRate / socket, target: target)
+                report.goal("owner -> 1 zero-copy reader spinning <= \(Self.streamingSpinMicroseconds) µs per version >= \(fmt(target, 1))x socket at \(sizeName(size))",
+                            value: ownerSpinRate / socket, target: target)
             }
             if readers == 8 {
                 report.goal("throughput with 8 readers >= 3x raw socket (\(sizeName(size)), publish ring, zero-copy verified readers)",
@@ -486,12 +510,15 @@ struct Run: AsyncParsableCommand {
     /// The embedded owner publishes `count` versions in-process while `readers` zero-copy drain
     /// agents read every version they can. "producer" CPU is this whole process (publisher and
     /// the owner's event loop); there is no daemon.
-    func ownerThroughput(_ owner: BenchOwner, segment: String, size: Int, count: Int, readers: Int) throws -> ThroughputTrial {
+    /// - Parameter spinMicroseconds: how long each reader spins for a version before it sleeps on
+    ///   the futex (0: it sleeps at once).
+    func ownerThroughput(_ owner: BenchOwner, segment: String, size: Int, count: Int, readers: Int,
+                         spinMicroseconds: UInt64 = 0) throws -> ThroughputTrial {
         let owned = owner[segment]
         let start = owned.latestVersion
         let agents = try (0..<readers).map { _ in
             try AgentProcess(["segment-drain", "--socket", owner.socketPath, "--segment", segment,
-                              "--until", "\(start + UInt64(count))", "--zero-copy"])
+                              "--until", "\(start + UInt64(count))", "--zero-copy", "--spin-microseconds", "\(spinMicroseconds)"])
         }
         for agent in agents { try agent.waitUntilReady() }
         let payload = [UInt8](repeating: 0x55, count: size)
