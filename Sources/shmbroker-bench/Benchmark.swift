@@ -136,7 +136,23 @@ struct Run: AsyncParsableCommand {
             report.row([sizeName(size)] + paths.map { fmt(perPath[$0.description] ?? .nan) }
                        + [fmt(lzma), fmt(isal), ratioCell(ours / lzma), ratioCell(ours / isal)])
             if size == 1 << 20 { report.goal("CRC-64 >= 1.5x liblzma at 1 MiB", value: ours / lzma, target: 1.5) }
-            report.goal("CRC-64 >= 0.8x isa-l crc64_ecma_refl at \(sizeName(size))", value: ours / isal, target: 0.8)
+            // The goal compares the active path with isa-l in back-to-back pairs: the columns above
+            // run one implementation after another, so a burst of noise can hit only one of them.
+            if let isalFunction = CRCBaseline.isal {
+                let paired = data.withUnsafeBufferPointer { buffer in
+                    medianPairedRatio(runs: repetitions, {
+                        for _ in 0..<inner { sink ^= CRC64.checksum(UnsafeRawBufferPointer(buffer)) }
+                    }, over: {
+                        for _ in 0..<inner { sink ^= isalFunction(buffer.baseAddress, size) }
+                    })
+                }
+                if var row = rows[sizeName(size)] as? [String: Any] {
+                    row["ratio_isal_paired"] = paired
+                    rows[sizeName(size)] = row
+                }
+                report.note("active/isa-l in \(repetitions) back-to-back pairs (median): \(fmt(paired))x")
+                report.goal("CRC-64 >= 0.8x isa-l crc64_ecma_refl at \(sizeName(size))", value: paired, target: 0.8)
+            }
         }
         if CRCBaseline.isal == nil { report.note("isa-l not found (apt-get install libisal2): its column is n/a") }
         return rows

@@ -113,6 +113,21 @@ func medianThroughput(bytes: Int, runs: Int, _ body: () -> Void) -> Double {
     return rates.sorted()[rates.count / 2]
 }
 
+/// The median ratio of `body`'s throughput to `baseline`'s over `runs` pairs run back to back, so
+/// that a noisy moment on a shared machine hits both sides of one pair rather than all of one
+/// side.
+func medianPairedRatio(runs: Int, _ body: () -> Void, over baseline: () -> Void) -> Double {
+    body()
+    baseline()  // warm-up
+    func elapsed(_ work: () -> Void) -> Double {
+        let start = Clock.monotonicNanoseconds()
+        work()
+        return Double(max(Clock.monotonicNanoseconds() - start, 1))
+    }
+    let ratios = (0..<max(runs, 1)).map { _ in elapsed(baseline) / elapsed(body) }.sorted()
+    return ratios[ratios.count / 2]
+}
+
 /// Other libraries' CRC-64/XZ, loaded at run time so that only the benchmark depends on them:
 /// liblzma's `lzma_crc64` and isa-l's `crc64_ecma_refl` (Debian `liblzma5`, `libisal2`).
 enum CRCBaseline {
