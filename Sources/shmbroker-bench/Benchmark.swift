@@ -128,31 +128,28 @@ struct Run: AsyncParsableCommand {
             }
             let lzma = external(CRCBaseline.liblzma, "liblzma")
             let isal = external(CRCBaseline.isal, "isa-l")
-            if sink == 42 { print("") }
-            let ours = perPath[CRC64.activePath.description] ?? .nan
-            rows[sizeName(size)] = ["paths_GBps": perPath, "active": CRC64.activePath.description, "shmbroker_GBps": ours,
-                                    "portable_GBps": perPath["portable"] ?? .nan,
-                                    "liblzma_GBps": lzma, "isal_GBps": isal, "ratio": ours / lzma, "ratio_isal": ours / isal]
-            report.row([sizeName(size)] + paths.map { fmt(perPath[$0.description] ?? .nan) }
-                       + [fmt(lzma), fmt(isal), ratioCell(ours / lzma), ratioCell(ours / isal)])
-            if size == 1 << 20 { report.goal("CRC-64 >= 1.5x liblzma at 1 MiB", value: ours / lzma, target: 1.5) }
             // The goal compares the active path with isa-l in back-to-back pairs: the columns above
             // run one implementation after another, so a burst of noise can hit only one of them.
-            if let isalFunction = CRCBaseline.isal {
-                let paired = data.withUnsafeBufferPointer { buffer in
+            let paired = CRCBaseline.isal.map { isalFunction in
+                data.withUnsafeBufferPointer { buffer in
                     medianPairedRatio(runs: repetitions, {
                         for _ in 0..<inner { sink ^= CRC64.checksum(UnsafeRawBufferPointer(buffer)) }
                     }, over: {
                         for _ in 0..<inner { sink ^= isalFunction(buffer.baseAddress, size) }
                     })
                 }
-                if var row = rows[sizeName(size)] as? [String: Any] {
-                    row["ratio_isal_paired"] = paired
-                    rows[sizeName(size)] = row
-                }
-                report.note("active/isa-l in \(repetitions) back-to-back pairs (median): \(fmt(paired))x")
-                report.goal("CRC-64 >= 0.8x isa-l crc64_ecma_refl at \(sizeName(size))", value: paired, target: 0.8)
-            }
+            } ?? .nan
+            if sink == 42 { print("") }
+            let ours = perPath[CRC64.activePath.description] ?? .nan
+            rows[sizeName(size)] = ["paths_GBps": perPath, "active": CRC64.activePath.description, "shmbroker_GBps": ours,
+                                    "portable_GBps": json(perPath["portable"] ?? .nan), "liblzma_GBps": json(lzma),
+                                    "isal_GBps": json(isal), "ratio": json(ours / lzma), "ratio_isal": json(ours / isal),
+                                    "ratio_isal_paired": json(paired)]
+            report.row([sizeName(size)] + paths.map { fmt(perPath[$0.description] ?? .nan) }
+                       + [fmt(lzma), fmt(isal), ratioCell(ours / lzma), ratioCell(ours / isal)])
+            if size == 1 << 20 { report.goal("CRC-64 >= 1.5x liblzma at 1 MiB", value: ours / lzma, target: 1.5) }
+            if !paired.isNaN { report.note("active/isa-l in \(repetitions) back-to-back pairs (median): \(fmt(paired))x") }
+            report.goal("CRC-64 >= 0.8x isa-l crc64_ecma_refl at \(sizeName(size))", value: paired, target: 0.8)
         }
         if CRCBaseline.isal == nil { report.note("isa-l not found (apt-get install libisal2): its column is n/a") }
         return rows
@@ -405,7 +402,6 @@ struct Run: AsyncParsableCommand {
             let ratios = perTrial(ownerTrials, over: socketTrials)
             // Ring against requests, trial by trial: how stable the ring's lead is.
             let ringLead = perTrial(ringZeroCopy, over: requestsZeroCopy)
-            func json(_ value: Double) -> Any { value.isNaN ? NSNull() : value }
             rows["\(sizeName(size))x\(readers)"] = [
                 "shm_MBps": json(copying), "shm_zero_copy_MBps": json(zeroCopy), "shm_requests_zero_copy_MBps": json(requests),
                 "socket_MBps": json(socket), "ratio": json(copying / socket), "ratio_zero_copy": json(zeroCopy / socket),
@@ -816,6 +812,9 @@ func machineDescription() -> String {
 func commaSeparatedList(_ text: String) -> [String] {
     text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
 }
+
+/// A number for results.json: null when it was not measured (NaN), which JSON cannot hold.
+func json(_ value: Double) -> Any { value.isNaN ? NSNull() : value }
 
 /// A ratio for the table: "1.23x", or "n/a" when one side was not measured.
 func ratioCell(_ ratio: Double) -> String { ratio.isNaN ? "n/a" : fmt(ratio) + "x" }
