@@ -210,8 +210,7 @@ struct Run: AsyncParsableCommand {
             // that puts a broker process between producer and reader (the daemon's paths do).
             let relayed = LatencySummary(try socketLatency(size: size, rounds: rounds, readers: 1, relayed: true).perRound)
             var row: [String: Any] = ["socket": socket.json, "socket_relay": relayed.json]
-            report.row([sizeName(size), "socket-relay", fmt(relayed.p50), fmt(relayed.p99), fmt(relayed.p999), fmt(socket.p50),
-                        fmt(socket.p99), fmt(socket.p999), fmt(relayed.p50 / socket.p50) + "x"])
+            report.latencyRow(size: size, path: "socket-relay", relayed, against: socket)
             for path in [ProducerPath.requests, .ring] {
                 let agent = try AgentProcess(["segment-latency", "--socket", daemon.socketPath, "--segment", segment, "--rounds", "\(rounds)"])
                 try agent.waitUntilReady()
@@ -233,8 +232,7 @@ struct Run: AsyncParsableCommand {
                 let name = path == .ring ? "ring" : "requests"
                 row[name] = ["shm": shm.json, "p50_ratio": shm.p50 / socket.p50,
                              "median_producer_to_daemon_us": split.toDaemon, "median_daemon_to_reader_us": split.toReader]
-                report.row([sizeName(size), name, fmt(shm.p50), fmt(shm.p99), fmt(shm.p999), fmt(socket.p50), fmt(socket.p99),
-                            fmt(socket.p999), fmt(shm.p50 / socket.p50) + "x"])
+                report.latencyRow(size: size, path: name, shm, against: socket)
                 report.text += "   split (medians): producer call -> daemon publish \(fmt(split.toDaemon)) µs, daemon publish -> reader holds it \(fmt(split.toReader)) µs\n"
                 if path == .ring {
                     row["ring_over_relay"] = shm.p50 / relayed.p50
@@ -269,8 +267,7 @@ struct Run: AsyncParsableCommand {
                 let name = "owner-\(mode.rawValue)"
                 row[name] = ["shm": shm.json, "p50_ratio": shm.p50 / socket.p50,
                              "median_publish_call_us": Double(call) / 1000, "median_after_call_us": Double(afterCall) / 1000]
-                report.row([sizeName(size), name, fmt(shm.p50), fmt(shm.p99), fmt(shm.p999), fmt(socket.p50), fmt(socket.p99),
-                            fmt(socket.p999), fmt(shm.p50 / socket.p50) + "x"])
+                report.latencyRow(size: size, path: name, shm, against: socket)
                 report.text += "   split (medians): the publish call \(fmt(Double(call) / 1000)) µs (its thread had slept 200 µs), "
                     + "its return -> reader holds it \(fmt(Double(afterCall) / 1000)) µs\n"
                 switch mode {
@@ -843,6 +840,13 @@ struct Report {
 
     /// An indented line under the last row.
     mutating func note(_ line: String) { text += "   \(line)\n" }
+
+    /// One row of the latency table: a path's p50, p99 and p99.9 beside the direct socket's, and
+    /// the ratio of the p50s.
+    mutating func latencyRow(size: Int, path: String, _ measured: LatencySummary, against socket: LatencySummary) {
+        row([sizeName(size), path, fmt(measured.p50), fmt(measured.p99), fmt(measured.p999), fmt(socket.p50), fmt(socket.p99),
+             fmt(socket.p999), fmt(measured.p50 / socket.p50) + "x"])
+    }
 
     mutating func goal(_ name: String, value: Double, target: Double, lowerIsBetter: Bool = false) {
         guard !value.isNaN else { return }  // not measured in this run

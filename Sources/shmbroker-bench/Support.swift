@@ -100,17 +100,18 @@ struct LatencySummary {
 /// The median of `values` (the upper one of an even count; 0 for none).
 func median(_ values: [UInt64]) -> UInt64 { values.isEmpty ? 0 : values.sorted()[values.count / 2] }
 
+/// How long `work` ran, in nanoseconds (at least 1, so that a rate never divides by zero).
+func elapsedNanoseconds(_ work: () -> Void) -> Double {
+    let start = Clock.monotonicNanoseconds()
+    work()
+    return Double(max(Clock.monotonicNanoseconds() - start, 1))
+}
+
 /// Runs `body` repeatedly and returns the median throughput in GB/s for `bytes` per run.
 func medianThroughput(bytes: Int, runs: Int, _ body: () -> Void) -> Double {
     body()  // warm-up: page faults and caches
-    var rates: [Double] = []
-    for _ in 0..<runs {
-        let start = Clock.monotonicNanoseconds()
-        body()
-        let elapsed = max(Clock.monotonicNanoseconds() - start, 1)
-        rates.append(Double(bytes) / Double(elapsed))
-    }
-    return rates.sorted()[rates.count / 2]
+    let rates = (0..<runs).map { _ in Double(bytes) / elapsedNanoseconds(body) }.sorted()
+    return rates[rates.count / 2]
 }
 
 /// The median ratio of `body`'s throughput to `baseline`'s over `runs` pairs run back to back, so
@@ -119,12 +120,7 @@ func medianThroughput(bytes: Int, runs: Int, _ body: () -> Void) -> Double {
 func medianPairedRatio(runs: Int, _ body: () -> Void, over baseline: () -> Void) -> Double {
     body()
     baseline()  // warm-up
-    func elapsed(_ work: () -> Void) -> Double {
-        let start = Clock.monotonicNanoseconds()
-        work()
-        return Double(max(Clock.monotonicNanoseconds() - start, 1))
-    }
-    let ratios = (0..<max(runs, 1)).map { _ in elapsed(baseline) / elapsed(body) }.sorted()
+    let ratios = (0..<max(runs, 1)).map { _ in elapsedNanoseconds(baseline) / elapsedNanoseconds(body) }.sorted()
     return ratios[ratios.count / 2]
 }
 
