@@ -138,12 +138,22 @@ final class BrokerMetrics {
         longestTurn.record(Double(longestTurnNanoseconds) / 1e9)
     }
 
+    /// Series that add up every user's activity (loop turns, error replies, rings): shown only to
+    /// a peer that may see every segment, since their changes time publishes of the others.
+    static let daemonWideActivity: Set<Substring> = [
+        "shmbroker_event_loop_iterations_total", "shmbroker_event_loop_longest_turn_seconds",
+        "shmbroker_error_replies_total", "shmbroker_rings_attached_total", "shmbroker_rings_detached_total",
+    ]
+
     /// The Prometheus text format. For a peer that may not read every segment, the series of the
-    /// segments it may not read are left out (the same rule as STATUS).
+    /// segments it may not read, and the daemon-wide activity series, are left out (the same rule
+    /// as STATUS).
     func text(visibleSegments visible: Set<String>?) -> String {
         let all = registry.emitToString()
         guard let visible else { return all }
         return all.split(separator: "\n", omittingEmptySubsequences: false).filter { line in
+            let series = line.hasPrefix("# ") ? line.split(separator: " ").dropFirst(2).first ?? "" : line.prefix { $0 != "{" && $0 != " " }
+            if Self.daemonWideActivity.contains(series) { return false }
             guard !line.hasPrefix("#"), let start = line.range(of: "segment=\"") else { return true }
             let rest = line[start.upperBound...]
             guard let end = rest.firstIndex(of: "\"") else { return false }

@@ -49,7 +49,7 @@ public final class BrokerServer {
     var lastPersistenceRound: UInt64 = 0
     var lastMetricsWrite: UInt64 = 0
     var metricsWriteFailed = false
-    var archive: SegmentArchive { SegmentArchive(directory: configuration.persistence.directory) }
+    var archive: SegmentArchive { SegmentArchive(directory: configuration.persistence.directory, trustedOwners: [daemonUID]) }
     let epoll: Epoll
     var listener: FileDescriptor?
     var ownsSocketPath = false
@@ -238,23 +238,25 @@ public final class BrokerServer {
 
     // MARK: Persistence
 
-    /// Creates the directory of saved segments (0700) if needed; a config with persistent
-    /// segments does not start without one.
+    /// Creates the directory of saved segments (0700) if needed, and checks that nobody the
+    /// daemon does not trust can plant or replace files in it; a config with persistent segments
+    /// does not start without one.
     func preparePersistenceDirectory() throws {
         let directory = configuration.persistence.directory
         do {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
-                                                    attributes: [.posixPermissions: 0o700])
+            try FileSystem.createDirectory(directory, permissions: 0o700)
+            try FileSystem.checkTrustedDirectory(directory, owners: [daemonUID])
         } catch {
-            throw DaemonError.persistence("cannot create the persistence directory \(directory): \(error.localizedDescription)")
+            throw DaemonError.persistence("the persistence directory cannot be used: \(error) (set StateDirectory= in the unit, or persistence.directory)")
         }
-        guard access(directory, W_OK) == 0 else {
-            throw DaemonError.persistence("the persistence directory \(directory) is not writable (set StateDirectory= in the unit, or persistence.directory)")
+        guard FileSystem.isWritable(directory) else {
+            throw DaemonError.persistence("the persistence directory \(directory) is not writable by uid \(daemonUID) (set StateDirectory= in the unit, or persistence.directory)")
         }
     }
 
     /// Brings back the saved version of a new persistent segment, with its number and time. A
-    /// file that fails its checks is logged, moved aside (`.rejected`) and not served.
+    /// file that fails its checks is logged, moved aside (`.rejected`, every copy kept) and not
+    /// served; a file that cannot be read is logged and left where it is.
     func restoreFromDisk(_ segment: ManagedSegment) {
         guard segment.definition.persists else { return }
         do {
@@ -263,32 +265,58 @@ public final class BrokerServer {
                 try segment.writer.restore(bytes, version: saved.version, expectedCRC: saved.crc64,
                                            publishedAtNanoseconds: saved.publishedAtNanoseconds)
             }
-            segment.savedVersion = saved.version
+            segment.saves.savedVersion.store(saved.version, ordering: .relaxed)
             logger.info("segment restored from disk", metadata: [
                 "segment": "\(segment.name)", "version": "\(saved.version)", "bytes": "\(saved.bytes.count)",
             ])
+        } catch let failure as SegmentArchive.Failure where !failure.movesFileAside {
+            logger.error("saved segment unreadable; starting it empty and leaving the file in place", metadata: [
+                "segment": "\(segment.name)", "error": "\(failure)"])
         } catch {
-            logger.error("saved segment rejected; starting it empty", metadata: ["segment": "\(segment.name)", "error": "\(error)"])
-            archive.reject(segment.name)
+            do {
+                let aside = try archive.reject(segment.name)
+                logger.error("saved segment rejected; starting it empty", metadata: [
+                    "segment": "\(segment.name)", "error": "\(error)", "movedTo": "\(aside)"])
+            } catch let moveError {
+                logger.error("saved segment rejected; starting it empty", metadata: [
+                    "segment": "\(segment.name)", "error": "\(error)", "moveAside": "\(moveError)"])
+            }
         }
     }
 
-    /// Saves persistent segments whose version changed since their last save: the snapshot is
-    /// taken here (a verified read), the file written on the persistence queue, or right here
-    /// when `synchronously` (on stop).
+    /// Saves persistent segments whose version changed since their last successful save: the
+    /// snapshot is taken here (a verified read), the file written on the persistence queue, or
+    /// right here when `synchronously` (on stop). A version counts as saved only once its file
+    /// is written, so a failed save is tried again at the next round, and on stop.
     func savePersistentSegments(synchronously: Bool) {
         let archive = self.archive
         for segment in segments.values where segment.definition.persists {
+            let saves = segment.saves
             let version = segment.writer.latestVersion
-            guard version != 0, version != segment.savedVersion else { continue }
+            guard version != 0, version != saves.savedVersion.load(ordering: .acquiring),
+                  !saves.inFlight.load(ordering: .acquiring) else { continue }
             guard let reader = try? SegmentReader(region: segment.writer.region), let snapshot = try? reader.read() else { continue }
-            segment.savedVersion = snapshot.version
+            saves.inFlight.store(true, ordering: .releasing)
             let logger = self.logger, name = segment.name
             let work: @Sendable () -> Void = {
+                defer { saves.inFlight.store(false, ordering: .releasing) }
                 do {
                     try archive.save(name, snapshot)
+                    saves.savedVersion.store(snapshot.version, ordering: .releasing)
+                    let failed = saves.failures.exchange(0, ordering: .relaxed)
+                    if failed > 0 {
+                        logger.notice("persistent segment saved again", metadata: [
+                            "segment": "\(name)", "version": "\(snapshot.version)", "failedAttempts": "\(failed)"])
+                    }
                 } catch {
-                    logger.error("saving a persistent segment failed", metadata: ["segment": "\(name)", "error": "\(error)"])
+                    // Logged on the first failure and then every tenth, with the count; retried
+                    // every round.
+                    let failed = saves.failures.wrappingIncrementThenLoad(ordering: .relaxed)
+                    if failed == 1 || failed % 10 == 0 || synchronously {
+                        logger.error("saving a persistent segment failed; it will be retried", metadata: [
+                            "segment": "\(name)", "version": "\(snapshot.version)", "error": "\(error)",
+                            "failedAttempts": "\(failed)"])
+                    }
                 }
             }
             if synchronously { work() } else { persistenceQueue.async(execute: work) }
@@ -589,18 +617,24 @@ public final class BrokerServer {
         "serving \(segments.count) segment\(segments.count == 1 ? "" : "s") to \(clients.count) client\(clients.count == 1 ? "" : "s"); \(totalPublishes) publishes"
     }
 
-    /// Writes every metric to `metrics.textfile` for node_exporter's textfile collector:
-    /// a temporary file beside it, then a rename, so the collector never reads half a file.
+    /// Writes the metrics to `metrics.textfile` for node_exporter's textfile collector: a new
+    /// file beside it, created exclusively under an unpredictable name, then renamed over it, so
+    /// the collector never reads half a file and nothing planted in the directory is followed.
+    /// A file every user may read holds only what every user may see.
     func writeMetricsTextfile() {
         guard let path = configuration.metrics.textfile else { return }
-        let temporary = path + ".tmp"
-        do {
-            try Data(metricsText(visibleSegments: nil).utf8).write(to: URL(fileURLWithPath: temporary))
-            chmod(temporary, 0o644)
-            guard rename(temporary, path) == 0 else { throw Errno(rawValue: errno) }
+        let settings = configuration.metrics
+        let text = metricsText(visibleSegments: settings.textfileIsPublic
+            ? Set(segments.values.filter { $0.definition.readers.everyone }.map(\.name)) : nil)
+        do throws(FileSystemError) {
+            // Anyone who may write the directory could replace the file: refuse a directory
+            // every user may write (unless sticky, like /tmp).
+            try FileSystem.checkTrustedDirectory(FileSystem.split(path).directory, owners: nil, groupMayWrite: true,
+                                                 stickyMayBeShared: true)
+            try FileSystem.replace(path, with: [Array(text.utf8)], permissions: mode_t(settings.textfileMode), durable: false)
+            if metricsWriteFailed { logger.notice("the metrics textfile is written again", metadata: ["path": "\(path)"]) }
             metricsWriteFailed = false
         } catch {
-            unlink(temporary)
             if !metricsWriteFailed {  // once per failure streak, not every few seconds
                 logger.error("cannot write the metrics textfile", metadata: ["path": "\(path)", "error": "\(error)"])
             }

@@ -25,10 +25,7 @@ public enum DaemonLauncher {
     /// One descriptor per client and per segment: lift the soft limit to the hard one
     /// (`LimitNOFILE=` in the unit sets the hard limit).
     static func raiseDescriptorLimit() {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
-        limit.rlim_cur = limit.rlim_max
-        _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        ResourceLimits.raiseOpenFilesToMaximum()
     }
 
     /// Runs the daemon in the foreground until SIGTERM or SIGINT. Returns the process exit code.

@@ -18,8 +18,9 @@ final class ManagedSegment {
     var eventsSent: UInt64 = 0
     var eventsCoalesced: UInt64 = 0
     var slowSubscribersDropped: UInt64 = 0
-    /// The version last saved to disk (persistent segments only).
-    var savedVersion: UInt64 = 0
+    /// What is on disk for this segment (persistent segments only), shared with the persistence
+    /// queue that writes the files.
+    let saves = SaveRecord()
     /// The version the timer's wake-up backstop last saw (see ``SegmentWriter/wakeAllWaiters()``).
     var versionAtLastBackstop: UInt64 = 0
     let writer: SegmentWriter
@@ -156,4 +157,16 @@ final class SegmentSignals: Sendable {
     /// Set by the publisher after a publish, cleared by the loop before it announces the latest
     /// version: one doorbell ring per burst of publishes, however many there are.
     let announcePending = ManagedAtomic<Bool>(false)
+}
+
+/// The saves of one persistent segment, shared between the event loop (which decides what to
+/// save) and the persistence queue (which writes it): a version counts as saved only once its
+/// file is on disk, so a failed save (a full disk) is tried again at the next round and on stop.
+final class SaveRecord: Sendable {
+    /// The version whose file is on disk (0: none yet).
+    let savedVersion = ManagedAtomic<UInt64>(0)
+    /// Whether a save is queued or being written: the loop starts no second one meanwhile.
+    let inFlight = ManagedAtomic<Bool>(false)
+    /// Saves that failed since the last one that succeeded.
+    let failures = ManagedAtomic<Int>(0)
 }

@@ -1,5 +1,6 @@
 import Foundation
 import ShmBrokerCore
+import ShmBrokerPlatform
 import SystemPackage
 
 /// The on-disk copy of a persistent segment's latest version (`"persist": true`), so that content
@@ -28,25 +29,43 @@ struct SegmentArchive {
     static let headerSize = 128
 
     let directory: String
+    /// Users besides root whose files are trusted: the daemon's own.
+    let trustedOwners: Set<UInt32>
+
+    /// Versions at or above 2^63 are refused: a restored segment must be able to go on publishing
+    /// (2^64 − 1 would make the next publish version 0, "never published").
+    static let highestContinuableVersion: UInt64 = 1 << 63
 
     func path(of segment: String) -> String { directory + "/" + segment + ".segment" }
 
     /// Why a saved file was not used, or a save failed.
     enum Failure: Error, CustomStringConvertible {
+        /// The file exists but could not be read (permissions, I/O): it is left where it is.
         case unreadable(String, Errno)
         case truncated(String, size: Int)
         case foreign(String, reason: String)
         case corrupt(String, reason: String)
-        case cannotWrite(String, Errno)
+        /// Not a regular file (a FIFO, a device, a link …), or owned by a user the daemon does
+        /// not trust: never opened for reading, moved aside.
+        case refused(FileSystemError)
+        case cannotWrite(FileSystemError)
 
         var description: String {
             switch self {
-            case let .unreadable(path, error): return "cannot read \(path): \(error)"
+            case let .unreadable(path, error): return "cannot read \(path): \(error); the file is left where it is"
             case let .truncated(path, size): return "\(path) is truncated (\(size) bytes)"
             case let .foreign(path, reason): return "\(path) is not a saved shmbroker segment: \(reason)"
             case let .corrupt(path, reason): return "\(path) is corrupt: \(reason)"
-            case let .cannotWrite(path, error): return "cannot save \(path): \(error); the previous file is kept"
+            case let .refused(error): return "\(error)"
+            case let .cannotWrite(error): return "\(error); the previous file is kept"
             }
+        }
+
+        /// Whether the file should be moved aside: everything but a file the daemon cannot read,
+        /// which may be fine once its permissions or the disk are repaired.
+        var movesFileAside: Bool {
+            if case .unreadable = self { return false }
+            return true
         }
     }
 
@@ -54,13 +73,17 @@ struct SegmentArchive {
     /// nothing was saved.
     func load(_ segment: String, capacity: Int) throws(Failure) -> SegmentSnapshot? {
         let path = path(of: segment)
-        let fd: FileDescriptor
+        let opened: (FileDescriptor, FileSystem.Entry)?
         do {
-            fd = try FileDescriptor.open(path, .readOnly, options: [.closeOnExec, .noFollow])
+            opened = try FileSystem.openRegularFile(path)
         } catch {
-            let failure = (error as? Errno) ?? .ioError
-            if failure == .noSuchFileOrDirectory { return nil }
-            throw .unreadable(path, failure)
+            if case .system(let code) = error.kind { throw .unreadable(path, code) }
+            throw .refused(error)
+        }
+        guard let (fd, entry) = opened else { return nil }
+        guard entry.uid == 0 || trustedOwners.contains(entry.uid) else {
+            fd.closeQuietly()
+            throw .refused(FileSystemError(path: path, operation: "trust", kind: .untrustedOwner(uid: entry.uid)))
         }
         defer { fd.closeQuietly() }
         let size: Int
@@ -87,6 +110,9 @@ struct SegmentArchive {
         guard name == segment else { throw .foreign(path, reason: "it holds segment \"\(name.prefix(64))\"") }
         let version = field(UInt64.self, 80), length = field(UInt64.self, 88)
         guard version > 0 else { throw .corrupt(path, reason: "version 0") }
+        guard version < Self.highestContinuableVersion else {
+            throw .corrupt(path, reason: "version \(version) cannot be continued (the next publish would wrap to 0)")
+        }
         guard length <= UInt64(capacity) else {
             throw .foreign(path, reason: "its \(length) bytes exceed the segment's capacity of \(capacity)")
         }
@@ -123,39 +149,19 @@ struct SegmentArchive {
         put(snapshot.crc64, 96)
         put(snapshot.publishedAtNanoseconds, 104)
         put(header.withUnsafeBytes { CRC64.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<112])) }, 112)
-        let temporary = directory + "/." + segment + ".segment.tmp"
-        do throws(Errno) {
-            let fd: FileDescriptor
-            do {
-                fd = try FileDescriptor.open(temporary, .writeOnly, options: [.create, .truncate, .closeOnExec, .noFollow],
-                                             permissions: [.ownerReadWrite])
-            } catch {
-                throw (error as? Errno) ?? .ioError
-            }
-            do throws(Errno) {
-                let contents = header + snapshot.bytes
-                try contents.withUnsafeBytes { buffer in Result { () throws(Errno) in try fd.writeFully(buffer) } }.get()
-                guard fsync(fd.rawValue) == 0 else { throw Errno(rawValue: errno) }
-            } catch {
-                fd.closeQuietly()
-                throw error
-            }
-            fd.closeQuietly()
-            guard rename(temporary, path) == 0 else { throw Errno(rawValue: errno) }
+        do {
+            try FileSystem.replace(path, with: [header, snapshot.bytes], permissions: 0o600)
         } catch {
-            unlink(temporary)
-            throw .cannotWrite(path, error)
-        }
-        // The rename is durable once the directory is synced.
-        if let directoryFD = try? FileDescriptor.open(directory, .readOnly, options: [.directory, .closeOnExec]) {
-            _ = fsync(directoryFD.rawValue)
-            directoryFD.closeQuietly()
+            throw .cannotWrite(error)
         }
     }
 
-    /// Moves a file that failed its checks aside (`NAME.segment.rejected`), so it is neither served
-    /// nor overwritten before someone can look at it.
-    func reject(_ segment: String) {
-        _ = rename(path(of: segment), path(of: segment) + ".rejected")
+    /// Moves a file that failed its checks aside (`NAME.segment.rejected`, then `.rejected.2` …),
+    /// so it is neither served nor overwritten before someone can look at it; every rejected copy
+    /// is kept.
+    ///
+    /// - Returns: where the file went.
+    func reject(_ segment: String) throws(FileSystemError) -> String {
+        try FileSystem.moveAside(path(of: segment), suffix: ".rejected")
     }
 }

@@ -102,11 +102,19 @@ public struct MetricsSettings: Sendable, Equatable {
     /// The `.prom` file, rewritten atomically every ``intervalSeconds``; nil: not written.
     public var textfile: String?
     public var intervalSeconds: Double
+    /// The textfile's permission bits (`metrics.textfileMode`, default `0644`). A file every user
+    /// may read holds only what every user may see (segments whose readers are `"*"`); a mode
+    /// without the "others may read" bit holds every metric.
+    public var textfileMode: UInt32
 
-    public init(textfile: String? = nil, intervalSeconds: Double = 5) {
+    public init(textfile: String? = nil, intervalSeconds: Double = 5, textfileMode: UInt32 = 0o644) {
         self.textfile = textfile
         self.intervalSeconds = intervalSeconds
+        self.textfileMode = textfileMode
     }
+
+    /// Whether every user may read the textfile, so that it may show only what everyone may see.
+    public var textfileIsPublic: Bool { textfileMode & 0o004 != 0 }
 }
 
 /// Resource limits of the control channel.
@@ -322,12 +330,19 @@ private struct Checker {
 
     mutating func metricsSettings(_ value: JSONValue?, at path: String) -> MetricsSettings {
         var settings = MetricsSettings()
-        guard let value, let fields = members(value, at: path, allowed: ["textfile", "intervalSeconds"]) else { return settings }
+        guard let value, let fields = members(value, at: path, allowed: ["textfile", "intervalSeconds", "textfileMode"]) else { return settings }
         if let raw = fields["textfile"].flatMap({ string($0, at: "\(path).textfile") }), let expanded = expand(raw, at: "\(path).textfile") {
             if expanded.hasPrefix("/"), !expanded.utf8.contains(0), !expanded.hasSuffix("/") {
                 settings.textfile = expanded
             } else {
                 problem("\(path).textfile", "must be an absolute file path, got '\(expanded)'")
+            }
+        }
+        if let raw = fields["textfileMode"].flatMap({ string($0, at: "\(path).textfileMode") }) {
+            if let mode = UInt32(raw, radix: 8), mode <= 0o666 {
+                settings.textfileMode = mode
+            } else {
+                problem("\(path).textfileMode", "expected an octal permission string such as \"0640\" (no execute or special bits), got \"\(raw)\"")
             }
         }
         if let interval = fields["intervalSeconds"] {

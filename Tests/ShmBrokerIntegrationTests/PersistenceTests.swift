@@ -101,7 +101,7 @@ final class PersistenceTests: XCTestCase {
         guard getuid() == 0 else { throw XCTSkip("mounting a small tmpfs needs root") }
         let directory = try scratchDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        guard try runToCompletion("/bin/mount", ["-t", "tmpfs", "-o", "size=16k", "tmpfs", directory]).status == 0 else {
+        guard try runToCompletion("/bin/mount", ["-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs", directory]).status == 0 else {
             throw XCTSkip("cannot mount a tmpfs here")
         }
         defer { _ = try? runToCompletion("/bin/umount", [directory]) }
