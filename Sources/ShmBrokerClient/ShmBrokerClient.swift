@@ -364,6 +364,19 @@ public final class ShmBrokerClient: Sendable {
             throw .protocolViolation("OPEN reply carried no segment descriptor")
         }
         defer { reply.descriptors.forEach { $0.closeQuietly() } }
+        // Nothing the owner sent is trusted before it is checked: a descriptor shorter than the
+        // mapping it announced, or one it could still shrink, would kill this process with SIGBUS.
+        guard info.mappingSize >= UInt64(SegmentLayout.headerSize), info.mappingSize <= UInt64(Int.max / 2) else {
+            throw .protocolViolation("OPENED for \(name) announced a mapping of \(info.mappingSize) bytes")
+        }
+        do {
+            try MemoryFile.checkMappable(descriptor, length: Int(info.mappingSize))
+            if reply.descriptors.count >= 2 {
+                try MemoryFile.checkMappable(reply.descriptors[1], length: SegmentLayout.WaitBoard.size)
+            }
+        } catch {
+            throw .protocolViolation("OPENED for \(name): a descriptor cannot be mapped safely: \(error)")
+        }
         let region: MappedRegion
         do {
             region = try MappedRegion(mapping: descriptor, length: Int(info.mappingSize), writable: false)
@@ -532,7 +545,11 @@ public final class ShmBrokerClient: Sendable {
 
     /// The first `length` bytes of a report sent as a descriptor.
     private static func contents(of file: FileDescriptor?, length: UInt64, what: String) throws(ShmBrokerClientError) -> [UInt8] {
-        guard let file, length <= 1 << 30 else { throw .protocolViolation("a \(what) file without a descriptor") }
+        guard let file else { throw .protocolViolation("a \(what) file without a descriptor") }
+        // A length larger than the file is refused before anything is allocated for it.
+        guard let size = try? file.fileSize(), length <= UInt64(size), length <= 1 << 30 else {
+            throw .protocolViolation("the \(what) file is shorter than the \(length) bytes announced")
+        }
         var bytes = [UInt8](repeating: 0, count: Int(length))
         let read = bytes.withUnsafeMutableBytes { buffer in
             Result { () throws(Errno) in try file.readFully(into: buffer, atOffset: 0) }

@@ -92,6 +92,46 @@ public enum MemoryFile {
         Seals(rawValue: try retryingInterrupts { shmb_get_seals(fd.rawValue) })
     }
 
+    /// Why a descriptor another process handed over may not be mapped for `length` bytes.
+    public enum MappingRefusal: Error, Equatable, CustomStringConvertible {
+        case system(Errno)
+        case notARegularFile
+        case tooShort(size: Int, needed: Int)
+        case notSealedAgainstShrinking
+
+        public var description: String {
+            switch self {
+            case .system(let error): return "cannot examine it: \(error)"
+            case .notARegularFile: return "it is not a memory file"
+            case let .tooShort(size, needed): return "it holds \(size) bytes, not the \(needed) announced"
+            case .notSealedAgainstShrinking: return "it is not sealed against shrinking (F_SEAL_SHRINK), so it could shrink under the mapping"
+            }
+        }
+    }
+
+    /// Checks a descriptor received from another process before mapping `length` bytes of it: a
+    /// regular file at least that long, sealed so that nobody can shrink it afterwards. A mapping
+    /// past a file's end, or of a file someone truncates, kills the reader with SIGBUS.
+    public static func checkMappable(_ fd: FileDescriptor, length: Int) throws(MappingRefusal) {
+        do {
+            guard try fd.isRegularFile() else { throw MappingRefusal.notARegularFile }
+            let size = try fd.fileSize()
+            guard size >= length else { throw MappingRefusal.tooShort(size: size, needed: length) }
+        } catch let error as MappingRefusal {
+            throw error
+        } catch {
+            throw .system((error as? Errno) ?? .ioError)
+        }
+        let current: Seals
+        do {
+            current = try seals(of: fd)
+        } catch {
+            // EINVAL: not a memfd (or a file system without seals), which nothing keeps from shrinking.
+            throw error == .invalidArgument ? .notSealedAgainstShrinking : .system(error)
+        }
+        guard current.contains(.shrink) else { throw .notSealedAgainstShrinking }
+    }
+
     /// The `F_SEAL_*` bits of a memfd.
     public struct Seals: OptionSet, Sendable {
         public let rawValue: Int32

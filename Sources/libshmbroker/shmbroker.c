@@ -292,6 +292,23 @@ struct shmb_segment {
     uint32_t slots;
 };
 
+/* A descriptor from the owner may be mapped for `length` bytes: a regular file that long, sealed
+ * against shrinking so that it stays that long. */
+static int check_mappable(int fd, size_t length, const char *name, const char *what) {
+    struct stat info;
+    if (fstat(fd, &info) != 0) return fail_errno("fstat of a received descriptor");
+    if (!S_ISREG(info.st_mode)) return fail(SHMB_ERR_PROTOCOL, "OPENED for \"%s\": the %s descriptor is not a memory file", name, what);
+    if ((uint64_t)info.st_size < (uint64_t)length) {
+        return fail(SHMB_ERR_PROTOCOL, "OPENED for \"%s\": the %s holds %lld bytes, not the %zu announced", name, what,
+                    (long long)info.st_size, length);
+    }
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || !(seals & F_SEAL_SHRINK)) {
+        return fail(SHMB_ERR_PROTOCOL, "OPENED for \"%s\": the %s is not sealed against shrinking", name, what);
+    }
+    return SHMB_OK;
+}
+
 int shmb_open(shmb_client *c, const char *name, shmb_segment **out) {
     int status = check_name(name);
     if (status) return status;
@@ -308,7 +325,18 @@ int shmb_open(shmb_client *c, const char *name, shmb_segment **out) {
         if (!s) status = fail(SHMB_ERR_SYSTEM, "out of memory");
     }
     if (!status) {
-        s->size = (size_t)get64(c->frame + HEADER + 16);
+        /* Nothing the owner sent is trusted before it is checked: a descriptor shorter than the
+         * mapping it announced, or one it could still shrink, would kill this process (SIGBUS). */
+        uint64_t announced = get64(c->frame + HEADER + 16);
+        if (announced < 256 || announced > (uint64_t)SIZE_MAX / 2) {
+            status = fail(SHMB_ERR_PROTOCOL, "OPENED for \"%s\" announced a mapping of %llu bytes", name, (unsigned long long)announced);
+        } else {
+            s->size = (size_t)announced;
+            status = check_mappable(fds[0], s->size, name, "segment");
+        }
+    }
+    if (!status && nfds >= 2) status = check_mappable(fds[1], 4096, name, "wait board");
+    if (!status) {
         void *base = mmap(NULL, s->size, PROT_READ, MAP_SHARED, fds[0], 0);
         if (base == MAP_FAILED) status = fail_errno("mmap of the segment");
         else s->base = base;
@@ -325,8 +353,10 @@ int shmb_open(shmb_client *c, const char *name, shmb_segment **out) {
             s->capacity = load64(s->base + 0x10);
             s->slots = load32(s->base + 0x18);
             s->stride = load64(s->base + 0x20);
-            if (s->slots < 2 || s->slots > 16 || s->stride != 64 + ((s->capacity + 63) / 64) * 64
-                || 256 + s->slots * s->stride > s->size) {
+            /* Every field bounded before any arithmetic: a capacity near 2^64 would wrap the stride. */
+            if (s->capacity < 1 || s->capacity > s->size || s->slots < 2 || s->slots > 16
+                || s->stride != 64 + ((s->capacity + 63) / 64) * 64 || s->stride > s->size
+                || 256 + (uint64_t)s->slots * s->stride > s->size) {
                 status = fail(SHMB_ERR_BAD_SEGMENT, "segment \"%s\": the header does not match the mapping", name);
             }
         }
@@ -525,7 +555,16 @@ int shmb_status(shmb_client *c, char **json, size_t *length) {
         text = malloc(size + 1);
         if (text) memcpy(text, c->frame + HEADER, size);
     } else if (type == 0x8007 && reply >= 8 && nfds == 1) {
-        size = (size_t)get64(c->frame + HEADER);
+        /* The length is the owner's word: it must fit the file and leave room for the NUL. */
+        uint64_t announced = get64(c->frame + HEADER);
+        struct stat info;
+        if (fstat(fds[0], &info) != 0 || !S_ISREG(info.st_mode) || announced > (uint64_t)info.st_size
+            || announced > ((uint64_t)1 << 30)) {
+            close(fds[0]);
+            return fail(SHMB_ERR_PROTOCOL, "STATUS_REPORT_FILE announced %llu bytes that its file does not hold",
+                        (unsigned long long)announced);
+        }
+        size = (size_t)announced;
         text = malloc(size + 1);
         if (text && pread(fds[0], text, size, 0) != (ssize_t)size) { free(text); text = NULL; }
     } else {

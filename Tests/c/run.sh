@@ -34,3 +34,16 @@ if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null; then
 else
     echo "libshmbroker (other): skipped (needs root and setpriv to run as another uid)"
 fi
+
+# Against a hostile owner (Tests/hostile/server.py): every scenario must end in an error, not in a
+# crash or a sanitizer report.
+for scenario in short-file short-sealed huge-capacity unsealed short-board pipe status-overflow status-long; do
+    hostile="$work/hostile-$scenario.sock"
+    python3 Tests/hostile/server.py "$hostile" "$scenario" >/dev/null &
+    hostile_pid=$!
+    for _ in $(seq 1 200); do [ -S "$hostile" ] && break; sleep 0.05; done
+    status=0
+    "$build/test_shmbroker" hostile "$hostile" "$scenario" || status=$?
+    kill "$hostile_pid" 2>/dev/null; wait "$hostile_pid" 2>/dev/null || true
+    [ "$status" = 0 ] || { echo "libshmbroker against a hostile owner ($scenario): exit status $status"; exit 1; }
+done

@@ -137,9 +137,46 @@ static void as_other_uid(const char *socket_path) {
     shmb_close(client);
 }
 
+/* Against Tests/hostile/server.py: every descriptor and length it sends is refused with an error,
+ * never mapped or trusted (a crash, or an ASan report, fails the test run). */
+static void against_hostile(const char *socket_path, const char *scenario) {
+    shmb_client *client = NULL;
+    CHECK(shmb_connect(socket_path, "c-test-hostile", &client) == SHMB_OK, "connect");
+    if (!client) return;
+    if (strncmp(scenario, "status-", 7) == 0) {
+        char *json = NULL;
+        int status = shmb_status(client, &json, NULL);
+        CHECK(status == SHMB_ERR_PROTOCOL, "%s: STATUS refused (got %d)", scenario, status);
+        free(json);
+    } else {
+        shmb_segment *segment = NULL;
+        int status = shmb_open(client, "hostile", &segment);
+        CHECK(status == SHMB_ERR_PROTOCOL || status == SHMB_ERR_BAD_SEGMENT, "%s: OPEN refused (got %d)", scenario, status);
+        if (status == SHMB_OK) {  /* what a trusting client would go on to do */
+            const void *view = NULL;
+            char buffer[64];
+            shmb_version_info info;
+            uint64_t latest;
+            (void)shmb_read_borrowed(segment, &view, &info);
+            (void)shmb_read(segment, buffer, sizeof buffer, &info);
+            (void)shmb_wait(segment, 5, 1000000, &latest);
+            shmb_segment_close(segment);
+        }
+    }
+    shmb_close(client);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 3) { fprintf(stderr, "usage: test_shmbroker root|other SOCKET\n"); return 2; }
-    if (strcmp(argv[1], "root") == 0) as_root(argv[2]); else as_other_uid(argv[2]);
-    printf("libshmbroker (%s): %d passed, %d failed\n", argv[1], checks - failures, failures);
+    if (argc == 4 && strcmp(argv[1], "hostile") == 0) {
+        against_hostile(argv[2], argv[3]);
+    } else if (argc != 3) {
+        fprintf(stderr, "usage: test_shmbroker root|other SOCKET, or test_shmbroker hostile SOCKET SCENARIO\n");
+        return 2;
+    } else if (strcmp(argv[1], "root") == 0) {
+        as_root(argv[2]);
+    } else {
+        as_other_uid(argv[2]);
+    }
+    printf("libshmbroker (%s): %d passed, %d failed\n", argc == 4 ? argv[3] : argv[1], checks - failures, failures);
     return failures ? 1 : 0;
 }

@@ -181,3 +181,102 @@ def test_status_and_permissions_as_another_user(daemon):
                             capture_output=True, text=True, env=environment, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["permission-denied", "['big', 'small']"]
+
+
+# --- Against a hostile owner (issue 17, items 4, 11, 12, 22) ------------------------------------
+
+HOSTILE = ROOT / "Tests" / "hostile" / "server.py"
+
+
+@pytest.fixture
+def hostile():
+    """Starts Tests/hostile/server.py for a scenario; yields a function that does so."""
+    started = []
+
+    def start(scenario):
+        directory = tempfile.mkdtemp(prefix="shmbroker-hostile-", dir="/tmp")
+        path = os.path.join(directory, "control.sock")
+        process = subprocess.Popen([sys.executable, str(HOSTILE), path, scenario], stdout=subprocess.PIPE)
+        started.append((process, directory))
+        assert process.stdout.readline().strip() == b"listening"
+        return path
+
+    yield start
+    for process, directory in started:
+        process.kill()
+        process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_client(code, socket_path):
+    """Runs `code` in a child interpreter (a SIGBUS there must not take pytest down)."""
+    script = f"import sys; sys.path.insert(0, {str(ROOT / 'Sources' / 'python')!r}); import shmbroker\n" + code
+    return subprocess.run([sys.executable, "-c", script, socket_path], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("scenario", ["short-file", "short-sealed", "huge-capacity", "unsealed", "short-board", "pipe"])
+def test_a_hostile_segment_descriptor_is_refused_not_mapped(hostile, scenario):
+    result = run_client(
+        "client = shmbroker.connect(sys.argv[1])\n"
+        "try:\n"
+        "    segment = client.open('hostile')\n"
+        "    segment.read(); segment.wait(5, timeout=0.01)\n"
+        "    with segment.borrow() as view: pass\n"
+        "    print('accepted')\n"
+        "except shmbroker.ShmBrokerError as error:\n"
+        "    print('refused', error.code, error.name)\n",
+        hostile(scenario))
+    assert result.returncode == 0, f"{scenario}: the client died ({result.returncode}): {result.stderr}"
+    assert result.stdout.split()[:2] in (["refused", "1007"], ["refused", "1005"]), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("scenario", ["status-overflow", "status-long"])
+def test_a_status_file_shorter_than_announced_is_refused(hostile, scenario):
+    with shmbroker.connect(hostile(scenario)) as client:
+        with pytest.raises(shmbroker.ShmBrokerError) as refused:
+            client.status()
+        assert refused.value.name == "protocol-violation"
+
+
+def test_a_silent_owner_times_out_instead_of_hanging(hostile):
+    client = shmbroker.connect(hostile("silent"), timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(shmbroker.ShmBrokerError) as waited:
+        client.open("anything")
+    assert waited.value.name == "timeout" and time.monotonic() - started < 5
+
+
+def test_wrong_replies_raise_library_errors_and_leak_no_descriptor(hostile):
+    path = hostile("wrong-replies")
+    before = len(os.listdir("/proc/self/fd"))
+    for request in (lambda c: c.open("x"), lambda c: c.subscribe("x"), lambda c: c.status()):
+        with shmbroker.connect(path) as client:
+            with pytest.raises(shmbroker.ShmBrokerError) as refused:
+                request(client)
+            assert refused.value.name == "protocol-violation", refused.value
+    assert len(os.listdir("/proc/self/fd")) == before, "descriptors that came with bad replies are closed"
+
+
+def test_borrowed_views_are_read_only_and_events_are_bounded(daemon):
+    with shmbroker.connect(daemon) as client:
+        client.publish("small", b"read only")
+        segment = client.open("small")
+        borrow = segment.borrow()
+        with borrow as view:
+            assert view.readonly and bytes(view) == b"read only"
+            with pytest.raises(TypeError):
+                view[0] = 1
+            assert borrow.valid
+        client.subscribe("small")
+        for index in range(200):
+            client.publish("small", bytes([index]))
+        # Events that arrived while publishing were coalesced: one VERSION per segment, the latest.
+        events = []
+        while True:
+            event = client.next_event(timeout=0.5)
+            if event is None:
+                break
+            events.append(event)
+        assert 1 <= len(events) <= shmbroker.MAX_QUEUED_EVENTS
+        assert events[-1].version == segment.latest_version
+        segment.close()

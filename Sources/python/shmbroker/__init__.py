@@ -10,6 +10,7 @@ its socket); a :class:`Segment` may be read from any number of threads at once.
 from __future__ import annotations
 
 import array
+import collections
 import ctypes
 import ctypes.util
 import fcntl
@@ -19,6 +20,7 @@ import os
 import platform
 import select
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from typing import Iterator, List, Optional, Tuple
 
 __all__ = [
     "connect", "Client", "Segment", "Snapshot", "Receipt", "Event", "ShmBrokerError", "crc64_xz", "crc64_xz_pure",
-    "ERROR_NAMES",
+    "ERROR_NAMES", "LOCAL_ERROR_NAMES",
 ]
 
 PROTOCOL_VERSION = 1
@@ -46,17 +48,31 @@ ERROR_NAMES = {
 }
 
 
-class ShmBrokerError(Exception):
-    """An error the daemon (or the segment memory) reported, with the protocol's stable code.
+#: This library's own codes, the same numbers as libshmbroker's (docs/PROTOCOL.md, "Client-library
+#: error codes").
+LOCAL_ERROR_NAMES = {
+    1000: "system-error", 1001: "corrupt", 1002: "contended", 1003: "never-published", 1004: "timeout",
+    1005: "bad-segment", 1006: "buffer-too-small", 1007: "protocol-violation", 1008: "invalid-argument",
+}
+SYSTEM_ERROR, CORRUPT, CONTENDED, TIMEOUT, BAD_SEGMENT, PROTOCOL_VIOLATION = 1000, 1001, 1002, 1004, 1005, 1007
 
-    Codes 1–20 are the protocol's (``ERROR_NAMES``); this library adds 1000 ``corrupt`` (a stable
-    copy failed its CRC), 1001 ``contended`` (the writer kept replacing the version) and 1002
-    ``bad-segment`` (the mapping is not a segment of a layout this library reads).
+#: Events kept for ``next_event`` at most; older ones are dropped, as the daemon coalesces them.
+MAX_QUEUED_EVENTS = 64
+
+
+class ShmBrokerError(Exception):
+    """An error the daemon (or the segment memory) reported, with a stable code.
+
+    Codes 1–20 are the protocol's (``ERROR_NAMES``); 1000 and up are this library's own
+    (``LOCAL_ERROR_NAMES``, shared with libshmbroker): for example 1001 ``corrupt`` (a stable copy
+    failed its CRC), 1002 ``contended`` (the writer kept replacing the version), 1005
+    ``bad-segment`` (the mapping is not a segment this library can read safely) and 1007
+    ``protocol-violation`` (the owner sent a reply this library does not accept).
     """
 
     def __init__(self, code: int, message: str):
         self.code = code
-        self.name = ERROR_NAMES.get(code) or {1000: "corrupt", 1001: "contended", 1002: "bad-segment"}.get(code, "error")
+        self.name = ERROR_NAMES.get(code) or LOCAL_ERROR_NAMES.get(code, "error")
         self.message = message
         super().__init__(f"{self.name} ({code}): {message}")
 
@@ -169,18 +185,37 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
+def _check_mappable(fd: int, size: int) -> None:
+    """Refuses a descriptor that mapping ``size`` bytes of could crash this process: not a
+    regular file, shorter than ``size``, or not sealed against shrinking (SIGBUS on a read)."""
+    try:
+        info = os.fstat(fd)
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if stat.S_ISREG(info.st_mode) else 0
+    except OSError as error:
+        raise ShmBrokerError(PROTOCOL_VIOLATION, f"a descriptor from the owner cannot be examined: {error}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ShmBrokerError(PROTOCOL_VIOLATION, "a descriptor from the owner is not a memory file")
+    if info.st_size < size:
+        raise ShmBrokerError(PROTOCOL_VIOLATION, f"a descriptor from the owner holds {info.st_size} bytes, not the {size} announced")
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise ShmBrokerError(PROTOCOL_VIOLATION, "a descriptor from the owner is not sealed against shrinking")
+
+
 class _Mapping:
     """A shared mapping of a descriptor, addressed directly so that 4- and 8-byte fields are read
     with single loads (a ``struct.unpack`` of a memoryview may copy byte by byte)."""
 
     def __init__(self, fd: int, size: int, writable: bool):
+        _check_mappable(fd, size)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         address = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, 0)
         if address in (None, ctypes.c_void_p(-1).value):
             error = ctypes.get_errno()
             raise OSError(error, f"mmap: {os.strerror(error)}")
         self.address, self.size = address, size
-        self.view = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+        view = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+        # A read-only mapping gets a read-only view: a store through it would kill the interpreter.
+        self.view = view if writable else view.toreadonly()
 
     def u64(self, offset: int) -> int:
         return ctypes.c_uint64.from_address(self.address + offset).value
@@ -253,22 +288,30 @@ class Segment:
 
     def __init__(self, name: str, fds: List[int], mapping_size: int):
         self.name = name
+        self._memory = self._board = None
         try:
+            if not self._HEADER_SIZE <= mapping_size <= 1 << 48:
+                raise ShmBrokerError(PROTOCOL_VIOLATION, f"OPENED for {name!r} announced a mapping of {mapping_size} bytes")
             self._memory = _Mapping(fds[0], mapping_size, writable=False)
             self._board = _Mapping(fds[1], 4096, writable=True) if len(fds) > 1 else None
+            memory = self._memory
+            if memory.u64(0x00) != _MAGIC:
+                raise ShmBrokerError(BAD_SEGMENT, f"segment {name!r}: no SHMBROKR magic")
+            if memory.u32(0x08) != LAYOUT_VERSION or memory.u32(0x0C) != self._HEADER_SIZE:
+                raise ShmBrokerError(BAD_SEGMENT, f"segment {name!r}: layout version {memory.u32(0x08)}, this library reads {LAYOUT_VERSION}")
+            self.capacity = memory.u64(0x10)
+            self.slot_count = memory.u32(0x18)
+            self._stride = memory.u64(0x20)
+            expected_stride = self._SLOT_HEADER + (self.capacity + 63) // 64 * 64
+            if not (1 <= self.capacity <= mapping_size and 2 <= self.slot_count <= 16 and self._stride == expected_stride
+                    and self._HEADER_SIZE + self.slot_count * self._stride <= mapping_size):
+                raise ShmBrokerError(BAD_SEGMENT, f"segment {name!r}: header does not match the mapping")
+        except BaseException:
+            self.close()
+            raise
         finally:
             for fd in fds:
                 os.close(fd)
-        memory = self._memory
-        if memory.u64(0x00) != _MAGIC:
-            raise ShmBrokerError(1002, f"segment {name!r}: no SHMBROKR magic")
-        if memory.u32(0x08) != LAYOUT_VERSION:
-            raise ShmBrokerError(1002, f"segment {name!r}: layout version {memory.u32(0x08)}, this library reads {LAYOUT_VERSION}")
-        self.capacity = memory.u64(0x10)
-        self.slot_count = memory.u32(0x18)
-        self._stride = memory.u64(0x20)
-        if self._HEADER_SIZE + self.slot_count * self._stride > mapping_size:
-            raise ShmBrokerError(1002, f"segment {name!r}: header does not match the mapping")
 
     def __enter__(self) -> "Segment":
         return self
@@ -278,7 +321,8 @@ class Segment:
 
     def close(self) -> None:
         """Unmaps the segment (and its wait board)."""
-        self._memory.close()
+        if self._memory:
+            self._memory.close()
         if self._board:
             self._board.close()
 
@@ -314,7 +358,7 @@ class Segment:
         if memory.u64(slot) != version:  # the writer reused the slot meanwhile
             return None
         if computed != crc:
-            raise ShmBrokerError(1000, f"segment {self.name!r} version {version}: CRC {computed:016x}, stored {crc:016x}")
+            raise ShmBrokerError(CORRUPT, f"segment {self.name!r} version {version}: CRC {computed:016x}, stored {crc:016x}")
         return version, data, crc, published
 
     def read(self, attempts: int = 10_000) -> Optional[Snapshot]:
@@ -325,12 +369,15 @@ class Segment:
                 return None
             if outcome is not None:
                 return Snapshot(*outcome)
-        raise ShmBrokerError(1001, f"segment {self.name!r}: the writer replaced the version during {attempts} attempts")
+        raise ShmBrokerError(CONTENDED, f"segment {self.name!r}: the writer replaced the version during {attempts} attempts")
 
     def borrow(self, attempts: int = 10_000) -> "_Borrow":
-        """Zero-copy: ``with segment.borrow() as view:`` gives a verified ``memoryview`` of the
-        latest version in place (``None`` if never published). ``view.valid`` tells whether the
-        writer left it alone meanwhile; leaving the block re-checks and raises ``contended`` if not."""
+        """Zero-copy: ``with segment.borrow() as view:`` gives a verified, read-only
+        ``memoryview`` of the latest version in place (``None`` if never published), for example
+        for ``numpy.frombuffer(view, dtype=...)``. Keep the borrow (``borrow = segment.borrow()``,
+        ``with borrow as view:``) to ask ``borrow.valid``, whether the writer left the version
+        alone meanwhile; leaving the block re-checks and raises ``contended`` if not. The view is
+        released when the block ends."""
         return _Borrow(self, attempts)
 
     def wait(self, after: int, timeout: Optional[float] = None) -> int:
@@ -378,7 +425,7 @@ class _Borrow:
             if outcome is not None:
                 self._version, self.view = outcome[0], outcome[1]
                 return self.view
-        raise ShmBrokerError(1001, f"segment {self._segment.name!r}: contended")
+        raise ShmBrokerError(CONTENDED, f"segment {self._segment.name!r}: contended")
 
     @property
     def valid(self) -> bool:
@@ -389,20 +436,36 @@ class _Borrow:
         if self.view is not None:
             self.view.release()
         if exc_type is None and self._version and not still:
-            raise ShmBrokerError(1001, f"segment {self._segment.name!r}: version {self._version} was replaced while borrowed")
+            raise ShmBrokerError(CONTENDED, f"segment {self._segment.name!r}: version {self._version} was replaced while borrowed")
 
 
 class Client:
-    """A connection to an owner's control socket (``shmbrokerd``, or an application embedding it)."""
+    """A connection to an owner's control socket (``shmbrokerd``, or an application embedding it).
 
-    def __init__(self, socket_path: str, client_name: str = "python"):
+    Every reply is checked before it is used: its request id and type, its length, and the
+    descriptors it carries (unexpected ones are closed). A request waits at most ``timeout``
+    seconds for its reply (``None``: forever), then raises ``timeout`` (1004) and the connection
+    is closed, since a late reply would answer the wrong request.
+    """
+
+    #: The reply each request expects, and how many descriptors may come with it.
+    _REPLIES = {0x0001: (0x8001, 0), 0x0002: (0x8002, 2), 0x0003: (0x8003, 0), 0x0004: (0x8000, 0),
+                0x0005: (0x8005, 0), 0x0006: (0x8006, 0)}
+
+    def __init__(self, socket_path: str, client_name: str = "python", timeout: Optional[float] = 30.0):
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._socket.connect(socket_path)
+        self._timeout = timeout
         self._next_id = 1
-        self._events: List[Event] = []
-        reply_type, body, _ = self._request(0x0001, struct.pack("<I", PROTOCOL_VERSION) + _string(client_name))
-        self.protocol_version, self.max_frame_size = struct.unpack_from("<II", body)
-        self.daemon_version, _ = _read_string(body, 8)
+        self._events: "collections.deque[Event]" = collections.deque()
+        try:
+            self._socket.connect(socket_path)
+            _, body, _ = self._request(0x0001, struct.pack("<I", PROTOCOL_VERSION) + _string(client_name))
+            with _parsing("HELLO_OK"):
+                self.protocol_version, self.max_frame_size = struct.unpack_from("<II", body)
+                self.daemon_version, _ = _read_string(body, 8)
+        except BaseException:
+            self._socket.close()
+            raise
 
     def __enter__(self) -> "Client":
         return self
@@ -417,23 +480,30 @@ class Client:
     # Frames
 
     def _receive(self, timeout: Optional[float] = None):
+        """One frame: (type, request id, body, descriptors), or ``None`` after ``timeout``."""
         if timeout is not None:
             ready, _, _ = select.select([self._socket], [], [], timeout)
             if not ready:
                 return None
         fds = array.array("i")
-        data, ancillary, flags, _ = self._socket.recvmsg(MAX_FRAME + 1, socket.CMSG_SPACE(4 * fds.itemsize))
+        try:
+            data, ancillary, flags, _ = self._socket.recvmsg(MAX_FRAME + 1, socket.CMSG_SPACE(4 * fds.itemsize))
+        except OSError as error:
+            raise ShmBrokerError(18, f"the connection failed: {error}") from None
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+        problem = None
         if not data:
+            problem = ShmBrokerError(18, "the daemon closed the connection")
+        elif flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            problem = ShmBrokerError(1, "a frame from the daemon was truncated")
+        elif len(data) < _HEADER.size or _HEADER.unpack_from(data)[3] != len(data) - _HEADER.size:
+            problem = ShmBrokerError(PROTOCOL_VIOLATION, "a frame from the owner whose length field is wrong")
+        if problem:
             for fd in fds:
                 os.close(fd)
-            raise ShmBrokerError(18, "the daemon closed the connection")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            for fd in fds:
-                os.close(fd)
-            raise ShmBrokerError(1, "a frame from the daemon was truncated")
+            raise problem
         msg_type, _, request_id, length = _HEADER.unpack_from(data)
         return msg_type, request_id, data[12:12 + length], list(fds)
 
@@ -441,39 +511,85 @@ class Client:
         request_id = self._next_id
         self._next_id += 1
         frame = _HEADER.pack(msg_type, 0, request_id, len(body)) + body
-        if fds:
-            self._socket.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        else:
-            self._socket.send(frame)
+        try:
+            if fds:
+                self._socket.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            else:
+                self._socket.send(frame)
+        except OSError as error:
+            raise ShmBrokerError(18, f"the connection failed: {error}") from None
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        expected, allowed_fds = self._REPLIES.get(msg_type, (None, 0))
         while True:
-            reply_type, reply_id, reply, reply_fds = self._receive()
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            received = self._receive(remaining)
+            if received is None:
+                self._socket.close()
+                raise ShmBrokerError(TIMEOUT, f"no reply within {self._timeout} s; the connection is closed")
+            reply_type, reply_id, reply, reply_fds = received
             if 0x4000 <= reply_type < 0x8000:
+                for fd in reply_fds:
+                    os.close(fd)
                 self._keep_event(reply_type, reply)
                 continue
+            if reply_id != request_id:
+                for fd in reply_fds:
+                    os.close(fd)
+                raise ShmBrokerError(PROTOCOL_VIOLATION, f"a reply to request {reply_id}, expected {request_id}")
             if reply_type == 0x80FF:
                 for fd in reply_fds:
                     os.close(fd)
-                code, = struct.unpack_from("<H", reply)
-                message, _ = _read_string(reply, 2)
+                with _parsing("ERROR"):
+                    code, = struct.unpack_from("<H", reply)
+                    message, _ = _read_string(reply, 2)
                 raise ShmBrokerError(code, message)
-            return reply_type, reply, reply_fds
+            # STATUS may come as a file (one descriptor); everything else as its one reply type.
+            if msg_type == 0x0006 and reply_type == 0x8007:
+                allowed_fds = 1
+            elif expected is not None and reply_type != expected:
+                for fd in reply_fds:
+                    os.close(fd)
+                raise ShmBrokerError(PROTOCOL_VIOLATION, f"reply 0x{reply_type:04x} to request 0x{msg_type:04x}")
+            for fd in reply_fds[allowed_fds:]:
+                os.close(fd)
+            return reply_type, reply, reply_fds[:allowed_fds]
 
     def _keep_event(self, msg_type: int, body: bytes) -> None:
-        name, offset = _read_string(body, 0)
-        if msg_type == 0x4001:
-            receipt = _receipt(body, offset)
-            self._events.append(Event("version", name, receipt.version, receipt.length, receipt.crc64, receipt.published_at_ns))
-        elif msg_type == 0x4002:
-            self._events.append(Event("retired", name))
+        """Queues an event; a newer VERSION of a segment replaces an older one still queued (the
+        daemon coalesces the same way), and at most ``MAX_QUEUED_EVENTS`` are kept."""
+        try:
+            name, offset = _read_string(body, 0)
+            if msg_type == 0x4001:
+                receipt = _receipt(body, offset)
+                event = Event("version", name, receipt.version, receipt.length, receipt.crc64, receipt.published_at_ns)
+            elif msg_type == 0x4002:
+                event = Event("retired", name)
+            else:
+                return  # an event type from a newer owner: ignored
+        except (struct.error, UnicodeDecodeError):
+            return  # a malformed event is dropped; the next one, or a read, tells the latest version
+        if event.kind == "version":
+            for queued in list(self._events):
+                if queued.kind == "version" and queued.segment == name:
+                    self._events.remove(queued)
+        self._events.append(event)
+        while len(self._events) > MAX_QUEUED_EVENTS:
+            self._events.popleft()
 
     # Requests
 
     def open(self, name: str) -> Segment:
         """Opens (maps) a segment; needs read permission."""
         _, body, fds = self._request(0x0002, _string(name))
-        capacity, slots, layout, mapping_size, latest = struct.unpack_from("<QIIQQ", body)
-        if not fds:
-            raise ShmBrokerError(10, "OPENED carried no descriptor")
+        try:
+            with _parsing("OPENED"):
+                capacity, slots, layout, mapping_size, latest = struct.unpack_from("<QIIQQ", body)
+            if not fds:
+                raise ShmBrokerError(10, "OPENED carried no descriptor")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
         return Segment(name, fds, mapping_size)
 
     def publish(self, name: str, data) -> Receipt:
@@ -484,7 +600,7 @@ class Client:
         inline_limit = MAX_FRAME - 12 - 2 - len(name.encode()) - 1
         if len(data) <= inline_limit:
             _, body, _ = self._request(0x0005, _string(name) + b"\x00" + bytes(data))
-            return _receipt(body)
+            return _checked_receipt(body, "PUBLISHED")
         fd = os.memfd_create("shmbroker-python", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             written = 0
@@ -493,14 +609,14 @@ class Client:
             # Sealed against every change: the daemon publishes exactly these bytes.
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
             _, body, _ = self._request(0x0005, _string(name) + b"\x01" + struct.pack("<Q", len(data)), (fd,))
-            return _receipt(body)
+            return _checked_receipt(body, "PUBLISHED")
         finally:
             os.close(fd)
 
     def subscribe(self, name: str) -> Receipt:
         """Subscribes to VERSION events; returns the latest version at subscription (version 0: never published)."""
         _, body, _ = self._request(0x0003, _string(name))
-        return _receipt(body)
+        return _checked_receipt(body, "SUBSCRIBED")
 
     def unsubscribe(self, name: str) -> None:
         self._request(0x0004, _string(name))
@@ -518,7 +634,7 @@ class Client:
                 os.close(fd)
             if 0x4000 <= msg_type < 0x8000:
                 self._keep_event(msg_type, body)
-        return self._events.pop(0)
+        return self._events.popleft()
 
     def events(self, name: str, timeout: Optional[float] = None) -> Iterator[Event]:
         """Subscribes to ``name`` and yields its events; ends after a ``retired`` event or when
@@ -541,16 +657,47 @@ class Client:
     def status(self) -> dict:
         """The owner's STATUS report (docs/PROTOCOL.md, "STATUS_REPORT JSON")."""
         reply_type, body, fds = self._request(0x0006, b"")
-        if reply_type == 0x8007:
-            (length,) = struct.unpack_from("<Q", body)
-            try:
-                return json.loads(os.pread(fds[0], length, 0))
-            finally:
-                for fd in fds:
-                    os.close(fd)
-        return json.loads(body)
+        try:
+            if reply_type == 0x8007:
+                with _parsing("STATUS_REPORT_FILE"):
+                    (length,) = struct.unpack_from("<Q", body)
+                if not fds:
+                    raise ShmBrokerError(10, "STATUS_REPORT_FILE carried no descriptor")
+                info = os.fstat(fds[0])
+                if not stat.S_ISREG(info.st_mode) or length > info.st_size or length > 1 << 30:
+                    raise ShmBrokerError(PROTOCOL_VIOLATION, f"STATUS_REPORT_FILE announced {length} bytes that its file does not hold")
+                body = os.pread(fds[0], length, 0)
+            with _parsing("STATUS_REPORT"):
+                report = json.loads(body)
+            if not isinstance(report, dict):
+                raise ShmBrokerError(PROTOCOL_VIOLATION, "the STATUS report is not a JSON object")
+            return report
+        finally:
+            for fd in fds:
+                os.close(fd)
 
 
-def connect(socket_path: str, client_name: str = "python") -> Client:
-    """Connects to an owner's control socket and performs the handshake."""
-    return Client(socket_path, client_name)
+class _parsing:
+    """Turns what a malformed reply makes the standard library raise into ``protocol-violation``."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and issubclass(exc_type, (struct.error, UnicodeDecodeError, ValueError, IndexError)):
+            raise ShmBrokerError(PROTOCOL_VIOLATION, f"a malformed {self.what} from the owner: {exc}") from None
+        return False
+
+
+def _checked_receipt(body: bytes, what: str) -> Receipt:
+    with _parsing(what):
+        return _receipt(body)
+
+
+def connect(socket_path: str, client_name: str = "python", timeout: Optional[float] = 30.0) -> Client:
+    """Connects to an owner's control socket and performs the handshake; each request then waits
+    at most ``timeout`` seconds for its reply (``None``: forever)."""
+    return Client(socket_path, client_name, timeout)
