@@ -80,6 +80,8 @@ public final class BrokerServer {
     var running = true
     /// Refused connections, kept open (write side shut) until a deadline so the refusal arrives.
     var refusedSockets: [(socket: FileDescriptor, closeAfter: UInt64)] = []
+    /// Refusals are logged at most a few a second; the rest are counted in the next line.
+    var refusalLog = RateLimitedLog(linesPerInterval: 5, intervalNanoseconds: 1_000_000_000)
     /// How often STATUS= is refreshed (when it changed).
     static let statusInterval: UInt64 = 2_000_000_000
     var lastStatusUpdate: UInt64 = 0
@@ -415,7 +417,7 @@ public final class BrokerServer {
         for owned in ownedSegments { owned.exclusively { owned.bind(writer: nil, signals: nil) } }
         logger.info("stopping", metadata: ["clients": "\(clients.count)", "publishes": "\(totalPublishes)"])
         for client in clients.values { disconnect(client, reason: nil) }
-        refusedSockets.forEach { $0.socket.closeQuietly() }
+        refusedSockets.forEach { closeRefused($0.socket) }
         refusedSockets.removeAll()
         if let listener {
             epoll.remove(listener)
@@ -456,9 +458,12 @@ public final class BrokerServer {
                 notifier.status(line)
             }
         }
+        if let suppressed = refusalLog.takeSuppressed(now: now) {
+            logger.warning("clients refused, not logged one by one", metadata: ["suppressed": "\(suppressed)"])
+        }
         refusedSockets.removeAll { entry in
             guard now >= entry.closeAfter else { return false }
-            entry.socket.closeQuietly()
+            closeRefused(entry.socket)
             return true
         }
         resumeListener()
@@ -804,14 +809,23 @@ public final class BrokerServer {
         let refusal = ServerMessage.error(ProtocolError(.tooManyClients, message))
         _ = refusal.encode(requestID: 0).withUnsafeBytes { try? SeqpacketSocket.send(socket, $0) }
         // Closing now, with the client's HELLO unread, would reset the connection and
-        // discard the refusal before the client reads it: end our side, close later.
-        _ = shutdown(socket.rawValue, Int32(SHUT_WR))
-        if refusedSockets.count < 256 {
-            refusedSockets.append((socket, Clock.monotonicNanoseconds() + 1_000_000_000))
-        } else {
-            socket.closeQuietly()
+        // discard the refusal before the client reads it: end our side, close later. Past 256
+        // waiting at once, the oldest is closed early; what its client sent is read first, so
+        // that closing resets nothing and its refusal still arrives.
+        SeqpacketSocket.shutdownWriting(socket)
+        if refusedSockets.count >= 256 { closeRefused(refusedSockets.removeFirst().socket) }
+        refusedSockets.append((socket, Clock.monotonicNanoseconds() + 1_000_000_000))
+        refusalLog.record(uid: credentials.uid, now: Clock.monotonicNanoseconds()) { suppressed in
+            logger.warning("client refused", metadata: [
+                "uid": "\(credentials.uid)", "pid": "\(credentials.pid)", "reason": "\(message)",
+            ].merging(suppressed.map { ["suppressedSinceLastLine": "\($0)"] } ?? [:]) { $1 })
         }
-        logger.warning("client refused", metadata: ["uid": "\(credentials.uid)", "pid": "\(credentials.pid)", "reason": "\(message)"])
+    }
+
+    /// Closes a refused connection without resetting it (which could discard the refusal unread).
+    func closeRefused(_ socket: FileDescriptor) {
+        SeqpacketSocket.discardPending(socket)
+        socket.closeQuietly()
     }
 
     /// Out of descriptors (or kernel memory): stop watching the listener, so a level-triggered
@@ -825,10 +839,9 @@ public final class BrokerServer {
         let now = Clock.monotonicNanoseconds()
         if now &- lastAcceptPauseLog >= 10_000_000_000 {
             lastAcceptPauseLog = now
-            var limit = rlimit()
-            _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+            let limit = ResourceLimits.openFiles().current.map(String.init) ?? "unlimited"
             logger.error("cannot accept connections: \(reason); waiting until a descriptor frees", metadata: [
-                "clients": "\(clients.count)", "segments": "\(segments.count)", "rlimitNofile": "\(limit.rlim_cur)",
+                "clients": "\(clients.count)", "segments": "\(segments.count)", "rlimitNofile": "\(limit)",
                 "pausesSinceLastLog": "\(acceptPauses)",
             ])
             acceptPauses = 0

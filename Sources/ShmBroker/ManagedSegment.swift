@@ -40,6 +40,9 @@ final class ManagedSegment {
 
     var name: String { definition.name }
 
+    /// Publishes through the control channel and rings, plus the owner process's own.
+    var publishCount: UInt64 { publishes &+ (owner?.publishCount ?? 0) }
+
     /// Creates, sizes, seals and formats a new segment.
     init(creating definition: SegmentDefinition) throws {
         self.definition = definition

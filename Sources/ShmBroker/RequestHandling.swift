@@ -31,13 +31,12 @@ extension BrokerServer {
             // The kernel stops installing passed descriptors when the receiver (this daemon) is
             // out of them: the client did nothing wrong, and must learn whose resource ran out.
             counters.descriptorLimitRefusals += 1
-            var limit = rlimit()
-            _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+            let limit = ResourceLimits.openFiles().current.map(String.init) ?? "unlimited"
             logger.error("a client's descriptors were dropped: the daemon is at its descriptor limit", metadata: [
-                "client": "\(client.id)", "rlimitNofile": "\(limit.rlim_cur)", "clients": "\(clients.count)",
+                "client": "\(client.id)", "rlimitNofile": "\(limit)", "clients": "\(clients.count)",
             ])
             return reject(client, requestID: requestID, ProtocolError(.descriptorLimit,
-                "the daemon could not receive the request's descriptors: it has reached its own limit of \(limit.rlim_cur) open files (RLIMIT_NOFILE); retry later"),
+                "the daemon could not receive the request's descriptors: it has reached its own limit of \(limit) open files (RLIMIT_NOFILE); retry later"),
                 descriptors: message.descriptors)
         }
         if message.descriptorsWereTruncated {
@@ -119,8 +118,14 @@ extension BrokerServer {
                 "\"\(name.prefix(80))\" is not a valid segment name (1 to 64 letters, digits, '.', '_' or '-')"))
             return nil
         }
-        guard let segment = segments[name] else {
-            reject(client, requestID: requestID, ProtocolError(.noSuchSegment, "no segment named \"\(name)\""))
+        // A segment the peer may neither read nor publish to is answered exactly like one that
+        // does not exist, as STATUS hides it: its name stays secret too.
+        let peer = client.credentials
+        guard let segment = segments[name], isPrivileged(peer) || mayRead(segment, peer)
+                || segment.definition.publishers.allows(peer, daemonUID: daemonUID) else {
+            if segments[name] != nil { logAccessDenied(name, client: client, publishing: publishing, answered: .noSuchSegment) }
+            reject(client, requestID: requestID, ProtocolError(.noSuchSegment,
+                isPrivileged(peer) ? "no segment named \"\(name)\"" : "no segment named \"\(name)\" that uid \(peer.uid) may use"))
             return nil
         }
         if publishing, segment.owner != nil {
@@ -129,16 +134,22 @@ extension BrokerServer {
             return nil
         }
         let access = publishing ? segment.definition.publishers : segment.definition.readers
-        guard access.allows(client.credentials, daemonUID: daemonUID) else {
-            logger.notice("access denied", metadata: [
-                "segment": "\(name)", "uid": "\(client.credentials.uid)", "pid": "\(client.credentials.pid)",
-                "operation": "\(publishing ? "publish" : "read")", "code": "\(ErrorCode.permissionDenied.name)",
-            ])
+        guard access.allows(peer, daemonUID: daemonUID) else {
+            logAccessDenied(name, client: client, publishing: publishing, answered: .permissionDenied)
             reject(client, requestID: requestID, ProtocolError(.permissionDenied,
-                "uid \(client.credentials.uid) may not \(publishing ? "publish to" : "read") segment \"\(name)\""))
+                "uid \(peer.uid) may not \(publishing ? "publish to" : "read") segment \"\(name)\""))
             return nil
         }
         return segment
+    }
+
+    /// Logs a refusal for the administrator (the journal is not the peer's to read), with the
+    /// code the peer was answered.
+    func logAccessDenied(_ name: String, client: ClientConnection, publishing: Bool, answered: ErrorCode) {
+        logger.notice("access denied", metadata: [
+            "segment": "\(name)", "uid": "\(client.credentials.uid)", "pid": "\(client.credentials.pid)",
+            "operation": "\(publishing ? "publish" : "read")", "code": "\(answered.name)",
+        ])
     }
 
     func handleOpen(_ name: String, requestID: UInt32, client: ClientConnection) {
@@ -148,13 +159,13 @@ extension BrokerServer {
         do {
             descriptor = try segment.readOnlyDescriptor()
         } catch {
-            return reject(client, requestID: requestID, ProtocolError(.internalError, "cannot open a read-only descriptor: \(error)"))
+            return reject(client, requestID: requestID, descriptorFailure(error, "cannot open a read-only descriptor"))
         }
         do {
             board = try segment.boardDescriptor()
         } catch {
             descriptor.closeQuietly()
-            return reject(client, requestID: requestID, ProtocolError(.internalError, "cannot duplicate the wait board: \(error)"))
+            return reject(client, requestID: requestID, descriptorFailure(error, "cannot duplicate the wait board"))
         }
         let layout = segment.writer.layout
         let reply = ServerMessage.opened(OpenedSegment(
@@ -164,6 +175,18 @@ extension BrokerServer {
         segment.readers.insert(client.id)
         client.opened.insert(name)
         send(reply.encode(requestID: requestID), to: client, descriptors: [descriptor, board])
+    }
+
+    /// The reply for a descriptor the daemon could not make: `descriptor-limit` when it is out of
+    /// descriptors (the client did nothing wrong and may retry), else `internal-error`.
+    func descriptorFailure(_ error: any Error, _ what: String) -> ProtocolError {
+        if let errno = error as? Errno, errno == .tooManyOpenFiles || errno == .tooManyOpenFilesInSystem {
+            counters.descriptorLimitRefusals += 1
+            let limit = ResourceLimits.openFiles().current.map(String.init) ?? "unlimited"
+            return ProtocolError(.descriptorLimit,
+                "\(what): the daemon has reached its limit of \(limit) open files (RLIMIT_NOFILE); retry later")
+        }
+        return ProtocolError(.internalError, "\(what): \(error)")
     }
 
     func handlePublish(_ segment: ManagedSegment, payload: PublishPayload, attached: FileDescriptor?,
@@ -207,8 +230,7 @@ extension BrokerServer {
         guard length <= UInt64(capacity) else {
             throw ProtocolError(.payloadTooLarge, SegmentError.payloadTooLarge(length: Int(clamping: length), capacity: capacity).description)
         }
-        var info = Glibc.stat()
-        guard fstat(file.rawValue, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
+        guard let info = try? FileSystem.entry(of: file, path: "the attached file"), info.isRegularFile else {
             throw ProtocolError(.badDescriptor, "the attached descriptor is not a regular file (use a memfd)")
         }
         // Only memory-backed files (memfd, tmpfs: the ones that know seals) are read: a file on a
@@ -217,13 +239,13 @@ extension BrokerServer {
             throw ProtocolError(.badDescriptor,
                 "the attached file is not memory-backed; attach a memfd (memfd_create) or a tmpfs file, never a file of another file system")
         }
-        guard Int(info.st_size) >= Int(length) else {
-            throw ProtocolError(.badDescriptor, "the attached file holds \(info.st_size) bytes, the request says \(length)")
+        guard info.size >= Int(length) else {
+            throw ProtocolError(.badDescriptor, "the attached file holds \(info.size) bytes, the request says \(length)")
         }
         // Fast path: a file sealed against shrinking can be mapped without SIGBUS risk, and the
         // copy into the slot then computes the CRC in the same pass.
         if length > 0, seals.contains(.shrink),
-           let source = stagingMapping(of: file, inode: UInt64(info.st_ino), length: Int(length), client: client) {
+           let source = stagingMapping(of: file, inode: info.inode, length: Int(length), client: client) {
             return try segment.writer.publish(UnsafeRawBufferPointer(start: source.base, count: Int(length)))
         }
         do {
@@ -313,10 +335,25 @@ extension BrokerServer {
         }
     }
 
+    /// Daemon-wide counters as `peer` may see them: a peer that may not read every segment gets
+    /// the publish and event counts of the segments it may read only, since the totals would
+    /// time the hidden segments' publishes and tell their subscribers.
+    func statusCounters(for peer: PeerCredentials) -> StatusReport.Counters {
+        var shown = counters
+        shown.publishes = totalPublishes
+        guard !isPrivileged(peer) else { return shown }
+        let visible = segments.values.filter { mayRead($0, peer) }
+        shown.publishes = visible.reduce(0) { $0 &+ $1.publishCount }
+        shown.eventsSent = visible.reduce(0) { $0 &+ $1.eventsSent }
+        shown.eventsCoalesced = visible.reduce(0) { $0 &+ $1.eventsCoalesced }
+        shown.slowSubscribersDisconnected = visible.reduce(0) { $0 &+ $1.slowSubscribersDropped }
+        return shown
+    }
+
     /// STATUS shows each peer only what it may see: segments whose `readers` list admits it (a
     /// segment it may not read is left out, so its version, length, CRC and timing stay secret),
     /// and clients only to root and the daemon's user — everyone else sees its own uid's
-    /// connections. Counters are daemon-wide totals.
+    /// connections. Counters are daemon-wide totals for root and the daemon's user.
     func handleStatus(requestID: UInt32, client: ClientConnection) {
         let peer = client.credentials
         let privileged = isPrivileged(peer)
@@ -340,7 +377,7 @@ extension BrokerServer {
                                     gid: $0.credentials.gid, opened: $0.opened.sorted(), subscriptions: $0.subscriptions.sorted(),
                                     rings: $0.rings.keys.sorted())
             },
-            counters: { var total = counters; total.publishes = totalPublishes; return total }())
+            counters: statusCounters(for: peer))
         do {
             let json = try report.encoded()
             if json.count <= ControlProtocol.maximumFrameSize - ControlProtocol.headerSize {

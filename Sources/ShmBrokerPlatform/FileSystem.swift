@@ -54,12 +54,15 @@ public enum FileSystem {
         public var uid: UInt32
         public var gid: UInt32
         public var size: Int
+        /// The inode number (unique among live files of one file system, memfds included).
+        public var inode: UInt64
 
         init(_ info: Glibc.stat) {
             mode = info.st_mode
             uid = info.st_uid
             gid = info.st_gid
             size = Int(info.st_size)
+            inode = UInt64(info.st_ino)
         }
 
         public var isRegularFile: Bool { mode & S_IFMT == S_IFREG }

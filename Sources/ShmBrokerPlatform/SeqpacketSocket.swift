@@ -175,6 +175,24 @@ public enum SeqpacketSocket {
         }
     }
 
+    /// Ends this side's sending (`shutdown(SHUT_WR)`): the peer reads what was sent, then EOF.
+    public static func shutdownWriting(_ socket: FileDescriptor) {
+        _ = Glibc.shutdown(socket.rawValue, Int32(SHUT_WR))
+    }
+
+    /// Reads and drops every message waiting on a non-blocking socket (closing any descriptors
+    /// they carry), at most `limit`. Closing a Unix socket with unread messages resets the
+    /// connection, and the peer may then lose what it had not read yet: drain first.
+    public static func discardPending(_ socket: FileDescriptor, limit: Int = 64) {
+        withUnsafeTemporaryAllocation(byteCount: 512, alignment: 8) { buffer in
+            for _ in 0..<limit {
+                guard let message = try? receive(socket, into: buffer, maximumDescriptors: 4),
+                      message.byteCount > 0 || !message.descriptors.isEmpty else { return }
+                message.descriptors.forEach { $0.closeQuietly() }
+            }
+        }
+    }
+
     /// The peer's pid, uid, gid and supplementary groups as of its `connect()`.
     public static func peerCredentials(_ socket: FileDescriptor) throws(Errno) -> PeerCredentials {
         var pid: Int32 = 0
