@@ -14,7 +14,7 @@ set -euo pipefail
 mkdir -p "$1"
 out=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
-version=${SHMBROKER_DEB_VERSION:-0.2.0}
+version=${SHMBROKER_DEB_VERSION:-$(sed -n 's/.*static let string = "\(.*\)".*/\1/p' Sources/ShmBrokerProtocol/Version.swift)}
 arch=$(dpkg --print-architecture)
 multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)
 

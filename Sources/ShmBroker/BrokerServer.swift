@@ -14,8 +14,8 @@ import SystemPackage
 /// Everything that touches segments or clients runs on this one thread, so nothing here needs a
 /// lock; readers never talk to this loop to read, only to open and subscribe.
 public final class BrokerServer {
-    /// The daemon's version string, reported by HELLO and STATUS.
-    public static let version = "0.1.0"
+    /// The release version, reported by HELLO and STATUS (``ShmBrokerVersion``).
+    public static let version = ShmBrokerVersion.string
 
     enum Token {
         static let listener: UInt64 = 1
@@ -30,6 +30,8 @@ public final class BrokerServer {
 
     var configuration: BrokerConfiguration
     let configPath: String
+    /// `shmbrokerd`, or the embedding application's name: HELLO and STATUS report it.
+    let ownerName: String
     let logger: Logger
     let notifier: SystemdNotifier
     let signals: SignalDescriptor?
@@ -100,9 +102,11 @@ public final class BrokerServer {
     ///   - logger: where events go.
     ///   - inherited: descriptors from systemd: a listening socket and stored segment memfds.
     ///   - allowDebugHang: let SIGUSR2 hang the event loop, to test the watchdog. Never in production.
+    ///   - ownerName: the owner process's name, reported with the version by HELLO and STATUS.
     public init(configuration: BrokerConfiguration, configPath: String, signals: SignalDescriptor?, logger: Logger,
                 notifier: SystemdNotifier = SystemdNotifier(), inherited: InheritedDescriptors = InheritedDescriptors(),
-                allowDebugHang: Bool = false) throws {
+                allowDebugHang: Bool = false, ownerName: String = "shmbrokerd") throws {
+        self.ownerName = ownerName
         self.configuration = configuration
         self.inherited = inherited
         self.allowDebugHang = allowDebugHang

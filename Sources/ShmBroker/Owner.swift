@@ -37,11 +37,14 @@ public final class ShmBrokerOwner: @unchecked Sendable {
         public var logger: Logger?
         /// Adopt descriptors systemd passes (`LISTEN_FDS`): the listening socket and stored segments.
         public var adoptsSystemdDescriptors = true
+        /// The name HELLO and STATUS report beside the version; default: the process's name.
+        public var name: String
 
-        public init(handlesSignals: Bool = true, logger: Logger? = nil, adoptsSystemdDescriptors: Bool = true) {
+        public init(handlesSignals: Bool = true, logger: Logger? = nil, adoptsSystemdDescriptors: Bool = true, name: String? = nil) {
             self.handlesSignals = handlesSignals
             self.logger = logger
             self.adoptsSystemdDescriptors = adoptsSystemdDescriptors
+            self.name = name ?? ProcessInfo.processInfo.processName
         }
     }
 
@@ -73,7 +76,8 @@ public final class ShmBrokerOwner: @unchecked Sendable {
         let logger = options.logger ?? Logger(label: "shmbroker-owner") { JournalLogHandler(label: $0) }
         do {
             server = try BrokerServer(configuration: configuration, configPath: configPath ?? "", signals: signals, logger: logger,
-                                      inherited: options.adoptsSystemdDescriptors ? InheritedDescriptors.takeFromSystemd() : InheritedDescriptors())
+                                      inherited: options.adoptsSystemdDescriptors ? InheritedDescriptors.takeFromSystemd() : InheritedDescriptors(),
+                                      ownerName: options.name)
         } catch {
             throw .startFailed("\(error)")
         }

@@ -80,7 +80,7 @@ extension BrokerServer {
             client.name = String(name.prefix(128))
             send(ServerMessage.helloOK(protocolVersion: ControlProtocol.version,
                                        maximumFrameSize: UInt32(ControlProtocol.maximumFrameSize),
-                                       daemonVersion: Self.version).encode(requestID: requestID), to: client)
+                                       daemonVersion: "\(ownerName) \(Self.version)").encode(requestID: requestID), to: client)
         case .open(let name):
             handleOpen(name, requestID: requestID, client: client)
         case .subscribe(let name):
@@ -358,7 +358,7 @@ extension BrokerServer {
         let peer = client.credentials
         let privileged = isPrivileged(peer)
         let report = StatusReport(
-            daemon: StatusReport.Daemon(version: Self.version, pid: getpid(), startedAt: startedAt.timeIntervalSince1970,
+            daemon: StatusReport.Daemon(name: ownerName, version: Self.version, pid: getpid(), startedAt: startedAt.timeIntervalSince1970,
                                         configPath: configPath, socketPath: configuration.socket.path,
                                         protocolVersion: ControlProtocol.version),
             segments: segmentOrder.compactMap { segments[$0] }

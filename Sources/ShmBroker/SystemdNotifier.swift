@@ -8,7 +8,21 @@ import SystemPackage
 /// Outside systemd (no `NOTIFY_SOCKET`) every call does nothing, so the daemon runs the same way
 /// in a terminal, under a test's notify listener, and under PID 1.
 public struct SystemdNotifier: Sendable {
-    public init() {}
+    /// Whether descriptors go to the fd store: only when systemd itself started this process as a
+    /// service, since whatever listens on `NOTIFY_SOCKET` receives them, writable segment memory
+    /// included, and outside systemd that may be anyone's socket.
+    public let storesDescriptors: Bool
+
+    /// - Parameter storesDescriptors: nil (the default) decides by ``startedBySystemd``.
+    public init(storesDescriptors: Bool? = nil) {
+        self.storesDescriptors = storesDescriptors ?? Self.startedBySystemd
+    }
+
+    /// Whether systemd started this process as a service: it is PID 1's child (the service
+    /// manager spawns it directly), systemd gave it an `INVOCATION_ID`, and a `NOTIFY_SOCKET`.
+    public static var startedBySystemd: Bool {
+        getppid() == 1 && getenv("INVOCATION_ID") != nil && getenv("NOTIFY_SOCKET") != nil
+    }
 
     /// Sends raw `KEY=VALUE` lines; returns whether a notify socket received them.
     @discardableResult
@@ -29,9 +43,11 @@ public struct SystemdNotifier: Sendable {
     }
 
     /// Hands a descriptor to systemd's fd store under `name`, so that it survives a restart.
-    /// - Returns: whether systemd received it (false outside systemd).
+    /// - Returns: whether systemd received it (false outside systemd, or when
+    ///   ``storesDescriptors`` is false).
     @discardableResult
     public func store(_ descriptor: FileDescriptor, name: String) -> Bool {
+        guard storesDescriptors else { return false }
         var raw = descriptor.rawValue
         return sd_pid_notify_with_fds(0, 0, "FDSTORE=1\nFDNAME=\(name)", &raw, 1) > 0
     }
@@ -39,7 +55,8 @@ public struct SystemdNotifier: Sendable {
     /// Drops every stored descriptor named `name` from the fd store.
     @discardableResult
     public func removeStored(name: String) -> Bool {
-        notify("FDSTOREREMOVE=1\nFDNAME=\(name)")
+        guard storesDescriptors else { return false }
+        return notify("FDSTOREREMOVE=1\nFDNAME=\(name)")
     }
 
     /// STATUS= values are single lines; a newline would start a new assignment.

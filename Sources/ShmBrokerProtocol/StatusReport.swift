@@ -3,6 +3,9 @@ import Foundation
 /// The daemon's answer to STATUS, carried as JSON (its schema is in `docs/PROTOCOL.md`).
 public struct StatusReport: Codable, Sendable, Equatable {
     public struct Daemon: Codable, Sendable, Equatable {
+        /// The owner process's name: `shmbrokerd`, or the application embedding the owner.
+        public var name: String
+        /// shmbroker's release version (``ShmBrokerVersion``).
         public var version: String
         public var pid: Int32
         public var startedAt: Double
@@ -10,13 +13,29 @@ public struct StatusReport: Codable, Sendable, Equatable {
         public var socketPath: String
         public var protocolVersion: UInt32
 
-        public init(version: String, pid: Int32, startedAt: Double, configPath: String, socketPath: String, protocolVersion: UInt32) {
+        public init(name: String = "shmbrokerd", version: String, pid: Int32, startedAt: Double, configPath: String, socketPath: String,
+                    protocolVersion: UInt32) {
+            self.name = name
             self.version = version
             self.pid = pid
             self.startedAt = startedAt
             self.configPath = configPath
             self.socketPath = socketPath
             self.protocolVersion = protocolVersion
+        }
+
+        private enum CodingKeys: String, CodingKey { case name, version, pid, startedAt, configPath, socketPath, protocolVersion }
+
+        /// Decodes the daemon section; an owner older than `name` reads as `shmbrokerd`.
+        public init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            name = try container.decodeIfPresent(String.self, forKey: .name) ?? "shmbrokerd"
+            version = try container.decode(String.self, forKey: .version)
+            pid = try container.decode(Int32.self, forKey: .pid)
+            startedAt = try container.decode(Double.self, forKey: .startedAt)
+            configPath = try container.decode(String.self, forKey: .configPath)
+            socketPath = try container.decode(String.self, forKey: .socketPath)
+            protocolVersion = try container.decode(UInt32.self, forKey: .protocolVersion)
         }
     }
 

@@ -79,7 +79,7 @@ struct Status: AsyncParsableCommand {
             return
         }
         let report = try await client.status()
-        print("shmbrokerd \(report.daemon.version), pid \(report.daemon.pid), up since \(formatTime(report.daemon.startedAt))")
+        print("\(report.daemon.name) \(report.daemon.version), pid \(report.daemon.pid), up since \(formatTime(report.daemon.startedAt))")
         print("config \(report.daemon.configPath), socket \(report.daemon.socketPath)")
         print("")
         printSegmentTable(report.segments)

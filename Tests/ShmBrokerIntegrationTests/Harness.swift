@@ -159,6 +159,8 @@ func runToCompletion(_ executable: String, _ arguments: [String], asNobody: Bool
 final class NotifyListener {
     let path: String
     let fd: Int32
+    /// Every datagram received so far, in order.
+    private(set) var received: [String] = []
 
     init(directory: String) throws {
         path = directory + "/notify.sock"
@@ -182,7 +184,10 @@ final class NotifyListener {
         guard poll(&poller, 1, Int32(timeout * 1000)) == 1 else { return nil }
         var buffer = [UInt8](repeating: 0, count: 4096)
         let n = recv(fd, &buffer, buffer.count, 0)
-        return n > 0 ? String(decoding: buffer[..<n], as: UTF8.self) : nil
+        guard n > 0 else { return nil }
+        let message = String(decoding: buffer[..<n], as: UTF8.self)
+        received.append(message)
+        return message
     }
 
     /// Waits for a datagram containing `line` (as one of its lines); returns that datagram.

@@ -22,6 +22,9 @@ final class LifecycleTests: XCTestCase {
         let raw = try RawConnection(socketPath: daemon.socketPath)
         try raw.hello()
         XCTAssertTrue(ready.contains("STATUS=serving 300 segments"), ready)
+        // Not started by systemd (its parent is this test): no segment descriptor goes to
+        // whatever listens on NOTIFY_SOCKET (issue 17, item 18).
+        XCTAssertFalse(notify.received.contains { $0.contains("FDSTORE") }, "\(notify.received.prefix(3))")
 
         daemon.child.signal(SIGTERM)
         let stopping = notify.waitFor("STOPPING=1", timeout: 30)

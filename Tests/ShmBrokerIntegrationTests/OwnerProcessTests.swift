@@ -56,6 +56,13 @@ final class OwnerProcessTests: XCTestCase {
         let status = try await client.status()
         XCTAssertGreaterThanOrEqual(status.counters.publishes, 3)
         XCTAssertEqual(status.segments.first?.name, "sysload")
+        // The owner says who it is (item 25), and outside systemd its writable segment memory
+        // goes to no one listening on NOTIFY_SOCKET (item 18).
+        XCTAssertEqual(status.daemon.name, "shmbroker-sysload")
+        XCTAssertEqual(status.daemon.version, ShmBrokerVersion.string)
+        XCTAssertEqual(client.daemonVersion, "shmbroker-sysload \(ShmBrokerVersion.string)")
+        while notify.next(timeout: 0.2) != nil {}
+        XCTAssertFalse(notify.received.contains { $0.contains("FDSTORE") }, "\(notify.received)")
         client.close()
 
         owner.signal(SIGTERM)

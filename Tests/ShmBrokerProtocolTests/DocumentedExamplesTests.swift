@@ -41,9 +41,9 @@ final class DocumentedExamplesTests: XCTestCase {
         let info = VersionInfo(version: 7, length: 5, crc64: 0x0123_4567_89AB_CDEF, publishedAtNanoseconds: 1)
         let expected: [[UInt8]] = [
             Request.hello(protocolVersion: 1, clientName: "reader").encode(requestID: 1),
-            ServerMessage.helloOK(protocolVersion: 1, maximumFrameSize: 65536, daemonVersion: "0.1.0").encode(requestID: 1),
+            ServerMessage.helloOK(protocolVersion: 1, maximumFrameSize: 65536, daemonVersion: "shmbrokerd 0.2.0").encode(requestID: 1),
             Request.open(segment: "telemetry").encode(requestID: 2),
-            ServerMessage.opened(OpenedSegment(capacity: 65536, slotCount: 3, layoutVersion: 1, mappingSize: 197_056, latestVersion: 7))
+            ServerMessage.opened(OpenedSegment(capacity: 65536, slotCount: 3, layoutVersion: 2, mappingSize: 197_056, latestVersion: 7))
                 .encode(requestID: 2),
             Request.subscribe(segment: "telemetry").encode(requestID: 3),
             ServerMessage.subscribed(info).encode(requestID: 3),
@@ -69,5 +69,18 @@ final class DocumentedExamplesTests: XCTestCase {
                 XCTAssertEqual(example.bytes, encoded, "example \(index + 1)")
             }
         }
+    }
+}
+
+/// The release version is written once (`ShmBrokerVersion`); the Makefile and the Debian package
+/// script read it from there, and the Python package's two copies must say the same.
+final class VersionTests: XCTestCase {
+    func testEveryPackageSaysTheSameVersion() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        func text(_ path: String) throws -> String { try String(contentsOf: root.appendingPathComponent(path), encoding: .utf8) }
+        XCTAssertTrue(try text("Sources/python/pyproject.toml").contains("version = \"\(ShmBrokerVersion.string)\"\n"))
+        XCTAssertTrue(try text("Sources/python/shmbroker/__init__.py").contains("__version__ = \"\(ShmBrokerVersion.string)\""))
+        XCTAssertTrue(try text("Sources/libshmbroker/Makefile").contains("../ShmBrokerProtocol/Version.swift"))
+        XCTAssertTrue(try text("systemd/build-deb.sh").contains("Sources/ShmBrokerProtocol/Version.swift"))
     }
 }

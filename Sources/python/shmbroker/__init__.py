@@ -31,6 +31,7 @@ __all__ = [
     "ERROR_NAMES", "LOCAL_ERROR_NAMES",
 ]
 
+__version__ = "0.2.0"  # the release version; a test checks it against Sources/ShmBrokerProtocol/Version.swift
 PROTOCOL_VERSION = 1
 LAYOUT_VERSION = 2
 MAX_FRAME = 65536
