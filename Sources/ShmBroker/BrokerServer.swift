@@ -954,7 +954,8 @@ public final class BrokerServer {
             }
         }
         while let name = client.popPending() {
-            guard let receipt = segments[name]?.writer.latestReceipt else { continue }
+            guard let receipt = segments[name]?.writer.latestReceipt,
+                  client.wantsEvent(for: name, version: receipt.version) else { continue }
             let event = ServerMessage.versionEvent(segment: name, VersionInfo(receipt)).encode(requestID: 0)
             switch trySend(event, to: client) {
             case .sent:

@@ -11,6 +11,9 @@ final class ClientConnection {
     var greeted = false
     var opened: Set<String> = []
     var subscriptions: Set<String> = []
+    /// The version SUBSCRIBED reported, per segment, until an event passes it: no VERSION event
+    /// repeats it (PROTOCOL.md promises events only for later versions).
+    var subscribedAt: [String: UInt64] = [:]
     /// Publish rings this client attached, by segment name (values are ring tokens).
     var rings: [String: UInt64] = [:]
 
@@ -85,6 +88,16 @@ final class ClientConnection {
     func pushBackPending(_ segment: String) {
         guard pendingEventSet.insert(segment).inserted else { return }
         pendingEvents.insert(segment, at: 0)
+    }
+
+    /// Whether a VERSION event for `version` of `segment` is news to this client: false for a
+    /// version SUBSCRIBED already reported (an in-process publish whose announcement raced the
+    /// subscription); the first later version lifts the floor.
+    func wantsEvent(for segment: String, version: UInt64) -> Bool {
+        guard let floor = subscribedAt[segment] else { return true }
+        guard version > floor else { return false }
+        subscribedAt.removeValue(forKey: segment)
+        return true
     }
 
     /// Closes the socket and every descriptor still queued.

@@ -88,12 +88,14 @@ extension BrokerServer {
             segment.subscribers.insert(client.id)
             client.subscriptions.insert(name)
             let latest = segment.writer.latestReceipt.map(VersionInfo.init) ?? VersionInfo(version: 0, length: 0, crc64: 0, publishedAtNanoseconds: 0)
+            client.subscribedAt[name] = latest.version
             send(ServerMessage.subscribed(latest).encode(requestID: requestID), to: client)
         case .unsubscribe(let name):
             guard client.subscriptions.remove(name) != nil else {
                 return reject(client, requestID: requestID, ProtocolError(.notSubscribed, "not subscribed to \"\(name)\""))
             }
             segments[name]?.subscribers.remove(client.id)
+            client.subscribedAt.removeValue(forKey: name)
             client.removePending(name)
             send(ServerMessage.ok.encode(requestID: requestID), to: client)
         case let .publish(name, payload):
@@ -287,7 +289,7 @@ extension BrokerServer {
         guard !segment.subscribers.isEmpty else { return }
         var event: [UInt8]?
         for id in segment.subscribers {
-            guard let client = clients[id] else { continue }
+            guard let client = clients[id], client.wantsEvent(for: segment.name, version: version.version) else { continue }
             if client.hasBacklog {
                 if !client.markPending(segment.name) {
                     counters.eventsCoalesced += 1

@@ -72,6 +72,45 @@ final class OwnerProcessTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: socketPath), "the socket is removed on stop")
     }
 
+    /// Issue 17, item 21: a subscriber of an owner-published segment never gets a first VERSION
+    /// event that repeats the version SUBSCRIBED reported, however its subscription races the
+    /// owner's publishes and the loop's timer (which announces an owner's version nobody was
+    /// subscribed to when it was published). 15 subscriptions, publishes every 200 ms.
+    func testNoEventRepeatsTheVersionSubscribedReported() throws {
+        let directory = "/tmp/shmbroker-sysload-events-\(getpid())-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socketPath = directory + "/control.sock"
+        let configPath = directory + "/sysload.json"
+        try TestDaemon.writeConfig(at: configPath, socketPath: socketPath, segments: [segment("sysload", size: "4KiB")])
+        let owner = try ChildProcess(Binaries.path("shmbroker-sysload"), ["--config", configPath, "--interval-ms", "200"])
+        defer {
+            owner.signal(SIGTERM)
+            _ = owner.finish(timeout: 30)
+        }
+        let deadline = Date().addingTimeInterval(30)
+        var connection: RawConnection?
+        while connection == nil && Date() < deadline {
+            connection = try? RawConnection(socketPath: socketPath)
+            if connection == nil { usleep(20_000) }
+        }
+        let raw = try XCTUnwrap(connection, owner.stderrText)
+        try raw.hello()
+        var repeated: [UInt64] = []
+        for _ in 0..<15 {
+            guard case .subscribed(let latest) = try raw.request(.subscribe(segment: "sysload")) else { return XCTFail("SUBSCRIBE") }
+            var first: UInt64?
+            while first == nil {
+                guard let (_, message, _) = try raw.receive() else { return XCTFail("the owner closed the connection") }
+                if case .versionEvent(_, let info) = message { first = info.version }
+            }
+            if let first, first <= latest.version { repeated.append(first) }
+            guard case .ok = try raw.request(.unsubscribe(segment: "sysload")) else { return XCTFail("UNSUBSCRIBE") }
+            usleep(UInt32.random(in: 150_000...350_000))  // a publish nobody is subscribed to happens meanwhile
+        }
+        XCTAssertEqual(repeated, [], "first events at or before the version SUBSCRIBED reported")
+    }
+
     func testTheExampleOwnerUnderSystemdSurvivesKill9WithNoDataLost() throws {
         let sandbox = try SystemdSandbox(segments: [segment("sysload", size: "4KiB")], unit: "shmbroker-sysload",
                                          executable: "shmbroker-sysload", arguments: "--interval-ms 3600000")
