@@ -42,6 +42,9 @@ public final class BrokerServer {
     private var nextTaskID: UInt64 = 0
     /// Whether ``run()`` is looping, for threads that post tasks.
     let loopRunning = ManagedAtomic<Bool>(false)
+    /// Set as the stop begins, before owned segments refuse publishes: a publish that fails from
+    /// then on failed because of the stop.
+    let stopping = ManagedAtomic<Bool>(false)
     /// The metrics (`shmbrokerctl metrics`, and the textfile when configured).
     let metrics = BrokerMetrics()
     /// Every segment an embedding application claimed, also after a reload retired it.
@@ -414,6 +417,7 @@ public final class BrokerServer {
     }
 
     func shutDown() {
+        stopping.store(true, ordering: .releasing)
         notifier.stopping(status: "stopping: closing \(clients.count) clients")
         // Saves in flight finish first; then every changed persistent segment is saved, here.
         persistenceQueue.sync {}

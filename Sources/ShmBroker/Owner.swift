@@ -15,9 +15,8 @@ import ShmBrokerProtocol
 /// let owner = try ShmBrokerOwner(configPath: "/etc/myapp/shmbroker.json")  // first thing in main
 /// let clock = try owner.segment("clock")       // claim it: clients may read, not publish
 /// try owner.start()                            // segments exist, socket listens, READY=1
-/// while !owner.isStopped {
+/// try owner.run(every: .seconds(1)) {          // until SIGTERM, SIGINT or stop(); ends cleanly
 ///     try clock.publish(Array("\(Date())".utf8))
-///     sleep(1)
 /// }
 /// ```
 ///
@@ -164,6 +163,45 @@ public final class ShmBrokerOwner: @unchecked Sendable {
         guard isStarted, !isStopped else { return }
         finished.wait()
         finished.signal()  // let every other waiter through too
+    }
+
+    /// Runs `body` (typically a publish) every `interval` until the owner stops (SIGTERM, SIGINT
+    /// or ``stop()``), then waits until the stop is complete. A publish that fails because the
+    /// owner stopped meanwhile ends the loop cleanly, so a stop never surfaces as an error; any
+    /// other error stops the owner and is rethrown.
+    ///
+    /// ```swift
+    /// try owner.start()
+    /// try owner.run(every: .seconds(1)) {
+    ///     try clock.publish(Array("\(Date())".utf8))
+    /// }
+    /// ```
+    ///
+    /// - Parameters:
+    ///   - interval: the time from one call's start to the next (a call that takes longer is
+    ///     followed by the next at once); `.zero` publishes flat out.
+    ///   - body: the work of one round, on the calling thread.
+    public func run(every interval: Duration, _ body: () throws -> Void) throws {
+        let nanoseconds = UInt64(clamping: interval.components.seconds) &* 1_000_000_000
+            &+ UInt64(clamping: interval.components.attoseconds / 1_000_000_000)
+        while !isStopped {
+            let started = DispatchTime.now().uptimeNanoseconds
+            do {
+                try body()
+            } catch OwnerError.retired where server.stopping.load(ordering: .acquiring) {
+                break
+            } catch {
+                if server.stopping.load(ordering: .acquiring) { break }
+                stop()
+                throw error
+            }
+            let next = DispatchTime(uptimeNanoseconds: started &+ nanoseconds)
+            if nanoseconds > 0, DispatchTime.now() < next, finished.wait(timeout: next) == .success {
+                finished.signal()  // stopped while waiting; let other waiters through
+                break
+            }
+        }
+        waitUntilStopped()
     }
 
     /// Stops serving: sends STOPPING=1, closes every client and the socket. Segment memory stays

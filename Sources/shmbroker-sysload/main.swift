@@ -25,15 +25,13 @@ struct SysLoad: ParsableCommand {
         let load = try owner.segment(segment)  // claimed before start: clients may only read it
         try owner.start()                      // segments exist, socket listens, READY=1 sent
         var sequence = load.latestVersion      // after a restart, carry on from the stored version
-        while !owner.isStopped {
+        // Until SIGTERM or SIGINT: a stop that races a publish ends the loop, not the process.
+        try owner.run(every: .milliseconds(intervalMs)) {
             sequence += 1
             let sample = Array(Self.sample(sequence: sequence).utf8)
             // Zero-copy: the bytes are written straight into the segment's next slot.
             try load.publish(length: sample.count) { slot in slot.copyBytes(from: sample) }
-            let deadline = Date().addingTimeInterval(Double(intervalMs) / 1000)
-            while !owner.isStopped && Date() < deadline { usleep(20_000) }
         }
-        owner.waitUntilStopped()
     }
 
     /// One JSON sample: the time, the load averages and the available memory.

@@ -111,6 +111,27 @@ final class OwnerProcessTests: XCTestCase {
         XCTAssertEqual(repeated, [], "first events at or before the version SUBSCRIBED reported")
     }
 
+    /// Issue 17, item 23: SIGTERM while the example owner publishes flat out ends it cleanly
+    /// (exit 0, no error) every time; its loop is `ShmBrokerOwner.run(every:_:)`.
+    func testSIGTERMWhilePublishingFlatOutEndsTheOwnerCleanly() throws {
+        let directory = "/tmp/shmbroker-sysload-stop-\(getpid())-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socketPath = directory + "/control.sock"
+        let configPath = directory + "/sysload.json"
+        try TestDaemon.writeConfig(at: configPath, socketPath: socketPath, segments: [segment("sysload", size: "4KiB")])
+        for round in 0..<10 {
+            let owner = try ChildProcess(Binaries.path("shmbroker-sysload"), ["--config", configPath, "--interval-ms", "0"])
+            let deadline = Date().addingTimeInterval(30)
+            while !FileManager.default.fileExists(atPath: socketPath) && Date() < deadline { usleep(5_000) }
+            usleep(UInt32.random(in: 1_000...50_000))
+            owner.signal(SIGTERM)
+            let exit = owner.finish(timeout: 30)
+            XCTAssertEqual(exit.status, 0, "round \(round): \(exit.stderr.suffix(600))")
+            XCTAssertFalse(exit.stderr.contains("segment-retired"), "round \(round): \(exit.stderr.suffix(600))")
+        }
+    }
+
     func testTheExampleOwnerUnderSystemdSurvivesKill9WithNoDataLost() throws {
         let sandbox = try SystemdSandbox(segments: [segment("sysload", size: "4KiB")], unit: "shmbroker-sysload",
                                          executable: "shmbroker-sysload", arguments: "--interval-ms 3600000")
