@@ -94,6 +94,8 @@ static void futex_wait(const void *word, uint32_t expected, int64_t timeout_ns) 
 
 struct shmb_client {
     int fd;
+    int request_timeout_ms;  /* < 0: no limit */
+    int broken;              /* a request timed out: its reply may still come */
     uint32_t next_id;
     uint8_t frame[MAX_FRAME + 1];
     shmb_event queued[MAX_QUEUED_EVENTS];
@@ -203,14 +205,25 @@ static void decode_event(shmb_client *c, uint16_t type, size_t length, shmb_even
 /* One request, one reply: events that arrive first are queued; ERROR replies become their code. */
 static int request(shmb_client *c, uint16_t type, const uint8_t *body, size_t length, const int *fds, int nfds,
                    uint16_t *reply_type, size_t *reply_length, int *reply_fds, int *reply_nfds) {
+    if (c->broken) return fail(SHMB_CONNECTION_LOST, "an earlier request timed out; reconnect");
     uint32_t id = c->next_id++;
     int status = send_frame(c, type, id, body, length, fds, nfds);
     if (status) return status;
+    int64_t deadline = c->request_timeout_ms < 0 ? -1 : monotonic_ns() + (int64_t)c->request_timeout_ms * 1000000;
     for (;;) {
         uint16_t got;
         uint32_t got_id;
         int local_fds[2], local_n = 0;
-        status = receive_frame(c, -1, &got, &got_id, reply_length, local_fds, &local_n);
+        int wait = -1;
+        if (deadline >= 0) {
+            int64_t left = deadline - monotonic_ns();
+            wait = left > 0 ? (int)((left + 999999) / 1000000) : 0;
+        }
+        status = receive_frame(c, wait, &got, &got_id, reply_length, local_fds, &local_n);
+        if (status == SHMB_ERR_TIMEOUT) {
+            c->broken = 1;
+            return fail(SHMB_ERR_TIMEOUT, "no reply within %d ms; the connection is no longer usable", c->request_timeout_ms);
+        }
         if (status) return status;
         if (got >= 0x4000 && got < 0x8000) {
             for (int i = 0; i < local_n; i++) close(local_fds[i]);
@@ -254,6 +267,7 @@ int shmb_connect(const char *socket_path, const char *client_name, shmb_client *
     shmb_client *c = calloc(1, sizeof *c);
     if (!c) return fail(SHMB_ERR_SYSTEM, "out of memory");
     c->next_id = 1;
+    c->request_timeout_ms = 30000;
     c->fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (c->fd < 0) { free(c); return fail_errno("socket"); }
     if (connect(c->fd, (struct sockaddr *)&address, sizeof address) != 0) {
@@ -281,6 +295,8 @@ void shmb_close(shmb_client *client) {
 }
 
 int shmb_fd(const shmb_client *client) { return client->fd; }
+
+void shmb_set_request_timeout(shmb_client *client, int timeout_ms) { if (client) client->request_timeout_ms = timeout_ms; }
 
 /* ---- segments (LAYOUT.md) ------------------------------------------------------------- */
 

@@ -37,7 +37,7 @@ fi
 
 # Against a hostile owner (Tests/hostile/server.py): every scenario must end in an error, not in a
 # crash or a sanitizer report.
-for scenario in short-file short-sealed huge-capacity unsealed short-board pipe status-overflow status-long; do
+for scenario in short-file short-sealed huge-capacity unsealed short-board pipe status-overflow status-long silent; do
     hostile="$work/hostile-$scenario.sock"
     python3 Tests/hostile/server.py "$hostile" "$scenario" >/dev/null &
     hostile_pid=$!

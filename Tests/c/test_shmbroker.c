@@ -143,7 +143,12 @@ static void against_hostile(const char *socket_path, const char *scenario) {
     shmb_client *client = NULL;
     CHECK(shmb_connect(socket_path, "c-test-hostile", &client) == SHMB_OK, "connect");
     if (!client) return;
-    if (strncmp(scenario, "status-", 7) == 0) {
+    if (strcmp(scenario, "silent") == 0) {  /* an owner that never answers: the request times out */
+        shmb_set_request_timeout(client, 300);
+        shmb_segment *segment = NULL;
+        CHECK(shmb_open(client, "anything", &segment) == SHMB_ERR_TIMEOUT, "a silent owner times out");
+        CHECK(shmb_open(client, "anything", &segment) == SHMB_CONNECTION_LOST, "and the connection is not reused");
+    } else if (strncmp(scenario, "status-", 7) == 0) {
         char *json = NULL;
         int status = shmb_status(client, &json, NULL);
         CHECK(status == SHMB_ERR_PROTOCOL, "%s: STATUS refused (got %d)", scenario, status);

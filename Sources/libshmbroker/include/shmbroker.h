@@ -80,8 +80,13 @@ const char *shmb_error_name(int code);
 /** The message of the calling thread's last error (never NULL). Thread-safe. */
 const char *shmb_error_message(void);
 
-/** Connects to an owner's control socket and performs the HELLO handshake. */
+/** Connects to an owner's control socket and performs the HELLO handshake. Each request then
+ *  waits at most 30 s for its reply (see shmb_set_request_timeout). */
 int shmb_connect(const char *socket_path, const char *client_name, shmb_client **client);
+/** How long each request waits for its reply, in milliseconds (< 0: no limit; default 30000).
+ *  A request that times out returns SHMB_ERR_TIMEOUT and leaves the connection unusable (a late
+ *  reply would answer the wrong request): later requests return SHMB_CONNECTION_LOST. */
+void shmb_set_request_timeout(shmb_client *client, int timeout_ms);
 /** Closes the connection and frees the client. Opened segments stay valid until closed. */
 void shmb_close(shmb_client *client);
 /** The connection's socket, for poll/epoll in the caller's own loop: readable when an event (or
