@@ -35,6 +35,17 @@ else
     echo "libshmbroker (other): skipped (needs root and setpriv to run as another uid)"
 fi
 
+# `make install` into a scratch prefix: a program builds against it with pkg-config alone.
+make -s -C Sources/libshmbroker install PREFIX="$work/prefix" BUILD="$build/installed"
+cat > "$work/crc.c" <<'C'
+#include <shmbroker.h>
+#include <stdio.h>
+int main(void) { return shmb_crc64("123456789", 9) == 0x995DC9BBDF1939FAull ? 0 : 1; }
+C
+cc -o "$work/crc" "$work/crc.c" $(PKG_CONFIG_PATH="$work/prefix/lib/pkgconfig" pkg-config --cflags --libs shmbroker) \
+   -Wl,-rpath,"$work/prefix/lib"
+"$work/crc" && echo "libshmbroker: make install and pkg-config: 1 passed, 0 failed"
+
 # Against a hostile owner (Tests/hostile/server.py): every scenario must end in an error, not in a
 # crash or a sanitizer report.
 for scenario in short-file short-sealed huge-capacity unsealed short-board pipe status-overflow status-long silent; do
