@@ -81,7 +81,7 @@ public final class BrokerServer {
     var activeRings: [UInt64] = []
     var counters = StatusReport.Counters()
     let startedAt = Date()
-    let daemonUID = getuid()
+    let daemonUID = CurrentProcess.userID
     var running = true
     /// Refused connections, kept open (write side shut) until a deadline so the refusal arrives.
     var refusedSockets: [(socket: FileDescriptor, closeAfter: UInt64)] = []
@@ -189,9 +189,7 @@ public final class BrokerServer {
     /// segments plus `maxClients` do not fit is logged, since the client limit cannot then be
     /// reached.
     func checkDescriptorBudget(_ configuration: BrokerConfiguration, context: String) throws {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max else { return }
-        let available = Int(clamping: limit.rlim_cur)
+        guard let available = ResourceLimits.openFiles().current else { return }
         let segmentCount = configuration.segments.count
         // On reload the running segments stay open until the new ones exist.
         // Two per segment: its memfd and its wait board.
@@ -347,27 +345,17 @@ public final class BrokerServer {
             return
         }
         let settings = configuration.socket
-        let directory = (settings.path as NSString).deletingLastPathComponent
-        if !FileManager.default.fileExists(atPath: directory) {
-            do {
-                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
-                                                        attributes: [.posixPermissions: 0o755])
-            } catch {
-                throw DaemonError.cannotListen(settings.path, "cannot create directory \(directory): \(error.localizedDescription)")
+        do {
+            try FileSystem.createDirectory(FileSystem.split(settings.path).directory, permissions: 0o755)
+            // Something other than a socket at the path: say what it is (binding would only
+            // report EADDRINUSE, which reads as "another daemon").
+            if let existing = try FileSystem.entry(at: settings.path), !existing.isSocket {
+                let kind = existing.isSymbolicLink && !FileSystem.existsFollowingLinks(settings.path)
+                    ? "a dangling symbolic link" : existing.kindDescription
+                throw DaemonError.notASocket(settings.path, kind)
             }
-        }
-        // Something other than a socket at the path: say what it is (binding would only report
-        // EADDRINUSE, which reads as "another daemon").
-        var info = Glibc.stat()
-        if lstat(settings.path, &info) == 0, (info.st_mode & S_IFMT) != S_IFSOCK {
-            let kind: String
-            switch info.st_mode & S_IFMT {
-            case S_IFREG: kind = "a regular file"
-            case S_IFDIR: kind = "a directory"
-            case S_IFLNK: kind = stat(settings.path, &info) == 0 ? "a symbolic link" : "a dangling symbolic link"
-            default: kind = "not a socket"
-            }
-            throw DaemonError.notASocket(settings.path, kind)
+        } catch let error as FileSystemError {
+            throw DaemonError.cannotListen(settings.path, "\(error)")
         }
         let fd: FileDescriptor
         do {
@@ -378,12 +366,16 @@ public final class BrokerServer {
             throw DaemonError.cannotListen(settings.path, "\(error)")
         }
         ownsSocketPath = true
-        if chmod(settings.path, mode_t(settings.mode)) != 0 {
-            logger.warning("cannot set socket mode", metadata: ["path": "\(settings.path)", "error": "\(Errno(rawValue: errno))"])
+        do {
+            try FileSystem.setPermissions(settings.path, mode_t(settings.mode))
+        } catch {
+            logger.warning("cannot set socket mode", metadata: ["path": "\(settings.path)", "error": "\(error)"])
         }
         if settings.owner != nil || settings.group != nil {
-            if chown(settings.path, settings.owner ?? UInt32.max, settings.group ?? UInt32.max) != 0 {
-                throw DaemonError.socketOwnership(settings.path, Errno(rawValue: errno))
+            do {
+                try FileSystem.setOwner(settings.path, user: settings.owner, group: settings.group)
+            } catch {
+                throw DaemonError.socketOwnership(settings.path, error.errno ?? .ioError)
             }
         }
         try epoll.add(fd, events: .readable, token: Token.listener)
@@ -430,7 +422,7 @@ public final class BrokerServer {
         if let listener {
             epoll.remove(listener)
             listener.closeQuietly()
-            if ownsSocketPath { unlink(configuration.socket.path) }
+            if ownsSocketPath { FileSystem.remove(configuration.socket.path) }
         }
         listener = nil
     }
@@ -445,7 +437,7 @@ public final class BrokerServer {
                 reload()
             case SIGUSR2 where allowDebugHang:
                 logger.warning("SIGUSR2 with --debug-allow-hang: hanging the event loop to test the watchdog")
-                while true { sleep(3600) }
+                CurrentProcess.sleepForever()
             case SIGUSR2:
                 logger.notice("ignoring SIGUSR2 (only --debug-allow-hang makes it hang the loop)")
             default:

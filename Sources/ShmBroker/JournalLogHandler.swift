@@ -1,6 +1,8 @@
 import CSystemd
 import Foundation
 import Logging
+import ShmBrokerPlatform
+import SystemPackage
 
 /// A swift-log handler that writes one line per message to stderr with journald's `<N>` syslog
 /// priority prefix, so `journalctl -p err` filters correctly when the daemon runs under systemd.
@@ -35,9 +37,9 @@ public struct JournalLogHandler: LogHandler {
     static let stderrIsJournal: Bool = {
         guard let value = ProcessInfo.processInfo.environment["JOURNAL_STREAM"] else { return false }
         let parts = value.split(separator: ":").compactMap { UInt64($0) }
-        var info = stat()
-        guard parts.count == 2, fstat(STDERR_FILENO, &info) == 0 else { return false }
-        return UInt64(info.st_dev) == parts[0] && UInt64(info.st_ino) == parts[1]
+        guard parts.count == 2,
+              let info = try? FileSystem.entry(of: FileDescriptor.standardError, path: "standard error") else { return false }
+        return info.device == parts[0] && info.inode == parts[1]
     }()
 
     /// Journal field names for the metadata keys the owner uses, so that for example

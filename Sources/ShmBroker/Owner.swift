@@ -314,14 +314,14 @@ public final class OwnedSegment: @unchecked Sendable {
     /// The latest version published (0: never), from any thread — but not from inside a
     /// `publish(length:)` fill closure, which holds the segment (the call would wait for itself).
     public var latestVersion: UInt64 {
-        while access.compareExchange(expected: 0, desired: 2, ordering: .acquiring).original != 0 { sched_yield() }
+        while access.compareExchange(expected: 0, desired: 2, ordering: .acquiring).original != 0 { CurrentProcess.yieldThread() }
         defer { access.store(0, ordering: .releasing) }
         return writer?.latestVersion ?? 0
     }
 
     /// The segment's capacity in bytes (0 once retired); not from inside a fill closure either.
     public var capacity: Int {
-        while access.compareExchange(expected: 0, desired: 2, ordering: .acquiring).original != 0 { sched_yield() }
+        while access.compareExchange(expected: 0, desired: 2, ordering: .acquiring).original != 0 { CurrentProcess.yieldThread() }
         defer { access.store(0, ordering: .releasing) }
         return writer?.layout.capacity ?? 0
     }
@@ -336,7 +336,7 @@ public final class OwnedSegment: @unchecked Sendable {
             let (exchanged, original) = access.compareExchange(expected: 0, desired: 1, ordering: .acquiring)
             if exchanged { break }
             if original == 1 { throw .concurrentPublish(name) }
-            sched_yield()  // the event loop is swapping the segment (a reload): a moment
+            CurrentProcess.yieldThread()  // the event loop is swapping the segment (a reload): a moment
         }
         guard let unretainedWriter else {
             access.store(0, ordering: .releasing)
@@ -363,7 +363,7 @@ public final class OwnedSegment: @unchecked Sendable {
 
     /// Runs `body` on the event loop's thread with every publish excluded (waiting for one in progress).
     func exclusively(_ body: () -> Void) {
-        while access.compareExchange(expected: 0, desired: 2, ordering: .acquiring).original != 0 { sched_yield() }
+        while access.compareExchange(expected: 0, desired: 2, ordering: .acquiring).original != 0 { CurrentProcess.yieldThread() }
         body()
         access.store(0, ordering: .releasing)
     }

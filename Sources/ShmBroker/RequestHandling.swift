@@ -132,7 +132,7 @@ extension BrokerServer {
         }
         if publishing, segment.owner != nil {
             reject(client, requestID: requestID, ProtocolError(.ownerPublishes,
-                "segment \"\(name)\" is published by its owner process (pid \(getpid())) itself; a segment has one writer, so clients may read it but not publish"))
+                "segment \"\(name)\" is published by its owner process (pid \(CurrentProcess.processID)) itself; a segment has one writer, so clients may read it but not publish"))
             return nil
         }
         let access = publishing ? segment.definition.publishers : segment.definition.readers
@@ -360,7 +360,7 @@ extension BrokerServer {
         let peer = client.credentials
         let privileged = isPrivileged(peer)
         let report = StatusReport(
-            daemon: StatusReport.Daemon(name: ownerName, version: Self.version, pid: getpid(), startedAt: startedAt.timeIntervalSince1970,
+            daemon: StatusReport.Daemon(name: ownerName, version: Self.version, pid: CurrentProcess.processID, startedAt: startedAt.timeIntervalSince1970,
                                         configPath: configPath, socketPath: configuration.socket.path,
                                         protocolVersion: ControlProtocol.version),
             segments: segmentOrder.compactMap { segments[$0] }

@@ -21,7 +21,8 @@ public struct SystemdNotifier: Sendable {
     /// Whether systemd started this process as a service: it is PID 1's child (the service
     /// manager spawns it directly), systemd gave it an `INVOCATION_ID`, and a `NOTIFY_SOCKET`.
     public static var startedBySystemd: Bool {
-        getppid() == 1 && getenv("INVOCATION_ID") != nil && getenv("NOTIFY_SOCKET") != nil
+        CurrentProcess.parentProcessID == 1 && CurrentProcess.hasEnvironment("INVOCATION_ID")
+            && CurrentProcess.hasEnvironment("NOTIFY_SOCKET")
     }
 
     /// Sends raw `KEY=VALUE` lines; returns whether a notify socket received them.
@@ -100,10 +101,9 @@ public struct InheritedDescriptors {
             let raw = SD_LISTEN_FDS_START + Int32(index)
             let descriptor = FileDescriptor(rawValue: raw)
             let name = names?[index].map { String(cString: $0) } ?? ""
-            _ = fcntl(raw, F_SETFD, FD_CLOEXEC)
+            try? descriptor.setCloseOnExec()
             if sd_is_socket(raw, AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 1) > 0, result.listener == nil {
-                let flags = fcntl(raw, F_GETFL)
-                _ = fcntl(raw, F_SETFL, flags | O_NONBLOCK)
+                try? descriptor.setNonBlocking()
                 result.listener = descriptor
             } else if name.hasPrefix(segmentNamePrefix), (try? descriptor.isRegularFile()) == true {
                 let segment = String(name.dropFirst(segmentNamePrefix.count))

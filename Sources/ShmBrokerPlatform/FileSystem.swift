@@ -56,6 +56,8 @@ public enum FileSystem {
         public var size: Int
         /// The inode number (unique among live files of one file system, memfds included).
         public var inode: UInt64
+        /// The device of the file system holding it.
+        public var device: UInt64
 
         init(_ info: Glibc.stat) {
             mode = info.st_mode
@@ -63,6 +65,7 @@ public enum FileSystem {
             gid = info.st_gid
             size = Int(info.st_size)
             inode = UInt64(info.st_ino)
+            device = UInt64(info.st_dev)
         }
 
         public var isRegularFile: Bool { mode & S_IFMT == S_IFREG }
@@ -96,6 +99,9 @@ public enum FileSystem {
         }
         return Entry(info)
     }
+
+    /// Whether something exists at `path` once links are followed (false for a dangling link).
+    public static func existsFollowingLinks(_ path: String) -> Bool { Glibc.access(path, F_OK) == 0 }
 
     /// `fstat` of an open descriptor.
     public static func entry(of descriptor: FileDescriptor, path: String) throws(FileSystemError) -> Entry {

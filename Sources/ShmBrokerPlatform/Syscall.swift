@@ -40,6 +40,17 @@ extension FileDescriptor {
         FileDescriptor(rawValue: try retryingInterrupts { fcntl(rawValue, F_DUPFD_CLOEXEC, 0) })
     }
 
+    /// Marks the descriptor close-on-exec (`FD_CLOEXEC`), for descriptors inherited without it.
+    public func setCloseOnExec() throws(Errno) {
+        _ = try retryingInterrupts { fcntl(rawValue, F_SETFD, FD_CLOEXEC) }
+    }
+
+    /// Makes reads, writes and accepts on the descriptor return `EAGAIN` instead of blocking.
+    public func setNonBlocking() throws(Errno) {
+        let flags = try retryingInterrupts { fcntl(rawValue, F_GETFL) }
+        _ = try retryingInterrupts { fcntl(rawValue, F_SETFL, flags | O_NONBLOCK) }
+    }
+
     /// The descriptor's size in bytes (`fstat`'s `st_size`).
     public func fileSize() throws(Errno) -> Int {
         var info = Glibc.stat()
@@ -107,6 +118,24 @@ public enum Clock {
     public static func realtimeNanoseconds() -> UInt64 { shmb_realtime_ns() }
     /// Monotonic time in nanoseconds (`CLOCK_MONOTONIC`), for intervals and deadlines.
     public static func monotonicNanoseconds() -> UInt64 { shmb_monotonic_ns() }
+}
+
+/// The calling process: who it runs as, and how its threads give way.
+public enum CurrentProcess {
+    /// The real user id (`getuid`).
+    public static var userID: UInt32 { getuid() }
+    /// The process id (`getpid`).
+    public static var processID: Int32 { getpid() }
+    /// The parent's process id (`getppid`): 1 for a service systemd started.
+    public static var parentProcessID: Int32 { getppid() }
+    /// Whether the environment has `name` (`getenv`, without copying the environment).
+    public static func hasEnvironment(_ name: String) -> Bool { getenv(name) != nil }
+    /// Lets another thread run (`sched_yield`): for a short wait on another thread's step.
+    public static func yieldThread() { _ = sched_yield() }
+    /// Blocks the calling thread forever (a debug hang that the watchdog must catch).
+    public static func sleepForever() -> Never {
+        while true { _ = sleep(3600) }
+    }
 }
 
 /// Process-wide signal set-up.
