@@ -289,7 +289,7 @@ public enum FileSystem {
     public static func remove(_ path: String) { _ = Glibc.unlink(path) }
 
     /// Sets a path's mode bits (`chmod`).
-    public static func setPermissions(_ path: String, _ permissions: mode_t) throws(FileSystemError) {
+    public static func setPermissions(_ path: String, _ permissions: UInt32) throws(FileSystemError) {
         do {
             _ = try retryingInterrupts { Glibc.chmod(path, permissions) }
         } catch {

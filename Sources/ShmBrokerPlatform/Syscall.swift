@@ -130,6 +130,8 @@ public enum CurrentProcess {
     public static var parentProcessID: Int32 { getppid() }
     /// Whether the environment has `name` (`getenv`, without copying the environment).
     public static func hasEnvironment(_ name: String) -> Bool { getenv(name) != nil }
+    /// The calling thread's identity (`pthread_self`), to check which thread runs some code.
+    public static var threadID: UInt { UInt(pthread_self()) }
     /// Lets another thread run (`sched_yield`): for a short wait on another thread's step.
     public static func yieldThread() { _ = sched_yield() }
     /// Blocks the calling thread forever (a debug hang that the watchdog must catch).

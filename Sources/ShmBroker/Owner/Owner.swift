@@ -113,12 +113,13 @@ public final class ShmBrokerOwner: @unchecked Sendable {
             lock.unlock()
             throw .noSuchSegment(name)
         }
-        let owned = OwnedSegment(name: name, doorbell: server.wakeup)
+        let owned = OwnedSegment(name: name, doorbell: server.loop.doorbell)
         claims[name] = owned
         let isStarted = started
         lock.unlock()
         if isStarted {
-            let result = server.runOnLoop { server in server.claim(owned) }
+            let server = self.server
+            let result = server.loop.submit { server.claim(owned) }
             if let failure = result { throw failure }
         }
         return owned
@@ -211,10 +212,8 @@ public final class ShmBrokerOwner: @unchecked Sendable {
         let isStarted = started
         lock.unlock()
         guard isStarted, !isStopped else { return }
-        _ = server.runOnLoop { server -> OwnerError? in
-            server.running = false
-            return nil
-        }
+        let server = self.server
+        server.loop.submit { server.running = false }
         waitUntilStopped()
     }
 

@@ -8,6 +8,8 @@ import SystemPackage
 /// the event loop under its own token.
 final class AttachedRing {
     let token: UInt64
+    /// The doorbell's registration with the event loop.
+    var registration: EventRegistration?
     let clientID: UInt64
     let segmentName: String
     let consumer: PublishRingConsumer
@@ -54,13 +56,15 @@ extension BrokerServer {
                 "the second descriptor of ATTACH_RING must be an eventfd (the ring's doorbell)"), descriptors: [doorbell])
         }
         consumer.recordSegmentCapacity(segment.writer.layout.capacity)
-        let ring = AttachedRing(token: nextRingToken, clientID: client.id, segmentName: name, consumer: consumer, doorbell: doorbell)
+        let ring = AttachedRing(token: nextRingID, clientID: client.id, segmentName: name, consumer: consumer, doorbell: doorbell)
         do {
-            try epoll.add(doorbell, events: [.readable, .edgeTriggered], token: ring.token)
+            ring.registration = try loop.register(doorbell, events: [.readable, .edgeTriggered], source: CallbackSource { [unowned self, unowned ring] _ in
+                self.handleDoorbell(ring)
+            })
         } catch {
             return reject(client, requestID: requestID, ProtocolError(.internalError, "cannot watch the doorbell: \(error)"), descriptors: [doorbell])
         }
-        nextRingToken += 1
+        nextRingID += 1
         rings[ring.token] = ring
         metrics.ringAttached()
         client.rings[name] = ring.token
@@ -118,8 +122,8 @@ extension BrokerServer {
     }
 
     /// The doorbell rang: the producer appended while the ring was idle.
-    func handleDoorbell(_ token: UInt64) {
-        guard let ring = rings[token] else { return }
+    func handleDoorbell(_ ring: AttachedRing) {
+        guard rings[ring.token] === ring else { return }
         ring.consumer.markAwake()
         drain(ring)
     }
@@ -201,7 +205,8 @@ extension BrokerServer {
     func removeRing(_ ring: AttachedRing, detachCode: ErrorCode?) {
         metrics.ringDetached(reason: detachCode?.name ?? "producer")
         if let detachCode { ring.consumer.detach(code: UInt32(detachCode.rawValue)) }
-        epoll.remove(ring.doorbell)
+        if let registration = ring.registration { loop.deregister(registration) }
+        ring.registration = nil
         ring.doorbell.closeQuietly()
         rings.removeValue(forKey: ring.token)
         clients[ring.clientID]?.rings.removeValue(forKey: ring.segmentName)

@@ -7,6 +7,11 @@ final class ClientConnection {
     let id: UInt64
     let socket: FileDescriptor
     let credentials: PeerCredentials
+    /// Its registration with the event loop (nil once disconnecting).
+    var registration: EventRegistration?
+    /// Set by a disconnect: nothing more is read or sent; the loop completes the close at the
+    /// end of its turn.
+    var isClosing = false
     var name = ""
     var greeted = false
     var opened: Set<String> = []
