@@ -36,6 +36,8 @@ public final class BrokerServer {
     let stopping = ManagedAtomic<Bool>(false)
     /// The metrics (`shmbrokerctl metrics`, and the textfile when configured).
     let metrics = BrokerMetrics()
+    /// Where every version is committed; its sinks fan out events and count.
+    let pipeline = PublishPipeline()
     /// Every segment an embedding application claimed, also after a reload retired it.
     var ownedSegments: [OwnedSegment] = []
     /// Saves of persistent segments run here, off the loop; the loop only takes the snapshot.
@@ -89,6 +91,8 @@ public final class BrokerServer {
         self.notifier = notifier
         self.loop = try EventLoop()
         self.listener = Listener(loop: loop, logger: logger)
+        pipeline.register(PublishCounting(server: self))
+        pipeline.register(SubscriberFanOut(server: self))
     }
 
     deinit {

@@ -167,15 +167,12 @@ extension BrokerServer {
     func drain(_ ring: AttachedRing, maximumEntries: Int = BrokerServer.ringBatch) {
         guard let segment = currentSegment(of: ring) else { return }
         let outcome = ring.consumer.drain(maximumEntries: maximumEntries) { payload in
-            let receipt: PublishReceipt
-            do {
-                receipt = try segment.writer.publish(payload)
+            do throws(ProtocolError) {
+                return .success(try pipeline.commit(to: segment, origin: .ring) { try $0.publish(payload) })
             } catch {
                 counters.errorReplies += 1  // the ring's answer to this entry, as an ERROR is to a PUBLISH
-                return .failure(RingRefusal(code: UInt32(ErrorCode.payloadTooLarge.rawValue)))
+                return .failure(RingRefusal(code: UInt32(error.code.rawValue)))
             }
-            recordPublish(receipt, of: segment)
-            return .success(receipt)
         }
         switch outcome {
         case .idle:

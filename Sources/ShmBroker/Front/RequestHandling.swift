@@ -192,34 +192,20 @@ extension BrokerServer {
     }
 
     func handlePublish(_ segment: ManagedSegment, payload: PublishPayload, attached: FileDescriptor?,
-                               requestID: UInt32, client: ClientConnection) {
+                       requestID: UInt32, client: ClientConnection) {
         let receipt: PublishReceipt
         do {
             switch payload {
             case .inline(let bytes):
-                receipt = try segment.writer.publish(bytes)
+                receipt = try pipeline.commit(to: segment, origin: .request) { try $0.publish(bytes) }
             case .attachedFile(let length):
                 guard let file = attached else { return }
                 receipt = try publish(from: file, length: length, into: segment, client: client)
             }
-        } catch let error as ProtocolError {
-            return reject(client, requestID: requestID, error)
-        } catch let error as SegmentError {
-            return reject(client, requestID: requestID, ProtocolError(.payloadTooLarge, error.description))
         } catch {
-            return reject(client, requestID: requestID, ProtocolError(.internalError, "\(error)"))
+            return reject(client, requestID: requestID, error)
         }
         send(ServerMessage.published(VersionInfo(receipt)).encode(requestID: requestID), to: client)
-        recordPublish(receipt, of: segment)
-    }
-
-    /// Counts a new version and announces it to the segment's subscribers.
-    func recordPublish(_ receipt: PublishReceipt, of segment: ManagedSegment) {
-        counters.publishes += 1
-        segment.publishes += 1
-        segment.publishedBytes += UInt64(receipt.length)
-        segment.lastAnnouncedVersion = receipt.version
-        announce(VersionInfo(receipt), of: segment)
     }
 
     /// Copies a payload from a producer's file into the segment. A file sealed against shrinking
@@ -227,7 +213,7 @@ extension BrokerServer {
     /// other file is read with `pread`, so a producer that truncates it mid-copy causes a short
     /// read (an error reply), never a SIGBUS in the daemon.
     func publish(from file: FileDescriptor, length: UInt64, into segment: ManagedSegment,
-                         client: ClientConnection) throws -> PublishReceipt {
+                 client: ClientConnection) throws(ProtocolError) -> PublishReceipt {
         let capacity = segment.writer.layout.capacity
         guard length <= UInt64(capacity) else {
             throw ProtocolError(.payloadTooLarge, SegmentError.payloadTooLarge(length: Int(clamping: length), capacity: capacity).description)
@@ -248,10 +234,20 @@ extension BrokerServer {
         // copy into the slot then computes the CRC in the same pass.
         if length > 0, seals.contains(.shrink),
            let source = stagingMapping(of: file, inode: info.inode, length: Int(length), client: client) {
-            return try segment.writer.publish(UnsafeRawBufferPointer(start: source.base, count: Int(length)))
+            return try pipeline.commit(to: segment, origin: .request) {
+                try $0.publish(UnsafeRawBufferPointer(start: source.base, count: Int(length)))
+            }
         }
+        return try pipeline.commit(to: segment, origin: .request) { writer in
+            try Self.copy(from: file, length: Int(length), into: writer)
+        }
+    }
+
+    /// Reads a payload file into the writer's next slot with `pread`: a producer that truncates
+    /// the file meanwhile causes a short read (an error), never a SIGBUS.
+    private static func copy(from file: FileDescriptor, length: Int, into writer: SegmentWriter) throws -> PublishReceipt {
         do {
-            return try segment.writer.publish(length: Int(length)) { (buffer: UnsafeMutableRawBufferPointer) throws(ProtocolError) in
+            return try writer.publish(length: length) { (buffer: UnsafeMutableRawBufferPointer) throws(ProtocolError) in
                 let read: Int
                 do {
                     read = try file.readFully(into: buffer, atOffset: 0)
@@ -281,35 +277,6 @@ extension BrokerServer {
         if client.stagingMappings.count >= 4 { client.stagingMappings.removeFirst() }
         client.stagingMappings.append((inode, region))
         return region
-    }
-
-    /// Announces a just-published version to each subscriber, coalescing for slow ones.
-    /// Cost is proportional to this segment's subscribers only.
-    func announce(_ version: VersionInfo, of segment: ManagedSegment) {
-        guard !segment.subscribers.isEmpty else { return }
-        var event: [UInt8]?
-        for id in segment.subscribers {
-            guard let client = clients[id], client.wantsEvent(for: segment.name, version: version.version) else { continue }
-            if client.hasBacklog {
-                if !client.markPending(segment.name) {
-                    counters.eventsCoalesced += 1
-                    segment.eventsCoalesced += 1
-                }
-                continue
-            }
-            if event == nil {
-                event = ServerMessage.versionEvent(segment: segment.name, version).encode(requestID: 0)
-            }
-            switch trySend(event!, to: client) {
-            case .sent:
-                counters.eventsSent += 1
-                segment.eventsSent += 1
-            case .full:
-                client.markPending(segment.name)
-                waitForWritable(client)
-            case .failed: break
-            }
-        }
     }
 
     /// Root and the owner's own uid: they see everything and may use the reserved connections.

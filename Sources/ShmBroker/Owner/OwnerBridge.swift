@@ -41,8 +41,7 @@ extension BrokerServer {
             let flagged = segment.signals.announcePending.exchange(false, ordering: .acquiringAndReleasing)
             guard flagged || !onlyPending, !segment.subscribers.isEmpty,
                   let receipt = segment.writer.latestReceipt, receipt.version > segment.lastAnnouncedVersion else { continue }
-            segment.lastAnnouncedVersion = receipt.version
-            announce(VersionInfo(receipt), of: segment)
+            pipeline.deliver(receipt, of: segment, origin: .owner)
         }
     }
 

@@ -197,6 +197,6 @@ extension BrokerServer {
     func carryOver(from old: SegmentWriter, to new: ManagedSegment) {
         let reader = try? SegmentReader(region: old.region)
         guard let snapshot = try? reader?.read(), snapshot.bytes.count <= new.definition.capacity else { return }
-        _ = try? new.writer.publish(snapshot.bytes)
+        _ = try? pipeline.commit(to: new, origin: .carryOver) { try $0.publish(snapshot.bytes) }
     }
 }
