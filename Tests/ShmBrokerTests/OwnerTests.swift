@@ -1,6 +1,6 @@
 import Foundation
 import Glibc
-import ShmBroker
+@testable import ShmBroker
 import ShmBrokerClient
 import ShmBrokerProtocol
 import XCTest
@@ -23,12 +23,15 @@ final class OwnerTests: XCTestCase {
 
     func writeConfig(_ segments: String) throws -> String {
         let path = directory + "/owner.json"
-        let text = """
+        try Self.config(socketPath: socketPath, segments: segments).write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    static func config(socketPath: String, segments: String) -> String {
+        """
         {"socket": {"path": "\(socketPath)", "mode": "0666"},
          "segments": [\(segments)]}
         """
-        try text.write(toFile: path, atomically: true, encoding: .utf8)
-        return path
     }
 
     func makeOwner() throws -> ShmBrokerOwner {
@@ -154,4 +157,50 @@ final class OwnerTests: XCTestCase {
             XCTAssertTrue(text.contains("duplicate segment name"), text)
         }
     }
+
+    /// Issue 18: claiming segments from one thread while the loop reloads the configuration
+    /// (which replaces it) on its own: the claim asks the loop, so the two never touch the
+    /// configuration at once (`swift test --sanitize=thread` runs this in CI with no report).
+    func testClaimsRaceNoReloads() throws {
+        let with = """
+            {"name": "owned", "size": 4096, "readers": {"users": ["*"]}},
+            {"name": "extra", "size": 64, "readers": {"users": ["*"]}}
+            """
+        let without = #"{"name": "owned", "size": 4096, "readers": {"users": ["*"]}}"#
+        let path = try writeConfig(with)
+        let owner = try ShmBrokerOwner(configPath: path, options: .init(handlesSignals: false, adoptsSystemdDescriptors: false))
+        defer { owner.stop() }
+        try owner.start()
+        let done = ManagedAtomicFlag()
+        let socket = socketPath
+        let reloader = Thread {
+            for round in 0..<40 {
+                try? Data(Self.config(socketPath: socket, segments: round % 2 == 0 ? without : with).utf8).write(to: URL(fileURLWithPath: path))
+                owner.reload()
+            }
+            done.set()
+        }
+        reloader.start()
+        var claims = 0, refusals = 0
+        while !done.isSet {
+            do {
+                _ = try owner.segment("extra")
+                claims += 1
+            } catch {
+                refusals += 1
+            }
+            _ = try owner.segment("owned")
+        }
+        XCTAssertGreaterThan(claims + refusals, 0)
+        let status = try owner.segment("owned")
+        XCTAssertNoThrow(try status.publish([1]), "the owner still publishes after 40 reloads")
+    }
+}
+
+/// A flag one thread sets and another reads.
+private final class ManagedAtomicFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    func set() { lock.withLock { value = true } }
+    var isSet: Bool { lock.withLock { value } }
 }

@@ -47,7 +47,7 @@ public final class ShmBrokerOwner: @unchecked Sendable {
         }
     }
 
-    private let server: BrokerServer
+    let server: BrokerServer
     private let lock = NSLock()
     private var claims: [String: OwnedSegment] = [:]
     private var started = false
@@ -109,7 +109,10 @@ public final class ShmBrokerOwner: @unchecked Sendable {
             lock.unlock()
             return existing
         }
-        guard server.configuration.segments.contains(where: { $0.name == name }) else {
+        // The configuration is the loop's (a SIGHUP reload replaces it there): ask the loop,
+        // which runs this here before it starts and after it ended.
+        let server = self.server
+        guard server.loop.submit({ server.configuration.segments.contains(where: { $0.name == name }) }) else {
             lock.unlock()
             throw .noSuchSegment(name)
         }
@@ -118,7 +121,6 @@ public final class ShmBrokerOwner: @unchecked Sendable {
         let isStarted = started
         lock.unlock()
         if isStarted {
-            let server = self.server
             let result = server.loop.submit { server.claim(owned) }
             if let failure = result { throw failure }
         }
@@ -203,6 +205,14 @@ public final class ShmBrokerOwner: @unchecked Sendable {
             }
         }
         waitUntilStopped()
+    }
+
+    /// Re-reads the configuration file, as SIGHUP does (for an application that handles signals
+    /// itself): segments added, resized or removed, access lists updated; an invalid file leaves
+    /// everything as it was. Runs on the event loop and returns when the reload is done.
+    public func reload() {
+        let server = self.server
+        server.loop.submit { server.reload() }
     }
 
     /// Stops serving: sends STOPPING=1, closes every client and the socket. Segment memory stays

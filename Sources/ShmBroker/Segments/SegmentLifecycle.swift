@@ -137,13 +137,11 @@ extension BrokerServer {
             notifier.ready(status: "reload failed (\(error)); " + statusLine())
             return
         }
+        let plan = ReloadPlan(running: segmentOrder.compactMap { segments[$0]?.definition }, new: newConfiguration.segments)
         var created: [ManagedSegment] = []
         do {
-            try MemoryBudget.check(newConfiguration.segments.filter { segments[$0.name]?.definition.layout != $0.layout })
-            for definition in newConfiguration.segments {
-                if let existing = segments[definition.name], existing.definition.layout == definition.layout { continue }
-                created.append(try ManagedSegment(creating: definition))
-            }
+            try MemoryBudget.check(plan.toCreate)
+            for definition in plan.toCreate { created.append(try ManagedSegment(creating: definition)) }
         } catch {
             created.forEach { $0.retire() }
             counters.failedReloads += 1
@@ -151,8 +149,7 @@ extension BrokerServer {
             notifier.ready(status: "reload failed (\(error)); " + statusLine())
             return
         }
-        let wanted = Set(newConfiguration.segments.map(\.name))
-        for name in segmentOrder where !wanted.contains(name) {
+        for name in plan.retired {
             logger.notice("segment removed", metadata: ["segment": "\(name)"])
             retireSegment(named: name)
         }
@@ -179,10 +176,10 @@ extension BrokerServer {
             addSegment(segment)
             storeInSystemd(segment)
         }
-        for definition in newConfiguration.segments {
+        for definition in plan.updated {
             segments[definition.name]?.updateAccess(from: definition)
         }
-        segmentOrder = newConfiguration.segments.map(\.name)
+        segmentOrder = plan.order
         configuration.limits = newConfiguration.limits
         configuration.segments = newConfiguration.segments
         // Rings of removed segments (or of producers no longer allowed) are detached now, with
