@@ -126,7 +126,7 @@ let package = Package(
             "ShmBrokerCore", "ShmBrokerPlatform", .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Atomics", package: "swift-atomics"),
         ]),
-        .testTarget(name: "ShmBrokerProtocolTests", dependencies: ["ShmBrokerProtocol"]),
+        .testTarget(name: "ShmBrokerProtocolTests", dependencies: ["ShmBrokerProtocol", "ShmBrokerCore"]),
         .testTarget(name: "ShmBrokerConfigTests", dependencies: ["ShmBrokerConfig"]),
         .testTarget(name: "ShmBrokerTests", dependencies: ["ShmBroker", "ShmBrokerClient", "ShmBrokerProtocol"]),
         .testTarget(

@@ -17,7 +17,7 @@ public enum ControlProtocol {
 }
 
 /// Message type codes: requests below 0x4000, events 0x4000–0x7FFF, replies from 0x8000.
-public enum MessageType: UInt16, Sendable {
+public enum MessageType: UInt16, Sendable, CaseIterable {
     case hello = 0x0001
     case open = 0x0002
     case subscribe = 0x0003

@@ -3,6 +3,7 @@
 #include "shmbroker.h"
 
 #include "CShmBrokerCRC.h"
+#include "shmbroker_wire.h"  /* every offset and code, generated from the Swift definitions */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -21,10 +22,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_FRAME 65536
-#define HEADER 12
-#define SEGMENT_MAGIC 0x524B4F52424D4853ull
-#define RING_MAGIC 0x474E4952424D4853ull
+#define MAX_FRAME WIRE_MAX_FRAME
+#define HEADER WIRE_FRAME_HEADER_SIZE
+#define SEGMENT_MAGIC WIRE_SEGMENT_MAGIC
+#define RING_MAGIC WIRE_RING_MAGIC
 #define MAX_QUEUED_EVENTS 64
 
 /* ---- errors ---------------------------------------------------------------------------- */
@@ -110,7 +111,7 @@ static size_t put_string(uint8_t *out, const char *text) {
 }
 
 static int check_name(const char *segment) {
-    if (!segment || strlen(segment) == 0 || strlen(segment) > 64) {
+    if (!segment || strlen(segment) == 0 || strlen(segment) > WIRE_SEGMENT_MAX_NAME) {
         return fail(SHMB_ERR_INVALID_ARGUMENT, "a segment name is 1 to 64 bytes");
     }
     return SHMB_OK;
@@ -177,6 +178,9 @@ static int receive_frame(shmb_client *c, int timeout_ms, uint16_t *type, uint32_
     return SHMB_OK;
 }
 
+/* Types 0x4000-0x7FFF are events (PROTOCOL.md, "Message types"): sent unasked, request id 0. */
+static int is_event(uint16_t type) { return type >= 0x4000 && type < 0x8000; }
+
 /* Decodes an event frame into the queue (or `out`). */
 static void decode_event(shmb_client *c, uint16_t type, size_t length, shmb_event *out) {
     const uint8_t *body = c->frame + HEADER;
@@ -184,13 +188,13 @@ static void decode_event(shmb_client *c, uint16_t type, size_t length, shmb_even
     memset(&event, 0, sizeof event);
     if (length < 2) return;
     size_t name = get16(body);
-    if (name > 64 || 2 + name > length) return;
+    if (name > WIRE_SEGMENT_MAX_NAME || 2 + name > length) return;
     memcpy(event.segment, body + 2, name);
-    event.retired = type == 0x4002;
-    if (type == 0x4001 && length >= 2 + name + 32) {
+    event.retired = type == WIRE_MSG_RETIRED;
+    if (type == WIRE_MSG_VERSION && length >= 2 + name + 32) {
         const uint8_t *info = body + 2 + name;
         event.info = (shmb_version_info){ get64(info), get64(info + 8), get64(info + 16), get64(info + 24) };
-    } else if (type != 0x4002) {
+    } else if (type != WIRE_MSG_RETIRED) {
         return;
     }
     if (out) { *out = event; return; }
@@ -225,7 +229,7 @@ static int request(shmb_client *c, uint16_t type, const uint8_t *body, size_t le
             return fail(SHMB_ERR_TIMEOUT, "no reply within %d ms; the connection is no longer usable", c->request_timeout_ms);
         }
         if (status) return status;
-        if (got >= 0x4000 && got < 0x8000) {
+        if (is_event(got)) {
             for (int i = 0; i < local_n; i++) close(local_fds[i]);
             decode_event(c, got, *reply_length, NULL);
             continue;
@@ -234,7 +238,7 @@ static int request(shmb_client *c, uint16_t type, const uint8_t *body, size_t le
             for (int i = 0; i < local_n; i++) close(local_fds[i]);
             return fail(SHMB_ERR_PROTOCOL, "a reply to request %u, expected %u", got_id, id);
         }
-        if (got == 0x80FF) {
+        if (got == WIRE_MSG_ERROR) {
             for (int i = 0; i < local_n; i++) close(local_fds[i]);
             const uint8_t *b = c->frame + HEADER;
             if (*reply_length < 4) return fail(SHMB_ERR_PROTOCOL, "a short ERROR");
@@ -281,8 +285,8 @@ int shmb_connect(const char *socket_path, const char *client_name, shmb_client *
     snprintf(name, sizeof name, "%s", client_name ? client_name : "libshmbroker");
     size_t n = 4 + put_string(body + 4, name);
     uint16_t type; size_t length;
-    int status = request(c, 0x0001, body, n, NULL, 0, &type, &length, NULL, NULL);
-    if (!status) status = expect(type, 0x8001, length, 8);
+    int status = request(c, WIRE_MSG_HELLO, body, n, NULL, 0, &type, &length, NULL, NULL);
+    if (!status) status = expect(type, WIRE_MSG_HELLO_OK, length, 8);
     if (status) { shmb_close(c); return status; }
     *out = c;
     return SHMB_OK;
@@ -331,9 +335,9 @@ int shmb_open(shmb_client *c, const char *name, shmb_segment **out) {
     uint8_t body[2 + 64];
     size_t n = put_string(body, name);
     uint16_t type; size_t length; int fds[2], nfds = 0;
-    status = request(c, 0x0002, body, n, NULL, 0, &type, &length, fds, &nfds);
+    status = request(c, WIRE_MSG_OPEN, body, n, NULL, 0, &type, &length, fds, &nfds);
     if (status) return status;
-    status = expect(type, 0x8002, length, 32);
+    status = expect(type, WIRE_MSG_OPENED, length, 32);
     if (!status && nfds < 1) status = fail(SHMB_MISSING_DESCRIPTOR, "OPENED carried no descriptor");
     shmb_segment *s = NULL;
     if (!status) {
@@ -344,35 +348,36 @@ int shmb_open(shmb_client *c, const char *name, shmb_segment **out) {
         /* Nothing the owner sent is trusted before it is checked: a descriptor shorter than the
          * mapping it announced, or one it could still shrink, would kill this process (SIGBUS). */
         uint64_t announced = get64(c->frame + HEADER + 16);
-        if (announced < 256 || announced > (uint64_t)SIZE_MAX / 2) {
+        if (announced < WIRE_SEGMENT_HEADER_SIZE || announced > (uint64_t)SIZE_MAX / 2) {
             status = fail(SHMB_ERR_PROTOCOL, "OPENED for \"%s\" announced a mapping of %llu bytes", name, (unsigned long long)announced);
         } else {
             s->size = (size_t)announced;
             status = check_mappable(fds[0], s->size, name, "segment");
         }
     }
-    if (!status && nfds >= 2) status = check_mappable(fds[1], 4096, name, "wait board");
+    if (!status && nfds >= 2) status = check_mappable(fds[1], WIRE_BOARD_SIZE, name, "wait board");
     if (!status) {
         void *base = mmap(NULL, s->size, PROT_READ, MAP_SHARED, fds[0], 0);
         if (base == MAP_FAILED) status = fail_errno("mmap of the segment");
         else s->base = base;
     }
     if (!status && nfds >= 2) {
-        void *board = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fds[1], 0);
+        void *board = mmap(NULL, WIRE_BOARD_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fds[1], 0);
         if (board != MAP_FAILED) s->sleepers = board;
     }
     for (int i = 0; i < nfds; i++) close(fds[i]);
     if (!status) {
-        if (load64(s->base) != SEGMENT_MAGIC || load32(s->base + 0x08) != SHMB_LAYOUT_VERSION || load32(s->base + 0x0C) != 256) {
+        if (load64(s->base) != SEGMENT_MAGIC || load32(s->base + WIRE_SEG_LAYOUT_VERSION) != SHMB_LAYOUT_VERSION
+            || load32(s->base + WIRE_SEG_HEADER_SIZE) != WIRE_SEGMENT_HEADER_SIZE) {
             status = fail(SHMB_ERR_BAD_SEGMENT, "segment \"%s\" is not a layout-%d segment", name, SHMB_LAYOUT_VERSION);
         } else {
-            s->capacity = load64(s->base + 0x10);
-            s->slots = load32(s->base + 0x18);
-            s->stride = load64(s->base + 0x20);
+            s->capacity = load64(s->base + WIRE_SEG_CAPACITY);
+            s->slots = load32(s->base + WIRE_SEG_SLOT_COUNT);
+            s->stride = load64(s->base + WIRE_SEG_SLOT_STRIDE);
             /* Every field bounded before any arithmetic: a capacity near 2^64 would wrap the stride. */
-            if (s->capacity < 1 || s->capacity > s->size || s->slots < 2 || s->slots > 16
-                || s->stride != 64 + ((s->capacity + 63) / 64) * 64 || s->stride > s->size
-                || 256 + (uint64_t)s->slots * s->stride > s->size) {
+            if (s->capacity < 1 || s->capacity > s->size || s->slots < WIRE_SEGMENT_MIN_SLOTS || s->slots > WIRE_SEGMENT_MAX_SLOTS
+                || s->stride != WIRE_SEGMENT_SLOT_HEADER_SIZE + ((s->capacity + 63) / WIRE_SEGMENT_ALIGNMENT) * WIRE_SEGMENT_ALIGNMENT
+                || s->stride > s->size || WIRE_SEGMENT_HEADER_SIZE + (uint64_t)s->slots * s->stride > s->size) {
                 status = fail(SHMB_ERR_BAD_SEGMENT, "segment \"%s\": the header does not match the mapping", name);
             }
         }
@@ -385,19 +390,19 @@ int shmb_open(shmb_client *c, const char *name, shmb_segment **out) {
 void shmb_segment_close(shmb_segment *s) {
     if (!s) return;
     if (s->base) munmap((void *)s->base, s->size);
-    if (s->sleepers) munmap(s->sleepers, 4096);
+    if (s->sleepers) munmap(s->sleepers, WIRE_BOARD_SIZE);
     free(s);
 }
 
-uint64_t shmb_latest_version(const shmb_segment *s) { return load64(s->base + 0x80); }
+uint64_t shmb_latest_version(const shmb_segment *s) { return load64(s->base + WIRE_SEG_LATEST_VERSION); }
 uint64_t shmb_capacity(const shmb_segment *s) { return s->capacity; }
-int shmb_retired(const shmb_segment *s) { return (load32(s->base + 0x1C) & 1) != 0; }
+int shmb_retired(const shmb_segment *s) { return (load32(s->base + WIRE_SEG_FLAGS) & WIRE_SEG_FLAG_RETIRED) != 0; }
 
-static const uint8_t *slot_of(const shmb_segment *s, uint64_t version) { return s->base + 256 + (version % s->slots) * s->stride; }
+static const uint8_t *slot_of(const shmb_segment *s, uint64_t version) { return s->base + WIRE_SEGMENT_HEADER_SIZE + (version % s->slots) * s->stride; }
 
 /* One attempt of LAYOUT.md's read: 0 = done, 1 = retry, else an error. `buffer` NULL: in place. */
 static int attempt(shmb_segment *s, void *buffer, size_t size, const void **borrowed, shmb_version_info *info) {
-    uint64_t version = load64(s->base + 0x80);
+    uint64_t version = load64(s->base + WIRE_SEG_LATEST_VERSION);
     if (version == 0) return fail(SHMB_ERR_NEVER_PUBLISHED, "nothing was ever published");
     const uint8_t *slot = slot_of(s, version);
     if (load64(slot) != version) return 1;
@@ -410,10 +415,10 @@ static int attempt(shmb_segment *s, void *buffer, size_t size, const void **borr
             if (load64(slot) != version) return 1;
             return fail(SHMB_ERR_BUFFER_TOO_SMALL, "the version holds %llu bytes, the buffer %zu", (unsigned long long)length, size);
         }
-        computed = ~shmb_crc64_copy_path(shmb_crc64_best_path(), ~0ull, buffer, slot + 64, (size_t)length);
+        computed = ~shmb_crc64_copy_path(shmb_crc64_best_path(), ~0ull, buffer, slot + WIRE_SLOT_DATA, (size_t)length);
     } else {
-        computed = shmb_crc64(slot + 64, (size_t)length);
-        *borrowed = slot + 64;
+        computed = shmb_crc64(slot + WIRE_SLOT_DATA, (size_t)length);
+        *borrowed = slot + WIRE_SLOT_DATA;
     }
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     if (load64(slot) != version) return 1;  /* the writer reused the slot during the copy */
@@ -451,8 +456,8 @@ int shmb_wait(shmb_segment *s, uint64_t after, int64_t timeout_ns, uint64_t *lat
     if (s->sleepers) __atomic_add_fetch(s->sleepers, 1, __ATOMIC_SEQ_CST);  /* then re-check below */
     int status = SHMB_OK;
     for (;;) {
-        uint32_t word = load32(s->base + 0x88);
-        uint64_t now_version = load64(s->base + 0x80);
+        uint32_t word = load32(s->base + WIRE_SEG_FUTEX_WORD);
+        uint64_t now_version = load64(s->base + WIRE_SEG_LATEST_VERSION);
         if (latest) *latest = now_version;
         if (now_version > after || shmb_retired(s)) break;
         int64_t remaining = -1;
@@ -462,7 +467,7 @@ int shmb_wait(shmb_segment *s, uint64_t after, int64_t timeout_ns, uint64_t *lat
         }
         /* Without a board the writer may skip the wake-up: look again every millisecond. */
         if (!s->sleepers && (remaining < 0 || remaining > 1000000)) remaining = 1000000;
-        futex_wait(s->base + 0x88, word, remaining);
+        futex_wait(s->base + WIRE_SEG_FUTEX_WORD, word, remaining);
     }
     if (s->sleepers) __atomic_sub_fetch(s->sleepers, 1, __ATOMIC_SEQ_CST);
     return status;
@@ -482,7 +487,7 @@ static int segment_request(shmb_client *c, uint16_t type, const char *name, uint
 }
 
 int shmb_subscribe(shmb_client *c, const char *name, shmb_version_info *latest) {
-    int status = segment_request(c, 0x0003, name, 0x8003, 32);
+    int status = segment_request(c, WIRE_MSG_SUBSCRIBE, name, WIRE_MSG_SUBSCRIBED, 32);
     if (!status && latest) {
         const uint8_t *b = c->frame + HEADER;
         *latest = (shmb_version_info){ get64(b), get64(b + 8), get64(b + 16), get64(b + 24) };
@@ -490,7 +495,7 @@ int shmb_subscribe(shmb_client *c, const char *name, shmb_version_info *latest) 
     return status;
 }
 
-int shmb_unsubscribe(shmb_client *c, const char *name) { return segment_request(c, 0x0004, name, 0x8000, 0); }
+int shmb_unsubscribe(shmb_client *c, const char *name) { return segment_request(c, WIRE_MSG_UNSUBSCRIBE, name, WIRE_MSG_OK, 0); }
 
 int shmb_next_event(shmb_client *c, int timeout_ms, shmb_event *event) {
     if (!event) return fail(SHMB_ERR_INVALID_ARGUMENT, "event is required");
@@ -504,7 +509,7 @@ int shmb_next_event(shmb_client *c, int timeout_ms, shmb_event *event) {
         uint16_t type; uint32_t id; size_t length;
         int status = receive_frame(c, wait, &type, &id, &length, NULL, NULL);
         if (status) return status;
-        if (type >= 0x4000 && type < 0x8000) decode_event(c, type, length, NULL);
+        if (is_event(type)) decode_event(c, type, length, NULL);
     }
     *event = c->queued[c->queued_head];
     c->queued_head = (c->queued_head + 1) % MAX_QUEUED_EVENTS;
@@ -515,7 +520,7 @@ int shmb_next_event(shmb_client *c, int timeout_ms, shmb_event *event) {
 /* ---- publishing --------------------------------------------------------------------------- */
 
 static int receipt_from(shmb_client *c, uint16_t type, size_t length, shmb_version_info *receipt) {
-    int status = expect(type, 0x8005, length, 32);
+    int status = expect(type, WIRE_MSG_PUBLISHED, length, 32);
     if (!status && receipt) {
         const uint8_t *b = c->frame + HEADER;
         *receipt = (shmb_version_info){ get64(b), get64(b + 8), get64(b + 16), get64(b + 24) };
@@ -535,7 +540,7 @@ int shmb_publish(shmb_client *c, const char *name, const void *data, size_t leng
         put_string(body, name);
         body[prefix - 1] = 0;  /* mode 0: inline */
         if (length) memcpy(body + prefix, data, length);
-        status = request(c, 0x0005, body, prefix + length, NULL, 0, &type, &reply, NULL, NULL);
+        status = request(c, WIRE_MSG_PUBLISH, body, prefix + length, NULL, 0, &type, &reply, NULL, NULL);
         free(body);
         return status ? status : receipt_from(c, type, reply, receipt);
     }
@@ -554,7 +559,7 @@ int shmb_publish(shmb_client *c, const char *name, const void *data, size_t leng
     put_string(body, name);
     body[prefix - 1] = 1;
     put64(body + prefix, length);
-    status = request(c, 0x0005, body, prefix + 8, &fd, 1, &type, &reply, NULL, NULL);
+    status = request(c, WIRE_MSG_PUBLISH, body, prefix + 8, &fd, 1, &type, &reply, NULL, NULL);
     close(fd);
     return status ? status : receipt_from(c, type, reply, receipt);
 }
@@ -562,15 +567,15 @@ int shmb_publish(shmb_client *c, const char *name, const void *data, size_t leng
 int shmb_status(shmb_client *c, char **json, size_t *length) {
     if (!json) return fail(SHMB_ERR_INVALID_ARGUMENT, "json is required");
     uint16_t type; size_t reply; int fds[2], nfds = 0;
-    int status = request(c, 0x0006, NULL, 0, NULL, 0, &type, &reply, fds, &nfds);
+    int status = request(c, WIRE_MSG_STATUS, NULL, 0, NULL, 0, &type, &reply, fds, &nfds);
     if (status) return status;
     size_t size;
     char *text = NULL;
-    if (type == 0x8006) {
+    if (type == WIRE_MSG_STATUS_REPORT) {
         size = reply;
         text = malloc(size + 1);
         if (text) memcpy(text, c->frame + HEADER, size);
-    } else if (type == 0x8007 && reply >= 8 && nfds == 1) {
+    } else if (type == WIRE_MSG_STATUS_REPORT_FILE && reply >= 8 && nfds == 1) {
         /* The length is the owner's word: it must fit the file and leave room for the NUL. */
         uint64_t announced = get64(c->frame + HEADER);
         struct stat info;
@@ -612,7 +617,7 @@ static int make_ring(shmb_ring *r, uint64_t capacity) {
     uint64_t wanted = 2 * round_up(16 + capacity, 64);
     r->data_size = round_up(wanted > (1u << 20) ? wanted : (1u << 20), 4096);
     r->max_payload = r->data_size / 2 - 16;
-    r->file_size = (size_t)(4096 + r->data_size);
+    r->file_size = (size_t)(WIRE_RING_HEADER_SIZE + r->data_size);
     r->file = memfd_create("libshmbroker-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (r->file < 0) return fail_errno("memfd_create");
     if (ftruncate(r->file, (off_t)r->file_size) != 0 || fcntl(r->file, F_ADD_SEALS, F_SEAL_SHRINK) != 0) return fail_errno("sizing the ring");
@@ -626,10 +631,10 @@ static int make_ring(shmb_ring *r, uint64_t capacity) {
     void *base = mmap(NULL, r->file_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->file, 0);
     if (base == MAP_FAILED) return fail_errno("mmap of the ring");
     r->base = base;
-    store64(r->base + 0x00, RING_MAGIC);
-    store32(r->base + 0x08, 1);
-    store64(r->base + 0x10, r->data_size);
-    store32(r->base + 0x8C, 1);  /* consumerIdle: ring the doorbell for the first entry */
+    store64(r->base + WIRE_RING_MAGIC_OFFSET, RING_MAGIC);
+    store32(r->base + WIRE_RING_LAYOUT_VERSION_OFFSET, WIRE_RING_LAYOUT_VERSION);
+    store64(r->base + WIRE_RING_DATA_SIZE, r->data_size);
+    store32(r->base + WIRE_RING_CONSUMER_IDLE, 1);  /* consumerIdle: ring the doorbell for the first entry */
     r->doorbell = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (r->doorbell < 0) return fail_errno("eventfd");
     r->head = 0;
@@ -648,13 +653,13 @@ static int attach(shmb_ring *r, uint64_t *capacity) {
     size_t n = put_string(body, r->segment);
     int fds[2] = { r->file, r->doorbell };
     uint16_t type; size_t length;
-    int status = request(r->client, 0x0007, body, n, fds, 2, &type, &length, NULL, NULL);
-    if (!status) status = expect(type, 0x8008, length, 16);
+    int status = request(r->client, WIRE_MSG_ATTACH_RING, body, n, fds, 2, &type, &length, NULL, NULL);
+    if (!status) status = expect(type, WIRE_MSG_RING_ATTACHED, length, 16);
     if (!status) *capacity = get64(r->client->frame + HEADER);
     return status;
 }
 
-static int detach(shmb_ring *r) { return segment_request(r->client, 0x0008, r->segment, 0x8000, 0); }
+static int detach(shmb_ring *r) { return segment_request(r->client, WIRE_MSG_DETACH_RING, r->segment, WIRE_MSG_OK, 0); }
 
 int shmb_ring_open(shmb_client *c, const char *name, shmb_ring **out) {
     int status = check_name(name);
@@ -682,15 +687,15 @@ int shmb_ring_open(shmb_client *c, const char *name, shmb_ring **out) {
 
 /* Sleeps until the daemon advanced `tail` past `old_tail` (or detached the ring). */
 static int wait_for_tail(shmb_ring *r, uint64_t old_tail, int64_t deadline) {
-    uint32_t word = load32(r->base + 0x88);
-    store32(r->base + 0x48, 1);  /* producerWaiting, then re-check (both sequentially consistent) */
-    if (load64(r->base + 0x80) == old_tail && load32(r->base + 0xF4) == 0) {
+    uint32_t word = load32(r->base + WIRE_RING_TAIL_FUTEX);
+    store32(r->base + WIRE_RING_PRODUCER_WAITING, 1);  /* producerWaiting, then re-check (both sequentially consistent) */
+    if (load64(r->base + WIRE_RING_TAIL) == old_tail && load32(r->base + WIRE_RING_DETACHED_CODE) == 0) {
         int64_t remaining = deadline < 0 ? 100000000 : deadline - monotonic_ns();
         if (remaining > 100000000) remaining = 100000000;
-        if (remaining > 0) futex_wait(r->base + 0x88, word, remaining);
+        if (remaining > 0) futex_wait(r->base + WIRE_RING_TAIL_FUTEX, word, remaining);
     }
-    store32(r->base + 0x48, 0);
-    uint32_t detached = load32(r->base + 0xF4);
+    store32(r->base + WIRE_RING_PRODUCER_WAITING, 0);
+    uint32_t detached = load32(r->base + WIRE_RING_DETACHED_CODE);
     if (detached) return fail((int)detached, "the daemon detached the ring: %s", shmb_error_name((int)detached));
     if (deadline >= 0 && monotonic_ns() >= deadline) return fail(SHMB_ERR_TIMEOUT, "the ring stayed full");
     return SHMB_OK;
@@ -705,14 +710,14 @@ int shmb_ring_publish(shmb_ring *r, const void *data, size_t length, int64_t tim
     uint64_t skip = r->data_size - offset < size ? r->data_size - offset : 0;
     int64_t deadline = timeout_ns < 0 ? -1 : monotonic_ns() + timeout_ns;
     for (;;) {
-        uint64_t tail = load64(r->base + 0x80);
+        uint64_t tail = load64(r->base + WIRE_RING_TAIL);
         if (r->data_size - (r->head - tail) >= skip + size) break;
         int status = wait_for_tail(r, tail, deadline);
         if (status) return status;
     }
-    uint8_t *area = r->base + 4096;
+    uint8_t *area = r->base + WIRE_RING_HEADER_SIZE;
     if (skip) {
-        store32(area + offset, 0xFFFFFFFFu);  /* wrap marker */
+        store32(area + offset, WIRE_RING_WRAP_MARKER);  /* wrap marker */
         r->head += skip;
     }
     uint8_t *entry = area + r->head % r->data_size;
@@ -721,8 +726,8 @@ int shmb_ring_publish(shmb_ring *r, const void *data, size_t length, int64_t tim
     put64(entry + 8, r->entries++);
     if (length) memcpy(entry + 16, data, length);
     r->head += size;
-    store64(r->base + 0x40, r->head);  /* sequentially consistent, then consumerIdle */
-    if (load32(r->base + 0x8C) == 1) {
+    store64(r->base + WIRE_RING_HEAD, r->head);  /* sequentially consistent, then consumerIdle */
+    if (load32(r->base + WIRE_RING_CONSUMER_IDLE) == 1) {
         uint64_t one = 1;
         if (write(r->doorbell, &one, 8) < 0 && errno != EAGAIN) return fail_errno("ringing the doorbell");
     }
@@ -732,18 +737,19 @@ int shmb_ring_publish(shmb_ring *r, const void *data, size_t length, int64_t tim
 int shmb_ring_flush(shmb_ring *r, int64_t timeout_ns, shmb_version_info *last) {
     int64_t deadline = timeout_ns < 0 ? -1 : monotonic_ns() + timeout_ns;
     for (;;) {
-        uint64_t tail = load64(r->base + 0x80);
+        uint64_t tail = load64(r->base + WIRE_RING_TAIL);
         if (tail == r->head) break;
         int status = wait_for_tail(r, tail, deadline);
         if (status) return status;
     }
     if (last) {
-        *last = (shmb_version_info){ load64(r->base + 0xC8), load64(r->base + 0xD8), load64(r->base + 0xD0), load64(r->base + 0xE0) };
+        *last = (shmb_version_info){ load64(r->base + WIRE_RING_LAST_VERSION), load64(r->base + WIRE_RING_LAST_LENGTH),
+                                    load64(r->base + WIRE_RING_LAST_CRC64), load64(r->base + WIRE_RING_LAST_PUBLISHED_AT) };
     }
     return SHMB_OK;
 }
 
-uint64_t shmb_ring_refused(const shmb_ring *r) { return load64(r->base + 0xE8); }
+uint64_t shmb_ring_refused(const shmb_ring *r) { return load64(r->base + WIRE_RING_REFUSED_ENTRIES); }
 
 void shmb_ring_close(shmb_ring *r) {
     if (!r) return;

@@ -26,17 +26,19 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
+from . import _wire as W  # every offset and code, generated from the Swift definitions
+
 __all__ = [
     "connect", "Client", "Segment", "Snapshot", "Receipt", "Event", "ShmBrokerError", "crc64_xz", "crc64_xz_pure",
     "ERROR_NAMES", "LOCAL_ERROR_NAMES",
 ]
 
 __version__ = "0.2.0"  # the release version; a test checks it against Sources/ShmBrokerProtocol/Version.swift
-PROTOCOL_VERSION = 1
-LAYOUT_VERSION = 2
-MAX_FRAME = 65536
+PROTOCOL_VERSION = W.PROTOCOL_VERSION
+LAYOUT_VERSION = W.SEGMENT_LAYOUT_VERSION
+MAX_FRAME = W.MAX_FRAME
 _HEADER = struct.Struct("<HHII")
-_MAGIC = 0x524B4F52424D4853
+_MAGIC = W.SEGMENT_MAGIC
 
 #: The protocol's stable error codes (docs/PROTOCOL.md, "Error codes").
 ERROR_NAMES = {
@@ -234,6 +236,11 @@ class _Mapping:
 # --- Frames (PROTOCOL.md, "Frames") -----------------------------------------------------------
 
 
+def _is_event(msg_type: int) -> bool:
+    """Types 0x4000-0x7FFF are events (PROTOCOL.md, "Message types"): sent unasked, request id 0."""
+    return 0x4000 <= msg_type < 0x8000
+
+
 def _string(text: str) -> bytes:
     raw = text.encode()
     return struct.pack("<H", len(raw)) + raw
@@ -284,8 +291,8 @@ class Segment:
     ``with`` block) unmaps. Safe to read from several threads at once.
     """
 
-    _HEADER_SIZE = 256
-    _SLOT_HEADER = 64
+    _HEADER_SIZE = W.SEGMENT_HEADER_SIZE
+    _SLOT_HEADER = W.SEGMENT_SLOT_HEADER_SIZE
 
     def __init__(self, name: str, fds: List[int], mapping_size: int):
         self.name = name
@@ -294,17 +301,17 @@ class Segment:
             if not self._HEADER_SIZE <= mapping_size <= 1 << 48:
                 raise ShmBrokerError(PROTOCOL_VIOLATION, f"OPENED for {name!r} announced a mapping of {mapping_size} bytes")
             self._memory = _Mapping(fds[0], mapping_size, writable=False)
-            self._board = _Mapping(fds[1], 4096, writable=True) if len(fds) > 1 else None
+            self._board = _Mapping(fds[1], W.BOARD_SIZE, writable=True) if len(fds) > 1 else None
             memory = self._memory
-            if memory.u64(0x00) != _MAGIC:
+            if memory.u64(W.SEG_MAGIC) != _MAGIC:
                 raise ShmBrokerError(BAD_SEGMENT, f"segment {name!r}: no SHMBROKR magic")
-            if memory.u32(0x08) != LAYOUT_VERSION or memory.u32(0x0C) != self._HEADER_SIZE:
-                raise ShmBrokerError(BAD_SEGMENT, f"segment {name!r}: layout version {memory.u32(0x08)}, this library reads {LAYOUT_VERSION}")
-            self.capacity = memory.u64(0x10)
-            self.slot_count = memory.u32(0x18)
-            self._stride = memory.u64(0x20)
-            expected_stride = self._SLOT_HEADER + (self.capacity + 63) // 64 * 64
-            if not (1 <= self.capacity <= mapping_size and 2 <= self.slot_count <= 16 and self._stride == expected_stride
+            if memory.u32(W.SEG_LAYOUT_VERSION) != LAYOUT_VERSION or memory.u32(W.SEG_HEADER_SIZE) != self._HEADER_SIZE:
+                raise ShmBrokerError(BAD_SEGMENT, f"segment {name!r}: layout version {memory.u32(W.SEG_LAYOUT_VERSION)}, this library reads {LAYOUT_VERSION}")
+            self.capacity = memory.u64(W.SEG_CAPACITY)
+            self.slot_count = memory.u32(W.SEG_SLOT_COUNT)
+            self._stride = memory.u64(W.SEG_SLOT_STRIDE)
+            expected_stride = self._SLOT_HEADER + (self.capacity + W.SEGMENT_ALIGNMENT - 1) // W.SEGMENT_ALIGNMENT * W.SEGMENT_ALIGNMENT
+            if not (1 <= self.capacity <= mapping_size and W.SEGMENT_MIN_SLOTS <= self.slot_count <= W.SEGMENT_MAX_SLOTS and self._stride == expected_stride
                     and self._HEADER_SIZE + self.slot_count * self._stride <= mapping_size):
                 raise ShmBrokerError(BAD_SEGMENT, f"segment {name!r}: header does not match the mapping")
         except BaseException:
@@ -330,19 +337,19 @@ class Segment:
     @property
     def latest_version(self) -> int:
         """The newest complete version (0: never published)."""
-        return self._memory.u64(0x80)
+        return self._memory.u64(W.SEG_LATEST_VERSION)
 
     @property
     def retired(self) -> bool:
         """Whether the owner removed the segment from its config."""
-        return bool(self._memory.u32(0x1C) & 1)
+        return bool(self._memory.u32(W.SEG_FLAGS) & W.SEG_FLAG_RETIRED)
 
     def _slot(self, version: int) -> int:
         return self._HEADER_SIZE + (version % self.slot_count) * self._stride
 
     def _attempt(self, copy: bool):
         memory = self._memory
-        version = memory.u64(0x80)
+        version = memory.u64(W.SEG_LATEST_VERSION)
         if version == 0:
             return "never"
         slot = self._slot(version)
@@ -391,8 +398,8 @@ class Segment:
             _ATOMIC_ADD(board.address, 1, 5)  # seq_cst, then re-check below
         try:
             while True:
-                word = memory.u32(0x88)
-                latest = memory.u64(0x80)
+                word = memory.u32(W.SEG_FUTEX_WORD)
+                latest = memory.u64(W.SEG_LATEST_VERSION)
                 if latest > after or self.retired:
                     return latest
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -405,7 +412,7 @@ class Segment:
                 spec = None
                 if remaining is not None:
                     spec = _Timespec(int(remaining), int((remaining % 1) * 1e9))
-                _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(memory.address + 0x88), _FUTEX_WAIT, ctypes.c_uint32(word),
+                _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(memory.address + W.SEG_FUTEX_WORD), _FUTEX_WAIT, ctypes.c_uint32(word),
                               ctypes.byref(spec) if spec else None, None, 0)
         finally:
             if registered:
@@ -450,8 +457,8 @@ class Client:
     """
 
     #: The reply each request expects, and how many descriptors may come with it.
-    _REPLIES = {0x0001: (0x8001, 0), 0x0002: (0x8002, 2), 0x0003: (0x8003, 0), 0x0004: (0x8000, 0),
-                0x0005: (0x8005, 0), 0x0006: (0x8006, 0)}
+    _REPLIES = {W.MSG_HELLO: (W.MSG_HELLO_OK, 0), W.MSG_OPEN: (W.MSG_OPENED, 2), W.MSG_SUBSCRIBE: (W.MSG_SUBSCRIBED, 0),
+                W.MSG_UNSUBSCRIBE: (W.MSG_OK, 0), W.MSG_PUBLISH: (W.MSG_PUBLISHED, 0), W.MSG_STATUS: (W.MSG_STATUS_REPORT, 0)}
 
     def __init__(self, socket_path: str, client_name: str = "python", timeout: Optional[float] = 30.0):
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -460,7 +467,7 @@ class Client:
         self._events: "collections.deque[Event]" = collections.deque()
         try:
             self._socket.connect(socket_path)
-            _, body, _ = self._request(0x0001, struct.pack("<I", PROTOCOL_VERSION) + _string(client_name))
+            _, body, _ = self._request(W.MSG_HELLO, struct.pack("<I", PROTOCOL_VERSION) + _string(client_name))
             with _parsing("HELLO_OK"):
                 self.protocol_version, self.max_frame_size = struct.unpack_from("<II", body)
                 self.daemon_version, _ = _read_string(body, 8)
@@ -528,7 +535,7 @@ class Client:
                 self._socket.close()
                 raise ShmBrokerError(TIMEOUT, f"no reply within {self._timeout} s; the connection is closed")
             reply_type, reply_id, reply, reply_fds = received
-            if 0x4000 <= reply_type < 0x8000:
+            if _is_event(reply_type):
                 for fd in reply_fds:
                     os.close(fd)
                 self._keep_event(reply_type, reply)
@@ -537,7 +544,7 @@ class Client:
                 for fd in reply_fds:
                     os.close(fd)
                 raise ShmBrokerError(PROTOCOL_VIOLATION, f"a reply to request {reply_id}, expected {request_id}")
-            if reply_type == 0x80FF:
+            if reply_type == W.MSG_ERROR:
                 for fd in reply_fds:
                     os.close(fd)
                 with _parsing("ERROR"):
@@ -545,7 +552,7 @@ class Client:
                     message, _ = _read_string(reply, 2)
                 raise ShmBrokerError(code, message)
             # STATUS may come as a file (one descriptor); everything else as its one reply type.
-            if msg_type == 0x0006 and reply_type == 0x8007:
+            if msg_type == W.MSG_STATUS and reply_type == W.MSG_STATUS_REPORT_FILE:
                 allowed_fds = 1
             elif expected is not None and reply_type != expected:
                 for fd in reply_fds:
@@ -560,10 +567,10 @@ class Client:
         daemon coalesces the same way), and at most ``MAX_QUEUED_EVENTS`` are kept."""
         try:
             name, offset = _read_string(body, 0)
-            if msg_type == 0x4001:
+            if msg_type == W.MSG_VERSION:
                 receipt = _receipt(body, offset)
                 event = Event("version", name, receipt.version, receipt.length, receipt.crc64, receipt.published_at_ns)
-            elif msg_type == 0x4002:
+            elif msg_type == W.MSG_RETIRED:
                 event = Event("retired", name)
             else:
                 return  # an event type from a newer owner: ignored
@@ -581,7 +588,7 @@ class Client:
 
     def open(self, name: str) -> Segment:
         """Opens (maps) a segment; needs read permission."""
-        _, body, fds = self._request(0x0002, _string(name))
+        _, body, fds = self._request(W.MSG_OPEN, _string(name))
         try:
             with _parsing("OPENED"):
                 capacity, slots, layout, mapping_size, latest = struct.unpack_from("<QIIQQ", body)
@@ -600,7 +607,7 @@ class Client:
         data = memoryview(data).cast("B")
         inline_limit = MAX_FRAME - 12 - 2 - len(name.encode()) - 1
         if len(data) <= inline_limit:
-            _, body, _ = self._request(0x0005, _string(name) + b"\x00" + bytes(data))
+            _, body, _ = self._request(W.MSG_PUBLISH, _string(name) + b"\x00" + bytes(data))
             return _checked_receipt(body, "PUBLISHED")
         fd = os.memfd_create("shmbroker-python", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
@@ -609,18 +616,18 @@ class Client:
                 written += os.write(fd, data[written:])
             # Sealed against every change: the daemon publishes exactly these bytes.
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-            _, body, _ = self._request(0x0005, _string(name) + b"\x01" + struct.pack("<Q", len(data)), (fd,))
+            _, body, _ = self._request(W.MSG_PUBLISH, _string(name) + b"\x01" + struct.pack("<Q", len(data)), (fd,))
             return _checked_receipt(body, "PUBLISHED")
         finally:
             os.close(fd)
 
     def subscribe(self, name: str) -> Receipt:
         """Subscribes to VERSION events; returns the latest version at subscription (version 0: never published)."""
-        _, body, _ = self._request(0x0003, _string(name))
+        _, body, _ = self._request(W.MSG_SUBSCRIBE, _string(name))
         return _checked_receipt(body, "SUBSCRIBED")
 
     def unsubscribe(self, name: str) -> None:
-        self._request(0x0004, _string(name))
+        self._request(W.MSG_UNSUBSCRIBE, _string(name))
 
     def next_event(self, timeout: Optional[float] = None) -> Optional[Event]:
         """The next event of any subscription, or ``None`` after ``timeout`` seconds."""
@@ -633,7 +640,7 @@ class Client:
             msg_type, _, body, fds = received
             for fd in fds:
                 os.close(fd)
-            if 0x4000 <= msg_type < 0x8000:
+            if _is_event(msg_type):
                 self._keep_event(msg_type, body)
         return self._events.popleft()
 
@@ -657,9 +664,9 @@ class Client:
 
     def status(self) -> dict:
         """The owner's STATUS report (docs/PROTOCOL.md, "STATUS_REPORT JSON")."""
-        reply_type, body, fds = self._request(0x0006, b"")
+        reply_type, body, fds = self._request(W.MSG_STATUS, b"")
         try:
-            if reply_type == 0x8007:
+            if reply_type == W.MSG_STATUS_REPORT_FILE:
                 with _parsing("STATUS_REPORT_FILE"):
                     (length,) = struct.unpack_from("<Q", body)
                 if not fds:
