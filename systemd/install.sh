@@ -52,7 +52,7 @@ for command in shmbrokerd shmbrokerctl; do
     "$BIN/$command" --generate-completion-script zsh > "$PREFIX/share/zsh/site-functions/_$command"
     "$BIN/$command" --generate-completion-script fish > "$PREFIX/share/fish/vendor_completions.d/$command.fish"
 done
-install -m 0644 README.md docs/LAYOUT.md docs/PROTOCOL.md docs/OWNER.md docs/PERFORMANCE.md "$PREFIX/share/doc/shmbroker/"
+install -m 0644 README.md docs/*.md "$PREFIX/share/doc/shmbroker/"
 install -m 0644 docs/examples/reader.py docs/examples/reader.c "$PREFIX/share/doc/shmbroker/examples/"
 if [ -e /etc/shmbroker/shmbroker.json ]; then
     echo "keeping the existing /etc/shmbroker/shmbroker.json"
