@@ -90,6 +90,25 @@ public enum Request: Sendable, Equatable {
     /// The owner's metrics in the Prometheus text format.
     case metrics
 
+    /// How many descriptors must accompany the request (PROTOCOL.md, "Message types"): one with a
+    /// PUBLISH of an attached file, two with ATTACH_RING, none with anything else.
+    public var descriptorCount: Int {
+        switch self {
+        case .publish(_, .attachedFile): return 1
+        case .attachRing: return 2
+        default: return 0
+        }
+    }
+
+    /// What the descriptors are, in order, for messages.
+    public var descriptorRoles: String {
+        switch self {
+        case .publish(_, .attachedFile): return "a memfd holding the payload"
+        case .attachRing: return "the ring memfd, then its eventfd"
+        default: return "none"
+        }
+    }
+
     public var type: MessageType {
         switch self {
         case .metrics: return .metrics

@@ -35,43 +35,42 @@ extension BrokerServer {
     /// The largest ring file accepted beyond what a segment's capacity needs.
     static let maximumRingFileSize = 1 << 30
 
-    func handleAttachRing(_ name: String, descriptors: [FileDescriptor], requestID: UInt32, client: ClientConnection) {
-        guard let segment = lookUp(name, requestID: requestID, client: client, publishing: true) else {
-            return descriptors.forEach { $0.closeQuietly() }
+    /// ATTACH_RING: maps the producer's ring and watches its doorbell; the ring's first drain
+    /// (entries appended before or while attaching, e.g. by a producer whose daemon restarted)
+    /// runs once the reply is on its way.
+    func attachRing(file: FileDescriptor, doorbell: FileDescriptor, to segment: ManagedSegment,
+                    for client: ClientConnection) throws(ProtocolError) -> Reply {
+        defer { file.closeQuietly() }  // the mapping keeps the memory
+        guard client.rings[segment.name] == nil else {
+            doorbell.closeQuietly()
+            throw ProtocolError(.invalidRing, "a publish ring is already attached to \"\(segment.name)\" on this connection; send DETACH_RING first")
         }
-        guard client.rings[name] == nil else {
-            return reject(client, requestID: requestID, ProtocolError(.invalidRing,
-                "a publish ring is already attached to \"\(name)\" on this connection; send DETACH_RING first"), descriptors: descriptors)
-        }
-        let (file, doorbell) = (descriptors[0], descriptors[1])
         let consumer: PublishRingConsumer
-        do {
+        do throws(ProtocolError) {
             consumer = try mapRing(file, capacity: segment.writer.layout.capacity)
+            guard Doorbell.isEventFD(doorbell) else {
+                throw ProtocolError(.badDescriptor, "the second descriptor of ATTACH_RING must be an eventfd (the ring's doorbell)")
+            }
         } catch {
-            return reject(client, requestID: requestID, error, descriptors: descriptors)
-        }
-        file.closeQuietly()  // the mapping keeps the memory
-        guard Doorbell.isEventFD(doorbell) else {
-            return reject(client, requestID: requestID, ProtocolError(.badDescriptor,
-                "the second descriptor of ATTACH_RING must be an eventfd (the ring's doorbell)"), descriptors: [doorbell])
+            doorbell.closeQuietly()
+            throw error
         }
         consumer.recordSegmentCapacity(segment.writer.layout.capacity)
-        let ring = AttachedRing(token: nextRingID, clientID: client.id, segmentName: name, consumer: consumer, doorbell: doorbell)
+        let ring = AttachedRing(token: nextRingID, clientID: client.id, segmentName: segment.name, consumer: consumer, doorbell: doorbell)
         do {
             ring.registration = try loop.register(doorbell, events: [.readable, .edgeTriggered], source: CallbackSource { [unowned self, unowned ring] _ in
                 self.handleDoorbell(ring)
             })
         } catch {
-            return reject(client, requestID: requestID, ProtocolError(.internalError, "cannot watch the doorbell: \(error)"), descriptors: [doorbell])
+            doorbell.closeQuietly()
+            throw ProtocolError(.internalError, "cannot watch the doorbell: \(error)")
         }
         nextRingID += 1
         rings[ring.token] = ring
         metrics.ringAttached()
-        client.rings[name] = ring.token
-        send(ServerMessage.ringAttached(capacity: UInt64(segment.writer.layout.capacity),
-                                        latestVersion: segment.writer.latestVersion).encode(requestID: requestID), to: client)
-        // Entries appended before (or while) attaching, e.g. by a producer whose daemon restarted.
-        drain(ring)
+        client.rings[segment.name] = ring.token
+        return Reply(message: .ringAttached(capacity: UInt64(segment.writer.layout.capacity), latestVersion: segment.writer.latestVersion),
+                     afterSending: { [unowned self] in self.drain(ring) })
     }
 
     /// Maps a producer's ring file after checking that it is one: a shrink-sealed regular file
@@ -112,13 +111,15 @@ extension BrokerServer {
         }
     }
 
-    func handleDetachRing(_ name: String, requestID: UInt32, client: ClientConnection) {
+    /// DETACH_RING: what was appended before it is published (as a producer expects), then the
+    /// ring is dropped.
+    func detachRing(_ name: String, for client: ClientConnection) throws(ProtocolError) -> Reply {
         guard let token = client.rings[name], let ring = rings[token] else {
-            return reject(client, requestID: requestID, ProtocolError(.invalidRing, "no publish ring is attached to \"\(name)\" on this connection"))
+            throw ProtocolError(.invalidRing, "no publish ring is attached to \"\(name)\" on this connection")
         }
-        finalDrain(ring)  // what was appended before DETACH_RING is published, as a producer expects
+        finalDrain(ring)
         removeRing(ring, detachCode: nil)
-        send(ServerMessage.ok.encode(requestID: requestID), to: client)
+        return Reply(message: .ok)
     }
 
     /// The doorbell rang: the producer appended while the ring was idle.
