@@ -113,6 +113,7 @@ public final class BrokerServer {
         try checkDescriptorBudget(configuration, context: "start")
         // Segments taken back from the fd store already have their memory.
         try MemoryBudget.check(configuration.segments.filter { inherited.segments[$0.name] == nil })
+        if let risk = MemoryBudget.sparseRisk(configuration.segments) { logger.warning("\(risk)") }
         if configuration.segments.contains(where: \.persists) { try preparePersistenceDirectory() }
         for definition in configuration.segments {
             addSegment(try restoreOrCreate(definition))

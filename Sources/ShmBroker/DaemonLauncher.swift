@@ -15,6 +15,7 @@ public enum DaemonLauncher {
                 print("warning: the segments reserve \(MemoryBudget.bytes(reserved)), more than this machine's \(MemoryBudget.bytes(physical)) of memory; "
                       + "the daemon will refuse to start here (set \"reserve\": false on segments meant to stay sparse)")
             }
+            if let risk = MemoryBudget.sparseRisk(configuration.segments) { print("warning: " + risk) }
             return 0
         } catch {
             FileHandle.standardError.write(Data((error.description + "\n").utf8))

@@ -242,6 +242,39 @@ final class HostileFilesTests: XCTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: file + ".rejected.2"))
     }
 
+    /// Item 14: a saved file replaced by an older copy (version 7 back to 3) is not served as if
+    /// current: the rollback is logged, and its content is served as version 8, so that versions
+    /// never go backwards for readers.
+    func testARolledBackFileIsLoggedAndServedAfterTheNewestVersion() async throws {
+        let directory = try scratchDirectory("rollback")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        chmod(directory, 0o700)
+        let file = directory + "/state.segment"
+        let daemon = try persistentDaemon(directory: directory)
+        let client = try await daemon.connect()
+        for index in 1...3 { try await client.publish("state", bytes: Array("version \(index)".utf8)) }
+        client.close()
+        try daemon.restart()  // saved: version 3
+        let old = try Data(contentsOf: URL(fileURLWithPath: file))
+        let again = try await daemon.connect()
+        for index in 4...7 { try await again.publish("state", bytes: Array("version \(index)".utf8)) }
+        again.close()
+        daemon.stop()  // saved: version 7
+        try old.write(to: URL(fileURLWithPath: file))
+
+        let restarted = try persistentDaemon(directory: directory)
+        let reader = try await restarted.connect()
+        let handle = try await reader.open("state")
+        let served = try XCTUnwrap(try handle.read())
+        XCTAssertEqual(served.bytes, Array("version 3".utf8), "the restored content is the file's")
+        XCTAssertEqual(served.version, 8, "as a version after the newest saved one")
+        let next = try await reader.publish("state", bytes: [9])
+        XCTAssertEqual(next.version, 9)
+        reader.close()
+        let log = restarted.stop().stderr
+        XCTAssertTrue(log.contains("rollback") && log.contains("newestSaved=7"), log)
+    }
+
     func configFile(directory: String) throws -> String {
         let path = directory + "-config.json"
         var persistent = segment("state", size: 64)

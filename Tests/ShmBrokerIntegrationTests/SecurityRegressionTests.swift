@@ -142,6 +142,14 @@ final class SecurityRegressionTests: XCTestCase {
         sparse["reserve"] = false
         let daemon = try TestDaemon(segments: [segment("small", size: "16MiB"), sparse])
         defer { daemon.stop() }
+        // It starts, but says what it risks (issue 17, item 15): the sparse segment could grow
+        // past physical memory, and the kernel would then kill the daemon.
+        XCTAssertTrue(daemon.child.waitForStderr("may grow to"), daemon.child.stderrText)
+        XCTAssertTrue(daemon.child.stderrText.contains("\"huge\"") && daemon.child.stderrText.contains("128.0 GiB")
+                      && daemon.child.stderrText.contains("MemTotal"), daemon.child.stderrText)
+        let checked = try runToCompletion(Binaries.daemon, ["--check-config", "--config", daemon.configPath])
+        XCTAssertEqual(checked.status, 0, checked.stderr)
+        XCTAssertTrue(checked.stdout.contains("warning: ") && checked.stdout.contains("may grow to"), checked.stdout)
         // The reserved segment's pages exist already: its memfd has blocks for its whole size.
         let blocks = try Self.allocatedBytes(ofMemfdNamed: "shmbroker:small", in: daemon.pid)
         XCTAssertGreaterThanOrEqual(blocks, 3 * (16 << 20), "3 slots of 16 MiB allocated at creation")

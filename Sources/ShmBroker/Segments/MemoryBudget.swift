@@ -31,6 +31,26 @@ enum MemoryBudget {
                             largestBytes: UInt64(largest.layout.totalSize), slots: largest.slots, capacity: UInt64(largest.capacity))
     }
 
+    /// A warning when segments left sparse (`"reserve": false`) could, once written, take more
+    /// memory than the owner may have: the kernel then OOM-kills the owner in the middle of a
+    /// publish (in a memory cgroup, silently). Nil when they fit.
+    ///
+    /// - Parameter definitions: every configured segment (reserved ones count as already taken).
+    static func sparseRisk(_ definitions: [SegmentDefinition]) -> String? {
+        let sparse = definitions.filter { !$0.reservesMemory }
+        guard !sparse.isEmpty else { return nil }
+        let sparseBytes = sparse.reduce(0) { $0 &+ UInt64($1.layout.totalSize) }
+        let reserved = reservation(of: definitions)
+        var limit: (bytes: UInt64, source: String)? = physical().map { ($0, "physical memory (MemTotal)") }
+        if let group = cgroupLimit(), group.bytes < (limit?.bytes ?? .max) { limit = group }
+        guard let limit, reserved &+ sparseBytes > limit.bytes else { return nil }
+        let largest = sparse.max { $0.layout.totalSize < $1.layout.totalSize }!
+        return "\(sparse.count) segment\(sparse.count == 1 ? "" : "s") with \"reserve\": false may grow to \(bytes(sparseBytes)) "
+            + "(the largest, \"\(largest.name)\", to \(bytes(UInt64(largest.layout.totalSize)))); with the \(bytes(reserved)) reserved "
+            + "that is more than the \(bytes(limit.bytes)) of \(limit.source). Once written that far, the kernel kills the owner "
+            + "(an OOM kill, in a cgroup without a word); reserve them, shrink them, or raise the limit"
+    }
+
     /// Why segments could not be given their memory.
     enum Shortage: Error, CustomStringConvertible {
         case insufficient(needed: UInt64, available: UInt64, source: String, largest: String, largestBytes: UInt64, slots: Int, capacity: UInt64)
@@ -63,7 +83,16 @@ enum MemoryBudget {
         return kib * 1024
     }
 
+    /// This process's memory cgroup limit (v2 `memory.max`, v1 `memory.limit_in_bytes`), if any.
+    private static func cgroupLimit() -> (bytes: UInt64, source: String)? {
+        cgroupMemory().map { ($0.limit, $0.source) }
+    }
+
     private static func cgroupHeadroom() -> (bytes: UInt64, source: String)? {
+        cgroupMemory().map { ($0.limit > $0.usage ? $0.limit - $0.usage : 0, $0.source) }
+    }
+
+    private static func cgroupMemory() -> (limit: UInt64, usage: UInt64, source: String)? {
         guard let membership = try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8) else { return nil }
         func read(_ path: String) -> UInt64? {
             (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
@@ -84,7 +113,7 @@ enum MemoryBudget {
             // v1 reports "no limit" as a huge number: anything above physical memory is no limit.
             guard let limit = read(directory + "/" + limitFile), limit < (physical() ?? .max) else { continue }
             let usage = read(directory + "/" + usageFile) ?? 0
-            return (limit > usage ? limit - usage : 0, "\(limitFile) of cgroup \(group)")
+            return (limit, usage, "\(limitFile) of cgroup \(group)")
         }
         return nil
     }

@@ -34,13 +34,25 @@ extension BrokerServer {
         guard segment.definition.persists else { return }
         do {
             guard let saved = try archive.load(segment.name, capacity: segment.definition.capacity) else { return }
+            // A file older than the newest save (a backup put back, a disk image rolled back): its
+            // content is served, but as a version after the newest one readers may have seen, so
+            // that versions never go backwards; and the rollback is said loudly.
+            var version = saved.version
+            if let highest = archive.highestSaved(segment.name), highest > saved.version,
+               highest < SegmentArchive.highestContinuableVersion {
+                version = highest + 1
+                logger.error("rollback: the saved segment is older than the newest version saved; serving its content as a new version", metadata: [
+                    "segment": "\(segment.name)", "savedVersion": "\(saved.version)", "newestSaved": "\(highest)",
+                    "servedAs": "\(version)", "file": "\(archive.path(of: segment.name))",
+                ])
+            }
             _ = try saved.bytes.withUnsafeBytes { bytes throws(SegmentError) in
-                try segment.writer.restore(bytes, version: saved.version, expectedCRC: saved.crc64,
+                try segment.writer.restore(bytes, version: version, expectedCRC: saved.crc64,
                                            publishedAtNanoseconds: saved.publishedAtNanoseconds)
             }
-            segment.saves.savedVersion.store(saved.version, ordering: .relaxed)
+            segment.saves.savedVersion.store(saved.version == version ? version : 0, ordering: .relaxed)
             logger.info("segment restored from disk", metadata: [
-                "segment": "\(segment.name)", "version": "\(saved.version)", "bytes": "\(saved.bytes.count)",
+                "segment": "\(segment.name)", "version": "\(version)", "bytes": "\(saved.bytes.count)",
             ])
         } catch let failure as SegmentArchive.Failure where !failure.movesFileAside {
             logger.error("saved segment unreadable; starting it empty and leaving the file in place", metadata: [

@@ -38,6 +38,24 @@ struct SegmentArchive {
 
     func path(of segment: String) -> String { directory + "/" + segment + ".segment" }
 
+    /// Where the highest version ever saved is recorded (`.NAME.highest`), so that a saved file
+    /// replaced by an older copy is recognised as a rollback.
+    func markPath(of segment: String) -> String { directory + "/." + segment + ".highest" }
+
+    /// The highest version ever saved for `segment`, or nil if none is recorded (or the record
+    /// fails its check: 8 bytes of version, then their CRC-64).
+    func highestSaved(_ segment: String) -> UInt64? {
+        guard let opened = try? FileSystem.openRegularFile(markPath(of: segment)) else { return nil }
+        let (fd, entry) = opened
+        defer { fd.closeQuietly() }
+        guard entry.size == 16, entry.uid == 0 || trustedOwners.contains(entry.uid) else { return nil }
+        var record = [UInt8](repeating: 0, count: 16)
+        guard (try? record.withUnsafeMutableBytes { try fd.readFully(into: $0, atOffset: 0) }) == 16 else { return nil }
+        let version = record.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 0, as: UInt64.self)) }
+        let crc = record.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
+        return record.withUnsafeBytes { CRC64.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<8])) } == crc ? version : nil
+    }
+
     /// Why a saved file was not used, or a save failed.
     enum Failure: Error, CustomStringConvertible {
         /// The file exists but could not be read (permissions, I/O): it is left where it is.
@@ -151,6 +169,13 @@ struct SegmentArchive {
         put(header.withUnsafeBytes { CRC64.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<112])) }, 112)
         do {
             try FileSystem.replace(path, with: [header, snapshot.bytes], permissions: 0o600)
+            if snapshot.version > highestSaved(segment) ?? 0 {
+                var record = [UInt8](repeating: 0, count: 16)
+                record.withUnsafeMutableBytes { $0.storeBytes(of: snapshot.version.littleEndian, toByteOffset: 0, as: UInt64.self) }
+                let crc = record.withUnsafeBytes { CRC64.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<8])) }
+                record.withUnsafeMutableBytes { $0.storeBytes(of: crc.littleEndian, toByteOffset: 8, as: UInt64.self) }
+                try FileSystem.replace(markPath(of: segment), with: [record], permissions: 0o600)
+            }
         } catch {
             throw .cannotWrite(error)
         }
