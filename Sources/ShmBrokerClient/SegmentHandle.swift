@@ -53,6 +53,39 @@ public final class SegmentHandle: Sendable {
         reader.waitForVersion(after: version, timeoutNanoseconds: timeoutNanoseconds, strategy: strategy)
     }
 
+    /// Reads the latest version as a plain value (`BitwiseCopyable`) published with
+    /// `OwnedSegment.publish(value:)` or ``ShmBrokerClient/publish(_:value:)``, verified.
+    ///
+    /// - Returns: the version and the value, or nil if nothing was ever published.
+    /// - Throws: ``ShmBrokerClientError/protocolViolation(_:)`` if the version's length is not the
+    ///   value's size (it holds something else), or a read error as ``read()``.
+    public func read<Value: BitwiseCopyable>(_ type: Value.Type) throws(ShmBrokerClientError) -> (version: UInt64, value: Value)? {
+        guard let snapshot = try read() else { return nil }
+        guard snapshot.bytes.count == MemoryLayout<Value>.size else {
+            throw .protocolViolation("version \(snapshot.version) of \(name) holds \(snapshot.bytes.count) bytes, not a \(Value.self) (\(MemoryLayout<Value>.size))")
+        }
+        return (snapshot.version, snapshot.bytes.withUnsafeBytes { $0.loadUnaligned(as: Value.self) })
+    }
+
+    /// Reads the latest version as an array of plain values packed at their stride.
+    ///
+    /// - Throws: ``ShmBrokerClientError/protocolViolation(_:)`` if the length is not a whole
+    ///   number of values.
+    public func readArray<Value: BitwiseCopyable>(of type: Value.Type) throws(ShmBrokerClientError) -> (version: UInt64, values: [Value])? {
+        guard let snapshot = try read() else { return nil }
+        let stride = MemoryLayout<Value>.stride
+        guard stride > 0, snapshot.bytes.count % stride == 0 else {
+            throw .protocolViolation("version \(snapshot.version) of \(name) holds \(snapshot.bytes.count) bytes, not whole \(Value.self) values (\(stride) each)")
+        }
+        let values = [Value](unsafeUninitializedCapacity: snapshot.bytes.count / stride) { buffer, count in
+            snapshot.bytes.withUnsafeBytes { source in
+                UnsafeMutableRawBufferPointer(buffer).copyMemory(from: source)
+            }
+            count = snapshot.bytes.count / stride
+        }
+        return (snapshot.version, values)
+    }
+
     /// Whether the daemon has retired the segment (it no longer publishes here).
     public var isRetired: Bool { reader.isRetired }
 }

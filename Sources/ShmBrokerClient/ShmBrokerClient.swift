@@ -429,6 +429,15 @@ public final class ShmBrokerClient: Sendable {
         return info
     }
 
+    /// Publishes the bytes of a plain value (`BitwiseCopyable`) as the segment's next version;
+    /// readers get it back with ``SegmentHandle/read(_:)``.
+    @discardableResult
+    public nonisolated(nonsending) func publish<Value: BitwiseCopyable>(_ name: String, value: Value) async throws(ShmBrokerClientError) -> VersionInfo {
+        var copy = value
+        let bytes = withUnsafeBytes(of: &copy) { Array($0) }
+        return try await publish(name, bytes: bytes)
+    }
+
     /// A staging file holding `bytes` from offset 0, reused from earlier publishes when possible
     /// (up to four are kept, each as large as the largest payload it carried).
     private func stagingFile(holding bytes: [UInt8]) throws(ShmBrokerClientError) -> StagingFile {

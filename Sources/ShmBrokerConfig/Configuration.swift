@@ -184,8 +184,8 @@ public struct BrokerConfiguration: Sendable, Equatable {
     /// Whether and where the metrics are written to a file.
     public var metrics = MetricsSettings()
 
-    /// A configuration built in code. It is not validated: use names and sizes a config file
-    /// would accept (``isValidSegmentName(_:)``, 1 byte … 64 GiB, unique names).
+    /// A configuration built in code. ``validated()`` checks it with the rules and messages of a
+    /// config file; ``ShmBrokerOwner`` does so before it uses one.
     public init(socket: SocketSettings, limits: Limits = Limits(), segments: [SegmentDefinition]) {
         self.socket = socket
         self.limits = limits

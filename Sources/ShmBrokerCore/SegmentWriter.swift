@@ -154,17 +154,47 @@ public final class SegmentWriter: @unchecked Sendable {
     public func publish<E: Error>(
         length: Int, fill: (UnsafeMutableRawBufferPointer) throws(E) -> Void
     ) throws(PublishFailure<E>) -> PublishReceipt {
-        guard length <= layout.capacity else {
-            throw .segment(.payloadTooLarge(length: length, capacity: layout.capacity))
-        }
-        let (version, slot) = beginWrite()
-        let destination = UnsafeMutableRawBufferPointer(start: memory.slotData(slot), count: length)
+        let reservation: SlotReservation
         do {
-            try fill(destination)
+            reservation = try reserve(length: length)
+        } catch {
+            throw .segment(error)
+        }
+        do {
+            try fill(reservation.buffer)
         } catch {
             throw .fill(error)
         }
-        return commit(version: version, slot: slot, length: length, crc: CRC64.checksum(UnsafeRawBufferPointer(destination)))
+        return commit(reservation)
+    }
+
+    /// The next version's slot, claimed for a caller that fills it over time (a loan): readers
+    /// keep reading the latest version until ``commit(_:)``; a reservation never committed leaves
+    /// everything as it was (the next publish claims the same slot).
+    public struct SlotReservation {
+        let version: UInt64
+        let slot: Int
+        /// Where the payload goes: exactly the length reserved.
+        public let buffer: UnsafeMutableRawBufferPointer
+    }
+
+    /// Claims the next version's slot for `length` bytes.
+    ///
+    /// - Throws: ``SegmentError/payloadTooLarge(length:capacity:)`` (nothing touched) if it does not fit.
+    public func reserve(length: Int) throws(SegmentError) -> SlotReservation {
+        guard length >= 0, length <= layout.capacity else { throw .payloadTooLarge(length: length, capacity: layout.capacity) }
+        let (version, slot) = beginWrite()
+        return SlotReservation(version: version, slot: slot,
+                               buffer: UnsafeMutableRawBufferPointer(start: memory.slotData(slot), count: length))
+    }
+
+    /// Makes a reservation's bytes the latest version: checksums them in place, then commits.
+    /// Nothing may publish to the segment between ``reserve(length:)`` and this call.
+    @discardableResult
+    public func commit(_ reservation: SlotReservation) -> PublishReceipt {
+        precondition(reservation.version == latestVersion &+ 1, "another version was published during the reservation")
+        return commit(version: reservation.version, slot: reservation.slot, length: reservation.buffer.count,
+                      crc: CRC64.checksum(UnsafeRawBufferPointer(reservation.buffer)))
     }
 
     /// Claims the slot of the next version: its sequence is cleared before any byte changes.

@@ -158,6 +158,93 @@ final class OwnerTests: XCTestCase {
         }
     }
 
+    /// Issue 17, item 28: segments defined in code, no JSON file, with the config file's checks
+    /// and messages (JSON paths included).
+    func testAConfigurationBuiltInCodeIsCheckedLikeAFile() throws {
+        let good = BrokerConfiguration(socket: SocketSettings(path: socketPath), segments: [
+            SegmentDefinition(name: "in-code", capacity: 4096, readers: AccessList(everyone: true), publishers: AccessList(users: [0])),
+            SegmentDefinition(name: "sparse", capacity: 1 << 20, slots: 4, reservesMemory: false, persists: false),
+        ])
+        XCTAssertEqual(try good.validated(), good, "a valid configuration reads back unchanged")
+        let owner = try ShmBrokerOwner(configuration: good, options: .init(handlesSignals: false, adoptsSystemdDescriptors: false))
+        let segment = try owner.segment("in-code")
+        try owner.start()
+        XCTAssertEqual(try segment.publish([1, 2, 3]).version, 1)
+        owner.stop()
+
+        let bad = BrokerConfiguration(socket: SocketSettings(path: "relative.sock"), segments: [
+            SegmentDefinition(name: "twice", capacity: 64), SegmentDefinition(name: "twice", capacity: 64),
+            SegmentDefinition(name: "no spaces", capacity: 64), SegmentDefinition(name: "empty", capacity: 0),
+            SegmentDefinition(name: "slots", capacity: 64, slots: 40),
+        ])
+        XCTAssertThrowsError(try ShmBrokerOwner(configuration: bad, options: .init(handlesSignals: false))) { error in
+            guard case .invalidConfiguration(let text) = error as? OwnerError else { return XCTFail("\(error)") }
+            for expected in ["the configuration built in code", "$.socket.path", "$.segments[1].name", "duplicate segment name",
+                             "$.segments[2].name", "$.segments[3].size", "$.segments[4].slots"] {
+                XCTAssertTrue(text.contains(expected), "\(expected) in: \(text)")
+            }
+        }
+    }
+
+    /// Issue 17, item 29: a loan of the next slot, filled in pieces, then published or dropped.
+    func testALoanIsFilledInPlaceThenPublishedOrDropped() async throws {
+        let owner = try makeOwner()
+        defer { owner.stop() }
+        let owned = try owner.segment("owned")
+        try owner.start()
+        let client = try await ShmBrokerClient.connect(socketPath: socketPath, clientName: "loan-test")
+        defer { client.close() }
+        let handle = try await client.open("owned")
+
+        let loan = try owned.loan(length: 8)
+        XCTAssertThrowsError(try owned.publish([1])) { XCTAssertEqual(($0 as? OwnerError)?.code, "concurrent-publish") }
+        for index in 0..<8 { loan.buffer[index] = UInt8(index * 3) }   // in pieces, in place
+        XCTAssertNil(try handle.read(), "nothing is visible before the loan is published")
+        let receipt = loan.publish()
+        XCTAssertEqual(receipt.version, 1)
+        let first = try XCTUnwrap(try handle.read())
+        XCTAssertEqual(first.bytes, (0..<8).map { UInt8($0 * 3) })
+        XCTAssertEqual(first.crc64, receipt.crc64)
+
+        do {
+            let dropped = try owned.loan(length: 4)
+            dropped.buffer.initializeMemory(as: UInt8.self, repeating: 0xEE)
+        }   // dropped unpublished
+        XCTAssertEqual(try handle.read()?.version, 1, "a dropped loan changes nothing")
+        XCTAssertEqual(try owned.publish([7]).version, 2, "and frees the segment")
+        do {
+            _ = try owned.loan(length: 5000)
+            XCTFail("a loan larger than the capacity")
+        } catch {
+            XCTAssertEqual(error.code, "payload-too-large")
+        }
+        XCTAssertEqual(try owned.publish([8]).version, 3, "a refused loan frees the segment too")
+    }
+
+    /// Issue 17, item 30: plain values and arrays of them, published and read without byte juggling.
+    func testTypedValuesAndArraysRoundTrip() async throws {
+        struct Sample: BitwiseCopyable, Equatable { var temperature: Double; var sequence: UInt32; var flags: UInt16 }
+        let owner = try makeOwner()
+        defer { owner.stop() }
+        let owned = try owner.segment("owned")
+        try owner.start()
+        let client = try await ShmBrokerClient.connect(socketPath: socketPath, clientName: "typed-test")
+        defer { client.close() }
+        let handle = try await client.open("owned")
+        let sample = Sample(temperature: 21.5, sequence: 7, flags: 3)
+        try owned.publish(value: sample)
+        let read = try XCTUnwrap(try handle.read(Sample.self))
+        XCTAssertEqual(read.value, sample)
+        XCTAssertThrowsError(try handle.read(UInt8.self), "a value of another size is refused")
+        try owned.publish(values: [1.5, 2.5, 3.5] as [Float])
+        XCTAssertEqual(try handle.readArray(of: Float.self)?.values, [1.5, 2.5, 3.5])
+        XCTAssertThrowsError(try handle.readArray(of: Sample.self), "12 bytes are not whole Samples")
+        // Through the daemon's client API too.
+        let open = try await client.open("open")
+        try await client.publish("open", value: UInt64(0xDEAD_BEEF))
+        XCTAssertEqual(try open.read(UInt64.self)?.value, 0xDEAD_BEEF)
+    }
+
     /// Issue 18: claiming segments from one thread while the loop reloads the configuration
     /// (which replaces it) on its own: the claim asks the loop, so the two never touch the
     /// configuration at once (`swift test --sanitize=thread` runs this in CI with no report).

@@ -61,6 +61,8 @@ public final class ShmBrokerOwner: @unchecked Sendable {
     ///   - configPath: the file SIGHUP re-reads; nil when the configuration was built in code.
     ///   - options: signals, logging, systemd descriptors.
     public init(configuration: BrokerConfiguration, configPath: String? = nil, options: Options = Options()) throws(OwnerError) {
+        // Built in code or read from a file, a configuration passes the same checks.
+        let configuration = try Self.check(configuration, from: configPath)
         ProcessSignals.ignoreBrokenPipe()
         let signals: SignalDescriptor?
         if options.handlesSignals {
@@ -79,6 +81,15 @@ public final class ShmBrokerOwner: @unchecked Sendable {
                                       ownerName: options.name)
         } catch {
             throw .startFailed("\(error)")
+        }
+    }
+
+    private static func check(_ configuration: BrokerConfiguration, from path: String?) throws(OwnerError) -> BrokerConfiguration {
+        guard path == nil else { return configuration }  // a file was checked as it was read
+        do {
+            return try configuration.validated()
+        } catch {
+            throw .invalidConfiguration(error.description)
         }
     }
 
@@ -340,7 +351,7 @@ public final class OwnedSegment: @unchecked Sendable {
     /// Bytes published through this handle.
     public var publishedBytes: UInt64 { bytes.load(ordering: .relaxed) }
 
-    private func enter() throws(OwnerError) -> Unmanaged<SegmentWriter> {
+    func enter() throws(OwnerError) -> Unmanaged<SegmentWriter> {
         while true {
             let (exchanged, original) = access.compareExchange(expected: 0, desired: 1, ordering: .acquiring)
             if exchanged { break }
@@ -354,12 +365,12 @@ public final class OwnedSegment: @unchecked Sendable {
         return unretainedWriter
     }
 
-    private func leave() {
+    func leave() {
         access.store(0, ordering: .releasing)
     }
 
     /// After a publish: count it, and ask the loop to tell subscribers (once per burst).
-    private func announce(length: Int) {
+    func announce(length: Int) {
         publishes.store(publishes.load(ordering: .relaxed) &+ 1, ordering: .relaxed)  // one writer
         bytes.store(bytes.load(ordering: .relaxed) &+ UInt64(length), ordering: .relaxed)
         guard let unretainedSignals else { return }
