@@ -10,6 +10,8 @@ public struct FileSystemError: Error, Equatable, CustomStringConvertible {
         case system(Errno)
         /// The path exists but is not a regular file (a FIFO, a device, a directory, a link …).
         case notARegularFile(String)
+        /// The path (or a component of it) exists but is not a directory.
+        case notADirectory(String)
         /// A directory others may change, or owned by a user the daemon does not trust.
         case untrustedDirectory(String)
         /// A file owned by a user the daemon does not trust.
@@ -38,6 +40,7 @@ public struct FileSystemError: Error, Equatable, CustomStringConvertible {
         switch kind {
         case .system(let code): return "cannot \(operation) \(path): \(code)"
         case .notARegularFile(let kind): return "\(path) is \(kind), not a regular file"
+        case .notADirectory(let kind): return "\(path) is \(kind), not a directory"
         case .untrustedDirectory(let reason): return "\(path) \(reason)"
         case .untrustedOwner(let uid): return "\(path) is owned by uid \(uid), not by root or the daemon's user"
         }
@@ -264,21 +267,41 @@ public enum FileSystem {
         throw FileSystemError(path: path, operation: "move aside", kind: .system(.fileExists))
     }
 
-    /// Creates a directory and its missing parents with `permissions` (existing ones are kept).
+    /// Creates a directory and its missing parents with `permissions` (existing ones are kept,
+    /// links to directories followed, as a shell's `mkdir -p` does).
+    ///
+    /// - Throws: ``FileSystemError`` naming the component that is not a directory, or the one
+    ///   that could not be created and why.
     public static func createDirectory(_ path: String, permissions: mode_t) throws(FileSystemError) {
-        if let existing = try entry(at: path) {
-            guard existing.isDirectory else {
-                throw FileSystemError(path: path, operation: "use as a directory", kind: .notARegularFile(existing.kindDescription))
-            }
-            return
+        let probe = Glibc.open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if probe >= 0 {
+            _ = Glibc.close(probe)
+            return  // a directory already (or a link to one)
         }
-        let (parent, _) = split(path)
-        if parent != path, parent != "/" { try createDirectory(parent, permissions: permissions) }
-        do {
-            _ = try retryingInterrupts { Glibc.mkdir(path, permissions) }
-        } catch {
-            if error == .fileExists { return }
-            throw FileSystemError(path: path, operation: "create the directory", kind: .system(error))
+        let failure = Errno(rawValue: errno)
+        switch failure {
+        case .noSuchFileOrDirectory:
+            let (parent, _) = split(path)
+            if parent != path, parent != "/" { try createDirectory(parent, permissions: permissions) }
+            do {
+                _ = try retryingInterrupts { Glibc.mkdir(path, permissions) }
+            } catch {
+                if error == .fileExists { return }
+                throw FileSystemError(path: path, operation: "create the directory", kind: .system(error))
+            }
+        case .notDirectory:
+            // The path, or a component on the way to it, exists but is not a directory: name it.
+            if let existing = try? entry(at: path) {
+                throw FileSystemError(path: path, operation: "use as a directory", kind: .notADirectory(existing.kindDescription))
+            }
+            let (parent, _) = split(path)
+            guard parent != path, parent != "/" else {
+                throw FileSystemError(path: path, operation: "use as a directory", kind: .system(failure))
+            }
+            try createDirectory(parent, permissions: permissions)
+            throw FileSystemError(path: path, operation: "use as a directory", kind: .system(failure))
+        default:
+            throw FileSystemError(path: path, operation: "open the directory", kind: .system(failure))
         }
     }
 

@@ -275,11 +275,23 @@ final class HostileFilesTests: XCTestCase {
         XCTAssertTrue(log.contains("rollback") && log.contains("newestSaved=7"), log)
     }
 
+    /// Item 16: a persistence directory that cannot be created is named with its problem (it was
+    /// "NSCocoaErrorDomain error 512" and "/proc/self/st: The file doesn't exist").
+    func testAnUnusablePersistenceDirectoryIsNamedWithItsProblem() throws {
+        for (directory, problem) in [("/proc/self/st/state", "cannot create the directory /proc/self/st:"),
+                                     ("/dev/null/state", "/dev/null is a character device")] {
+            let result = try runToCompletion(Binaries.daemon, ["--config", try configFile(directory: directory), "--log-level", "info"], timeout: 30)
+            XCTAssertNotEqual(result.status, 0)
+            XCTAssertTrue(result.stderr.contains(problem), "\(directory): \(result.stderr)")
+            XCTAssertFalse(result.stderr.contains("NSCocoaErrorDomain"), result.stderr)
+        }
+    }
+
     func configFile(directory: String) throws -> String {
-        let path = directory + "-config.json"
+        let path = "/tmp/shmbroker-config-\(getpid())-\(UUID().uuidString.prefix(8)).json"
         var persistent = segment("state", size: 64)
         persistent["persist"] = true
-        try TestDaemon.writeConfig(at: path, socketPath: directory + "-control.sock", segments: [persistent],
+        try TestDaemon.writeConfig(at: path, socketPath: path + ".sock", segments: [persistent],
                                    extra: ["persistence": ["directory": directory]])
         return path
     }
