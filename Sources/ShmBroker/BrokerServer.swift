@@ -58,7 +58,8 @@ public final class BrokerServer {
     var nextRingID: UInt64 = 1
     /// Rings that still had entries after their last batch: the loop polls instead of sleeping.
     var activeRings: [UInt64] = []
-    var counters = StatusReport.Counters()
+    /// Every count the owner keeps; STATUS and the metrics are views of it.
+    let counters = Counters()
     let startedAt = Date()
     let daemonUID = CurrentProcess.userID
     var running = true
@@ -212,7 +213,7 @@ public final class BrokerServer {
             for client in Array(clients.values) {
                 if let since = client.stalledSince, now &- since >= stallLimit, !client.isClosing {
                     counters.slowSubscribersDisconnected += 1
-                    for name in client.subscriptions { segments[name]?.slowSubscribersDropped += 1 }
+                    for name in client.subscriptions { counters[segment: name].slowSubscribersDropped += 1 }
                     disconnect(client, reason: "socket stayed full for \(configuration.limits.subscriberStallTimeoutSeconds)s")
                 }
             }

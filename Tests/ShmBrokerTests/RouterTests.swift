@@ -114,7 +114,7 @@ final class RouterTests: XCTestCase {
         }
         XCTAssertEqual(first.version, 1)
         XCTAssertEqual(server.segments["public"]!.writer.latestVersion, 1)
-        XCTAssertEqual(server.counters.publishes, 1)
+        XCTAssertEqual(server.counters[segment: "public"].publishes, 1)
         XCTAssertEqual(refusal(.publish(segment: "public", payload: .inline([UInt8](repeating: 0, count: 5000))), from: publisher)?.code,
                        .payloadTooLarge)
         XCTAssertEqual(refusal(.publish(segment: "readonly", payload: .inline([1])), from: publisher)?.code, .permissionDenied)

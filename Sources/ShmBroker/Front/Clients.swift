@@ -146,8 +146,7 @@ extension BrokerServer {
             let event = ServerMessage.versionEvent(segment: name, VersionInfo(receipt)).encode(requestID: 0)
             switch trySend(event, to: client) {
             case .sent:
-                counters.eventsSent += 1
-                segment.eventsSent += 1
+                counters[segment: name].eventsSent += 1
                 progressed = true
             case .full:
                 client.pushBackPending(name)

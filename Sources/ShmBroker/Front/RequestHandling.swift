@@ -158,15 +158,8 @@ extension BrokerServer {
     /// the publish and event counts of the segments it may read only, since the totals would
     /// time the hidden segments' publishes and tell their subscribers.
     func statusCounters(for peer: PeerCredentials) -> StatusReport.Counters {
-        var shown = counters
-        shown.publishes = totalPublishes
-        guard !isPrivileged(peer) else { return shown }
-        let visible = segments.values.filter { mayRead($0, peer) }
-        shown.publishes = visible.reduce(0) { $0 &+ $1.publishCount }
-        shown.eventsSent = visible.reduce(0) { $0 &+ $1.eventsSent }
-        shown.eventsCoalesced = visible.reduce(0) { $0 &+ $1.eventsCoalesced }
-        shown.slowSubscribersDisconnected = visible.reduce(0) { $0 &+ $1.slowSubscribersDropped }
-        return shown
+        let visible = isPrivileged(peer) ? nil : Set(segments.values.filter { mayRead($0, peer) }.map(\.name))
+        return counters.statusView(visible: visible, owned: ownedSegments)
     }
 
 }

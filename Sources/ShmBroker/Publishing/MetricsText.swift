@@ -33,20 +33,19 @@ extension BrokerServer {
 
     /// The metrics in the Prometheus text format, brought up to date first.
     func metricsText(visibleSegments: Set<String>?) -> String {
-        let owners = Dictionary(ownedSegments.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
         metrics.refresh(segments: segmentOrder.compactMap { segments[$0] }.map { segment in
-            let owner = segment.owner.flatMap { owners[$0.name] }
+            let counts = counters[segment: segment.name]
             return BrokerMetrics.SegmentFigures(
-                name: segment.name, publishes: segment.publishes + (owner?.publishCount ?? 0),
-                bytes: segment.publishedBytes + (owner?.publishedBytes ?? 0), version: segment.writer.latestVersion,
-                readers: segment.readers.count, subscribers: segment.subscribers.count, eventsSent: segment.eventsSent,
-                eventsCoalesced: segment.eventsCoalesced, slowDropped: segment.slowSubscribersDropped)
+                name: segment.name, publishes: counts.publishes &+ (segment.owner?.publishCount ?? 0),
+                bytes: counts.publishedBytes &+ (segment.owner?.publishedBytes ?? 0), version: segment.writer.latestVersion,
+                readers: segment.readers.count, subscribers: segment.subscribers.count, eventsSent: counts.eventsSent,
+                eventsCoalesced: counts.eventsCoalesced, slowDropped: counts.slowSubscribersDropped)
         }, clients: clients.count, accepted: counters.clientsAccepted, refused: counters.clientsRefused)
         return metrics.text(visibleSegments: visibleSegments)
     }
 
     /// Publishes through the control channel and rings, plus the embedding application's own.
     var totalPublishes: UInt64 {
-        ownedSegments.reduce(counters.publishes) { $0 &+ $1.publishCount }
+        counters.statusView(visible: nil, owned: ownedSegments).publishes
     }
 }

@@ -71,8 +71,6 @@ final class PublishCounting: VersionSink {
 
     func versionCommitted(_ receipt: PublishReceipt, to segment: ManagedSegment, origin: VersionOrigin) {
         guard origin == .request || origin == .ring else { return }
-        server.counters.publishes += 1
-        segment.publishes += 1
-        segment.publishedBytes += UInt64(receipt.length)
+        server.counters.published(receipt.length, to: segment.name)
     }
 }

@@ -18,10 +18,7 @@ final class SubscriberFanOut: VersionSink {
             guard let client = server.clients[id], !client.isClosing,
                   client.wantsEvent(for: segment.name, version: version.version) else { continue }
             if client.hasBacklog {
-                if !client.markPending(segment.name) {
-                    server.counters.eventsCoalesced += 1
-                    segment.eventsCoalesced += 1
-                }
+                if !client.markPending(segment.name) { server.counters[segment: segment.name].eventsCoalesced += 1 }
                 continue
             }
             if event == nil {
@@ -29,8 +26,7 @@ final class SubscriberFanOut: VersionSink {
             }
             switch server.trySend(event!, to: client) {
             case .sent:
-                server.counters.eventsSent += 1
-                segment.eventsSent += 1
+                server.counters[segment: segment.name].eventsSent += 1
             case .full:
                 client.markPending(segment.name)
                 server.waitForWritable(client)

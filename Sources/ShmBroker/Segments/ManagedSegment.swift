@@ -11,13 +11,6 @@ final class ManagedSegment {
     let memoryFile: FileDescriptor
     /// The wait board's memfd (``SegmentLayout/WaitBoard``); readers get it writable.
     let boardFile: FileDescriptor
-    /// Running totals for the metrics (publishes through the control channel and rings; an
-    /// owner's in-process publishes are counted by its ``OwnedSegment``).
-    var publishes: UInt64 = 0
-    var publishedBytes: UInt64 = 0
-    var eventsSent: UInt64 = 0
-    var eventsCoalesced: UInt64 = 0
-    var slowSubscribersDropped: UInt64 = 0
     /// What is on disk for this segment (persistent segments only), shared with the persistence
     /// queue that writes the files.
     let saves = SaveRecord()
@@ -39,9 +32,6 @@ final class ManagedSegment {
     var readers: Set<UInt64> = []
 
     var name: String { definition.name }
-
-    /// Publishes through the control channel and rings, plus the owner process's own.
-    var publishCount: UInt64 { publishes &+ (owner?.publishCount ?? 0) }
 
     /// Creates, sizes, seals and formats a new segment.
     init(creating definition: SegmentDefinition) throws {
