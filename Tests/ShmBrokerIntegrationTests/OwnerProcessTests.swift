@@ -72,17 +72,22 @@ final class OwnerProcessTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: socketPath), "the socket is removed on stop")
     }
 
+    /// A config for the example owner with one 4 KiB segment, in a directory removed after the test.
+    func sysloadConfig(_ tag: String) throws -> (socketPath: String, configPath: String) {
+        let directory = "/tmp/shmbroker-sysload-\(tag)-\(getpid())-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+        addTeardownBlock { try? FileManager.default.removeItem(atPath: directory) }
+        let configPath = directory + "/sysload.json"
+        try TestDaemon.writeConfig(at: configPath, socketPath: directory + "/control.sock", segments: [segment("sysload", size: "4KiB")])
+        return (directory + "/control.sock", configPath)
+    }
+
     /// Issue 17, item 21: a subscriber of an owner-published segment never gets a first VERSION
     /// event that repeats the version SUBSCRIBED reported, however its subscription races the
     /// owner's publishes and the loop's timer (which announces an owner's version nobody was
     /// subscribed to when it was published). 15 subscriptions, publishes every 200 ms.
     func testNoEventRepeatsTheVersionSubscribedReported() throws {
-        let directory = "/tmp/shmbroker-sysload-events-\(getpid())-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let socketPath = directory + "/control.sock"
-        let configPath = directory + "/sysload.json"
-        try TestDaemon.writeConfig(at: configPath, socketPath: socketPath, segments: [segment("sysload", size: "4KiB")])
+        let (socketPath, configPath) = try sysloadConfig("events")
         let owner = try ChildProcess(Binaries.path("shmbroker-sysload"), ["--config", configPath, "--interval-ms", "200"])
         defer {
             owner.signal(SIGTERM)
@@ -114,12 +119,7 @@ final class OwnerProcessTests: XCTestCase {
     /// Issue 17, item 23: SIGTERM while the example owner publishes flat out ends it cleanly
     /// (exit 0, no error) every time; its loop is `ShmBrokerOwner.run(every:_:)`.
     func testSIGTERMWhilePublishingFlatOutEndsTheOwnerCleanly() throws {
-        let directory = "/tmp/shmbroker-sysload-stop-\(getpid())-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let socketPath = directory + "/control.sock"
-        let configPath = directory + "/sysload.json"
-        try TestDaemon.writeConfig(at: configPath, socketPath: socketPath, segments: [segment("sysload", size: "4KiB")])
+        let (socketPath, configPath) = try sysloadConfig("stop")
         for round in 0..<10 {
             let owner = try ChildProcess(Binaries.path("shmbroker-sysload"), ["--config", configPath, "--interval-ms", "0"])
             let deadline = Date().addingTimeInterval(30)

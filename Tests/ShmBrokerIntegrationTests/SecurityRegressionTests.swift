@@ -101,6 +101,11 @@ final class SecurityRegressionTests: XCTestCase {
         payload.closeQuietly()
         XCTAssertEqual(errorCode(reply), .descriptorLimit, "\(reply)")
         if case .error(let error) = reply { XCTAssertTrue(error.message.contains("RLIMIT_NOFILE"), error.message) }
+        // So does an OPEN, which needs two descriptors of the daemon's own (issue 17, item 17:
+        // it answered internal-error).
+        let opened = try early.request(.open(segment: "s"))
+        XCTAssertEqual(errorCode(opened), .descriptorLimit, "\(opened)")
+        if case .error(let error) = opened { XCTAssertTrue(error.message.contains("RLIMIT_NOFILE"), error.message) }
 
         // No busy loop: the daemon's CPU time stays flat while connections stay queued.
         let before = try Self.cpuSeconds(of: daemon.pid)
@@ -126,7 +131,7 @@ final class SecurityRegressionTests: XCTestCase {
         XCTAssertEqual(served, 20, "every queued connection was answered once descriptors freed")
         let status = try early.request(.status)
         guard case .statusReport(let json) = status else { return XCTFail("\(status)") }
-        XCTAssertEqual(try StatusReport.decode(json).counters.descriptorLimitRefusals, 1)
+        XCTAssertEqual(try StatusReport.decode(json).counters.descriptorLimitRefusals, 2)
     }
 
     func testSegmentMemoryIsReservedAndAConfigThatDoesNotFitIsRefusedNamingTheSegment() throws {
