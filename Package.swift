@@ -50,7 +50,7 @@ let package = Package(
         // The JSON config: parsing, validation with JSON paths, user and group look-ups.
         .target(name: "ShmBrokerConfig", dependencies: ["ShmBrokerCore", "ShmBrokerPlatform"]),
         // The control-channel wire codec shared by the daemon and every client.
-        .target(name: "ShmBrokerProtocol", dependencies: ["ShmBrokerCore"]),
+        .target(name: "ShmBrokerProtocol"),
         // The owner: segment registry, access control, the control-socket event loop, reload,
         // systemd glue, and in-process publishing. `shmbrokerd` and embedding applications use it.
         .target(
