@@ -1,0 +1,158 @@
+import Foundation
+import Glibc
+import ShmBrokerClient
+import ShmBrokerCore
+import ShmBrokerPlatform
+import ShmBrokerProtocol
+import SystemPackage
+
+/// End-to-end latency: publish call to the reader holding the verified version, on every path.
+extension Run {
+    // MARK: Through the daemon
+
+    /// The CPU a spinning reader agent pins its thread to: the last one this process may use.
+    static let spinningReaderCPU = ProcessInfo.processInfo.activeProcessorCount - 1
+
+    /// One producer publish per round, spaced so each is read alone; vs the same payload over a
+    /// raw Unix stream socket between two processes.
+    func latencyBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: Any] {
+        let rounds: UInt64 = quick ? 300 : 3000
+        report.section("End-to-end latency, publish call -> reader holds the verified version (µs; \(rounds) rounds; "
+                       + "the owner-spin reader's thread pinned to CPU \(Self.spinningReaderCPU))")
+        report.row(["payload", "path", "shm p50", "p99", "p99.9", "socket p50", "p99", "p99.9", "p50 ratio"])
+        let client = try await daemon.connect()
+        var rows: [String: Any] = [:]
+        for (size, segment) in [(64, "lat64"), (4096, "lat4k")] {
+            let socket = LatencySummary(try socketLatency(size: size, rounds: rounds, readers: 1).perRound)
+            // The same messages through a relay process: two socket hops, the floor of any design
+            // that puts a broker process between producer and reader (the daemon's paths do).
+            let relayed = LatencySummary(try socketLatency(size: size, rounds: rounds, readers: 1, relayed: true).perRound)
+            var row: [String: Any] = ["socket": socket.json, "socket_relay": relayed.json]
+            report.latencyRow(size: size, path: "socket-relay", relayed, against: socket)
+            for path in [ProducerPath.requests, .ring] {
+                let agent = try AgentProcess(["segment-latency", "--socket", daemon.socketPath, "--segment", segment, "--rounds", "\(rounds)"])
+                try agent.waitUntilReady()
+                var payload = [UInt8](repeating: 0xA5, count: size)
+                let publisher = path == .ring ? try await client.openPublisher(segment) : nil
+                for round in 0..<rounds {
+                    Stamp.write(&payload, sentAt: Clock.monotonicNanoseconds(), round: round)
+                    if let publisher {
+                        try publisher.publish(payload)
+                    } else {
+                        try await client.publish(segment, bytes: payload)
+                    }
+                    usleep(200)
+                }
+                await publisher?.close()
+                let measured = try agent.latencyResult()
+                let shm = LatencySummary(Array(measured.latencies.values))
+                let split = (toDaemon: Double(measured.toDaemon) / 1000, toReader: Double(measured.toReader) / 1000)
+                let name = path == .ring ? "ring" : "requests"
+                row[name] = ["shm": shm.json, "p50_ratio": shm.p50 / socket.p50,
+                             "median_producer_to_daemon_us": split.toDaemon, "median_daemon_to_reader_us": split.toReader]
+                report.latencyRow(size: size, path: name, shm, against: socket)
+                report.text += "   split (medians): producer call -> daemon publish \(fmt(split.toDaemon)) µs, daemon publish -> reader holds it \(fmt(split.toReader)) µs\n"
+                if path == .ring {
+                    row["ring_over_relay"] = shm.p50 / relayed.p50
+                    report.text += "   against the socket relay (two hops through a third process, same run): \(fmt(shm.p50 / relayed.p50))x its p50\n"
+                    report.goal("end-to-end p50 <= 2x raw socket one-way p50 (\(sizeName(size)), publish ring)",
+                                value: shm.p50 / socket.p50, target: 2, lowerIsBetter: true)
+                }
+            }
+            // The embedded owner publishes in-process; readers wait three ways.
+            for mode in WaitMode.allCases {
+                // A spinning reader owns a core: its thread is pinned to the last CPU.
+                let agent = try AgentProcess(["segment-latency", "--socket", owner.socketPath, "--segment", segment,
+                                              "--rounds", "\(rounds)", "--wait", mode.rawValue]
+                                             + (mode == .spin ? ["--pin-cpu", "\(Self.spinningReaderCPU)"] : []))
+                try agent.waitUntilReady()
+                var payload = [UInt8](repeating: 0xA5, count: size)
+                let owned = owner[segment]
+                // How long each publish call ran in the publishing thread (which slept 200 µs
+                // before it, as a periodic producer does): the split of the end-to-end latency.
+                var callDurations = [UInt64](repeating: 0, count: Int(rounds))
+                for round in 0..<rounds {
+                    let sentAt = Clock.monotonicNanoseconds()
+                    Stamp.write(&payload, sentAt: sentAt, round: round)
+                    try owned.publish(payload)
+                    callDurations[Int(round)] = Clock.monotonicNanoseconds() - sentAt
+                    usleep(200)
+                }
+                let latencies = try agent.latencyResult().latencies
+                let shm = LatencySummary(Array(latencies.values))
+                let call = median(callDurations)
+                let afterCall = median(latencies.map { round, latency in latency &- min(latency, callDurations[Int(round)]) })
+                let name = "owner-\(mode.rawValue)"
+                row[name] = ["shm": shm.json, "p50_ratio": shm.p50 / socket.p50,
+                             "median_publish_call_us": Double(call) / 1000, "median_after_call_us": Double(afterCall) / 1000]
+                report.latencyRow(size: size, path: name, shm, against: socket)
+                report.text += "   split (medians): the publish call \(fmt(Double(call) / 1000)) µs (its thread had slept 200 µs), "
+                    + "its return -> reader holds it \(fmt(Double(afterCall) / 1000)) µs\n"
+                switch mode {
+                case .futex:
+                    report.goal("owner -> futex-waiting reader p50 <= 0.8x socket one-way p50 (\(sizeName(size)))",
+                                value: shm.p50 / socket.p50, target: 0.8, lowerIsBetter: true)
+                case .spin:
+                    report.goal("owner -> busy-polling reader p50 <= 0.1x socket one-way p50 (\(sizeName(size)))",
+                                value: shm.p50 / socket.p50, target: 0.1, lowerIsBetter: true)
+                case .events: break
+                }
+            }
+            rows[sizeName(size)] = row
+        }
+        return rows
+    }
+
+    /// Sends `rounds` stamped messages to `readers` socket-latency agents, one message per reader
+    /// per round; returns the latency of the last reader in each round.
+    /// - Parameter relayed: whether the one reader gets the messages through a relay process (a
+    ///   socket-latency agent behind a socket-relay agent) instead of straight from this process.
+    func socketLatency(size: Int, rounds: UInt64, readers: Int, spacingMicroseconds: UInt32 = 200,
+                       relayed: Bool = false) throws -> (perRound: [UInt64], all: [UInt64]) {
+        let path = NSTemporaryDirectory() + "shmbroker-bench-\(getpid()).sock"
+        let relayPath = path + ".relay"
+        let listener = try RawStream.listen(path)
+        defer { close(listener); unlink(path) }
+        var connections: [Int32] = []
+        defer { connections.forEach { close($0) } }
+        var relay: AgentProcess?
+        if relayed {
+            precondition(readers == 1, "a relayed run has one reader")
+            relay = try AgentProcess(["socket-relay", "--upstream", path, "--downstream", relayPath,
+                                      "--size", "\(size)", "--rounds", "\(rounds)"])
+            // The relay listens downstream before it connects here, so its reader can connect next.
+            connections = [accept(listener, nil, nil)]
+        }
+        let agents = try (0..<readers).map { _ in
+            try AgentProcess(["socket-latency", "--path", relayed ? relayPath : path, "--size", "\(size)", "--rounds", "\(rounds)"])
+        }
+        if !relayed { connections = (0..<readers).map { _ in accept(listener, nil, nil) } }
+        try relay?.waitUntilReady()
+        for agent in agents { try agent.waitUntilReady() }
+        var payload = [UInt8](repeating: 0x5A, count: size)
+        for round in 0..<rounds {
+            Stamp.write(&payload, sentAt: Clock.monotonicNanoseconds(), round: round)
+            payload.withUnsafeBytes { bytes in connections.forEach { RawStream.writeAll($0, bytes) } }
+            usleep(spacingMicroseconds)
+        }
+        let perAgent = try agents.map { try $0.latencies() }
+        _ = try relay?.result()
+        return (lastArrivals(perAgent, rounds: rounds), perAgent.flatMap { $0.values })
+    }
+
+    /// For each round every reader saw, the latest arrival.
+    func lastArrivals(_ perAgent: [[UInt64: UInt64]], rounds: UInt64) -> [UInt64] {
+        (0..<rounds).compactMap { round in
+            let seen = perAgent.compactMap { $0[round] }
+            return seen.count == perAgent.count ? seen.max() : nil
+        }
+    }
+
+    /// How the benchmark's producer hands versions to the daemon.
+    enum ProducerPath {
+        /// PUBLISH requests, each answered by a reply, a few in flight.
+        case requests
+        /// A publish ring (`SegmentPublisher`): no request or reply per version.
+        case ring
+    }
+}
