@@ -19,7 +19,7 @@ import SystemPackage
 /// Everything that touches segments or clients runs on the loop's thread, so nothing here needs a
 /// lock; readers never talk to the loop to read, only to open and subscribe.
 public final class BrokerServer {
-    /// The release version, reported by HELLO and STATUS (``ShmBrokerVersion``).
+    /// The release version, reported by HELLO and STATUS (`ShmBrokerVersion` of ShmBrokerProtocol).
     public static let version = ShmBrokerVersion.string
 
     var configuration: BrokerConfiguration
@@ -76,6 +76,7 @@ public final class BrokerServer {
     ///   - configPath: where it came from; SIGHUP re-reads this file.
     ///   - signals: a signalfd for SIGTERM, SIGINT, SIGHUP and SIGUSR2, created before any thread started.
     ///   - logger: where events go.
+    ///   - notifier: how `sd_notify` messages and the fd store are reached.
     ///   - inherited: descriptors from systemd: a listening socket and stored segment memfds.
     ///   - allowDebugHang: let SIGUSR2 hang the event loop, to test the watchdog. Never in production.
     ///   - ownerName: the owner process's name, reported with the version by HELLO and STATUS.

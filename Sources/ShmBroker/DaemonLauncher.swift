@@ -32,11 +32,12 @@ public enum DaemonLauncher {
     /// Runs the daemon in the foreground until SIGTERM or SIGINT. Returns the process exit code.
     ///
     /// - Parameters:
-    ///   - configPath: the config file; SIGHUP re-reads it.
+    ///   - givenPath: the config file (`--config`, relative to the working directory or absolute);
+    ///     SIGHUP re-reads it.
     ///   - logLevel: the lowest level logged.
     ///   - allowDebugHang: let SIGUSR2 hang the event loop (for watchdog tests only).
-    public static func run(configPath relativeConfigPath: String, logLevel: Logger.Level, allowDebugHang: Bool = false) -> Int32 {
-        let configPath = URL(fileURLWithPath: relativeConfigPath).standardizedFileURL.path
+    public static func run(configPath givenPath: String, logLevel: Logger.Level, allowDebugHang: Bool = false) -> Int32 {
+        let configPath = URL(fileURLWithPath: givenPath).standardizedFileURL.path
         // Before anything can start a thread: signals must be blocked everywhere so that only the
         // signalfd sees them.
         let signals: SignalDescriptor

@@ -6,7 +6,7 @@ import SystemPackage
 
 /// A fast path for a producer that publishes a stream of versions to one segment: a publish ring.
 ///
-/// ``publish(_:timeoutNanoseconds:)`` copies the payload into shared memory that the daemon reads
+/// ``publish(_:timeoutNanoseconds:)-(UnsafeRawBufferPointer,_)`` copies the payload into shared memory that the daemon reads
 /// and returns; it does not wait for the daemon, sends no request and passes no descriptor. The
 /// daemon is signalled (one `write` to an eventfd) only when it has said it is idle, and it
 /// copies entries into the segment — with the CRC, as for every publish — in batches.
@@ -113,7 +113,7 @@ public final class SegmentPublisher: Sendable {
         if try appended.get() { doorbell.ring() }
     }
 
-    /// Appends `bytes` as the segment's next version; see ``publish(_:timeoutNanoseconds:)``.
+    /// Appends `bytes` as the segment's next version; see ``publish(_:timeoutNanoseconds:)-(UnsafeRawBufferPointer,_)``.
     public func publish(_ bytes: [UInt8], timeoutNanoseconds: UInt64? = 10_000_000_000) throws(ShmBrokerClientError) {
         let result = bytes.withUnsafeBytes { buffer in
             Result { () throws(ShmBrokerClientError) in try publish(buffer, timeoutNanoseconds: timeoutNanoseconds) }

@@ -287,7 +287,7 @@ public final class ShmBrokerClient: Sendable {
     /// Opens a publish ring to a segment: the fast path for a producer that publishes often.
     ///
     /// - Parameter name: the segment's name; the daemon's config must let this uid publish to it.
-    /// - Returns: a publisher whose ``SegmentPublisher/publish(_:timeoutNanoseconds:)`` appends to
+    /// - Returns: a publisher whose ``SegmentPublisher/publish(_:timeoutNanoseconds:)-(UnsafeRawBufferPointer,_)`` appends to
     ///   shared memory without a request per version.
     /// - Throws: `refused` with `permission-denied`, `no-such-segment` or `invalid-ring` (a
     ///   publisher for this segment is already open on this client).
