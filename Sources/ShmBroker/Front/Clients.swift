@@ -51,6 +51,7 @@ extension BrokerServer {
     }
 
     func handleClient(_ client: ClientConnection, events: Epoll.Events) {
+        loop.assertOnLoop()
         guard !client.isClosing else { return }
         if events.contains(.writable) {
             flush(client)
@@ -166,6 +167,7 @@ extension BrokerServer {
     /// last entries published, its subscriptions and mappings forgotten, the socket closed) is
     /// done at the end of the loop's turn.
     func disconnect(_ client: ClientConnection, reason: String?) {
+        loop.assertOnLoop()
         guard !client.isClosing, clients[client.id] === client else { return }
         client.isClosing = true
         if let registration = client.registration { loop.deregister(registration) }

@@ -124,6 +124,7 @@ extension BrokerServer {
 
     /// The doorbell rang: the producer appended while the ring was idle.
     func handleDoorbell(_ ring: AttachedRing) {
+        loop.assertOnLoop()
         guard rings[ring.token] === ring else { return }
         ring.consumer.markAwake()
         drain(ring)

@@ -14,6 +14,7 @@ extension BrokerServer {
     /// Makes `owned` the only writer of its segment (on the loop's thread, or before it runs).
     /// What clients' rings still hold is published first; then they are detached.
     func claim(_ owned: OwnedSegment) -> OwnerError? {
+        loop.assertOnLoop()
         guard let segment = segments[owned.name] else { return .noSuchSegment(owned.name) }
         if segment.owner === owned { return nil }
         for ring in Array(rings.values) where ring.segmentName == owned.name {
@@ -36,6 +37,7 @@ extension BrokerServer {
     /// flagged (`onlyPending`), or, from the timer, for any whose latest version was not yet
     /// announced (a publish that raced a new subscription).
     func announceOwnedSegments(onlyPending: Bool) {
+        loop.assertOnLoop()
         for owned in ownedSegments {
             guard let segment = segments[owned.name], segment.owner === owned else { continue }
             let flagged = segment.signals.announcePending.exchange(false, ordering: .acquiringAndReleasing)

@@ -11,6 +11,7 @@ extension BrokerServer {
     /// the collector never reads half a file and nothing planted in the directory is followed.
     /// A file every user may read holds only what every user may see.
     func writeMetricsTextfile() {
+        loop.assertOnLoop()
         guard let path = configuration.metrics.textfile else { return }
         let settings = configuration.metrics
         let text = metricsText(visibleSegments: settings.textfileIsPublic
@@ -33,6 +34,7 @@ extension BrokerServer {
 
     /// The metrics in the Prometheus text format, brought up to date first.
     func metricsText(visibleSegments: Set<String>?) -> String {
+        loop.assertOnLoop()
         metrics.refresh(segments: segmentOrder.compactMap { segments[$0] }.map { segment in
             let counts = counters[segment: segment.name]
             return BrokerMetrics.SegmentFigures(

@@ -74,6 +74,7 @@ extension BrokerServer {
     /// right here when `synchronously` (on stop). A version counts as saved only once its file
     /// is written, so a failed save is tried again at the next round, and on stop.
     func savePersistentSegments(synchronously: Bool) {
+        loop.assertOnLoop()
         let archive = self.archive
         for segment in segments.values where segment.definition.persists {
             let saves = segment.saves

@@ -83,11 +83,13 @@ extension BrokerServer {
     // MARK: Segments
 
     func addSegment(_ segment: ManagedSegment) {
+        loop.assertOnLoop()
         segments[segment.name] = segment
         segmentOrder.append(segment.name)
     }
 
     func retireSegment(named name: String) {
+        loop.assertOnLoop()
         guard let segment = segments.removeValue(forKey: name) else { return }
         segmentOrder.removeAll { $0 == name }
         if let owned = segment.owner {
@@ -110,6 +112,7 @@ extension BrokerServer {
     /// SIGHUP: re-reads the config. New segments appear, removed ones are retired, unchanged
     /// ones keep their content and version; an invalid file leaves everything as it was.
     func reload() {
+        loop.assertOnLoop()
         guard !configPath.isEmpty else {
             logger.notice("SIGHUP ignored: the configuration was built in code, there is no file to re-read")
             return
