@@ -38,8 +38,6 @@ public final class BrokerServer {
     let metrics = BrokerMetrics()
     /// Where every version is committed; its sinks fan out events and count.
     let pipeline = PublishPipeline()
-    /// Every segment an embedding application claimed, also after a reload retired it.
-    var ownedSegments: [OwnedSegment] = []
     /// Saves of persistent segments run here, off the loop; the loop only takes the snapshot.
     let persistenceQueue = DispatchQueue(label: "shmbroker.persistence")
     var metricsWriteFailed = false
@@ -47,17 +45,12 @@ public final class BrokerServer {
     var inherited: InheritedDescriptors
     let allowDebugHang: Bool
 
-    var segments: [String: ManagedSegment] = [:]
-    var segmentOrder: [String] = []
-    var clients: [UInt64: ClientConnection] = [:]
-    /// Connections held by each uid, for `limits.maxClientsPerUser`.
-    var connectionsPerUID: [UInt32: Int] = [:]
-    var nextClientID: UInt64 = 1
-    /// Attached publish rings, by their id.
-    var rings: [UInt64: AttachedRing] = [:]
-    var nextRingID: UInt64 = 1
-    /// Rings that still had entries after their last batch: the loop polls instead of sleeping.
-    var activeRings: [UInt64] = []
+    /// The configured segments (and the ones the embedding application claimed).
+    let segments = SegmentRegistry()
+    /// The connected clients.
+    let clients = ClientDirectory()
+    /// The publish rings producers attached.
+    let rings = RingSet()
     /// Every count the owner keeps; STATUS and the metrics are views of it.
     let counters = Counters()
     let startedAt = Date()
@@ -154,7 +147,7 @@ public final class BrokerServer {
         loop.onDoorbell = { [unowned self] in self.announceOwnedSegments(onlyPending: true) }
         loop.poll("publish rings") { [unowned self] in
             self.drainActiveRings()
-            return !self.activeRings.isEmpty
+            return self.rings.hasActive
         }
         let watchdog = notifier.watchdogIntervalMicroseconds().map { $0 * 1000 }
         try registerJobs(watchdogNanoseconds: watchdog)
@@ -236,7 +229,7 @@ public final class BrokerServer {
         // Saves in flight finish first; then every changed persistent segment is saved, here.
         persistenceQueue.sync {}
         savePersistentSegments(synchronously: true)
-        for owned in ownedSegments { owned.exclusively { owned.bind(writer: nil, signals: nil) } }
+        for owned in segments.owned { owned.exclusively { owned.bind(writer: nil, signals: nil) } }
         logger.info("stopping", metadata: ["clients": "\(clients.count)", "publishes": "\(totalPublishes)"])
         for client in clients.values { disconnect(client, reason: nil) }
         loop.finishTurn()

@@ -14,7 +14,6 @@ import XCTest
 /// The segments are real (memfds, mappings); the clients are records with no connection.
 final class RouterTests: XCTestCase {
     var server: BrokerServer!
-    var nextClient: UInt64 = 100
 
     override func setUpWithError() throws {
         let configuration = BrokerConfiguration(
@@ -30,11 +29,10 @@ final class RouterTests: XCTestCase {
     }
 
     func client(uid: UInt32, greeted: Bool = true) -> ClientConnection {
-        nextClient += 1
-        let client = ClientConnection(id: nextClient, socket: FileDescriptor(rawValue: -1),
+        let client = ClientConnection(id: server.clients.takeID(), socket: FileDescriptor(rawValue: -1),
                                       credentials: PeerCredentials(pid: 1, uid: uid, gid: uid, groups: []))
         client.greeted = greeted
-        server.clients[client.id] = client
+        server.clients.add(client)
         return client
     }
 

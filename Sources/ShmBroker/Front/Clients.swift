@@ -12,7 +12,7 @@ extension BrokerServer {
     func admit(_ socket: FileDescriptor, credentials: PeerCredentials) -> String? {
         loop.assertOnLoop()
         if let refusal = admissionRefusal(for: credentials) { return refusal }
-        let client = ClientConnection(id: nextClientID, socket: socket, credentials: credentials)
+        let client = ClientConnection(id: clients.takeID(), socket: socket, credentials: credentials)
         do {
             client.registration = try loop.register(socket, events: [.readable, .readHangUp], source: CallbackSource { [unowned self, unowned client] events in
                 self.handleClient(client, events: events)
@@ -21,9 +21,7 @@ extension BrokerServer {
             socket.closeQuietly()
             return nil
         }
-        nextClientID += 1
-        clients[client.id] = client
-        connectionsPerUID[credentials.uid, default: 0] += 1
+        clients.add(client)
         counters.clientsAccepted += 1
         logger.debug("client connected", metadata: ["client": "\(client.id)", "pid": "\(credentials.pid)", "uid": "\(credentials.uid)"])
         return nil
@@ -43,7 +41,7 @@ extension BrokerServer {
         guard clients.count < limits.maximumClients - limits.reservedClients else {
             return "the daemon serves at most \(limits.maximumClients) clients, \(limits.reservedClients) of them kept for root and the daemon's user (limits.maxClients, limits.reservedClients)"
         }
-        let held = connectionsPerUID[peer.uid, default: 0]
+        let held = clients.connections(of: peer.uid)
         guard held < limits.maximumClientsPerUser else {
             return "uid \(peer.uid) already has \(held) connections, the most one user may hold (limits.maxClientsPerUser)"
         }
@@ -168,7 +166,7 @@ extension BrokerServer {
     /// done at the end of the loop's turn.
     func disconnect(_ client: ClientConnection, reason: String?) {
         loop.assertOnLoop()
-        guard !client.isClosing, clients[client.id] === client else { return }
+        guard !client.isClosing, clients[client.id] === client else { return }  // once
         client.isClosing = true
         if let registration = client.registration { loop.deregister(registration) }
         client.registration = nil
@@ -187,10 +185,7 @@ extension BrokerServer {
             finalDrain(ring)
             removeRing(ring, detachCode: nil)
         }
-        clients.removeValue(forKey: client.id)
-        if let held = connectionsPerUID[client.credentials.uid] {
-            connectionsPerUID[client.credentials.uid] = held > 1 ? held - 1 : nil
-        }
+        clients.remove(client)
         for name in client.subscriptions { segments[name]?.subscribers.remove(client.id) }
         for name in client.opened { segments[name]?.readers.remove(client.id) }
         client.close()

@@ -56,7 +56,7 @@ extension BrokerServer {
             throw error
         }
         consumer.recordSegmentCapacity(segment.writer.layout.capacity)
-        let ring = AttachedRing(token: nextRingID, clientID: client.id, segmentName: segment.name, consumer: consumer, doorbell: doorbell)
+        let ring = AttachedRing(token: rings.takeID(), clientID: client.id, segmentName: segment.name, consumer: consumer, doorbell: doorbell)
         do {
             ring.registration = try loop.register(doorbell, events: [.readable, .edgeTriggered], source: CallbackSource { [unowned self, unowned ring] _ in
                 self.handleDoorbell(ring)
@@ -65,8 +65,7 @@ extension BrokerServer {
             doorbell.closeQuietly()
             throw ProtocolError(.internalError, "cannot watch the doorbell: \(error)")
         }
-        nextRingID += 1
-        rings[ring.token] = ring
+        rings.add(ring)
         metrics.ringAttached()
         client.rings[segment.name] = ring.token
         return Reply(message: .ringAttached(capacity: UInt64(segment.writer.layout.capacity), latestVersion: segment.writer.latestVersion),
@@ -132,13 +131,7 @@ extension BrokerServer {
 
     /// Consumes one batch from each ring that still had entries after its last batch.
     func drainActiveRings() {
-        let tokens = activeRings
-        activeRings.removeAll(keepingCapacity: true)
-        for token in tokens {
-            guard let ring = rings[token] else { continue }
-            ring.isActive = false
-            drain(ring)
-        }
+        for ring in rings.takeActive() { drain(ring) }
     }
 
     /// The segment a ring feeds, if it may still: else the ring is detached with the reason. Also
@@ -180,10 +173,7 @@ extension BrokerServer {
         case .idle:
             break
         case .more:
-            if !ring.isActive {
-                ring.isActive = true
-                activeRings.append(ring.token)
-            }
+            rings.markActive(ring)
         case .broken(let reason):
             logger.notice("publish ring broke its rules; detached", metadata: [
                 "segment": "\(ring.segmentName)", "client": "\(ring.clientID)",
@@ -207,8 +197,7 @@ extension BrokerServer {
         if let registration = ring.registration { loop.deregister(registration) }
         ring.registration = nil
         ring.doorbell.closeQuietly()
-        rings.removeValue(forKey: ring.token)
+        rings.remove(ring)
         clients[ring.clientID]?.rings.removeValue(forKey: ring.segmentName)
-        activeRings.removeAll { $0 == ring.token }
     }
 }

@@ -159,7 +159,7 @@ extension BrokerServer {
     /// time the hidden segments' publishes and tell their subscribers.
     func statusCounters(for peer: PeerCredentials) -> StatusReport.Counters {
         let visible = isPrivileged(peer) ? nil : Set(segments.values.filter { mayRead($0, peer) }.map(\.name))
-        return counters.statusView(visible: visible, owned: ownedSegments)
+        return counters.statusView(visible: visible, owned: segments.owned)
     }
 
 }

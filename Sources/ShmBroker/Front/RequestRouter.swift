@@ -189,7 +189,7 @@ extension BrokerServer {
             daemon: StatusReport.Daemon(name: ownerName, version: Self.version, pid: CurrentProcess.processID,
                                         startedAt: startedAt.timeIntervalSince1970, configPath: configPath,
                                         socketPath: configuration.socket.path, protocolVersion: ControlProtocol.version),
-            segments: segmentOrder.compactMap { segments[$0] }.filter { mayRead($0, peer) }.map { segment in
+            segments: segments.ordered.filter { mayRead($0, peer) }.map { segment in
                 let receipt = segment.writer.latestReceipt
                 return StatusReport.Segment(
                     name: segment.name, capacity: UInt64(segment.definition.capacity), slots: UInt32(segment.definition.slots),

@@ -24,7 +24,7 @@ extension BrokerServer {
         owned.exclusively { owned.bind(writer: segment.writer, signals: segment.signals) }
         segment.owner = owned
         segment.lastAnnouncedVersion = segment.writer.latestVersion
-        if !ownedSegments.contains(where: { $0 === owned }) { ownedSegments.append(owned) }
+        segments.recordClaim(owned)
         logger.info("segment published by the owner process", metadata: ["segment": "\(owned.name)"])
         return nil
     }
@@ -38,7 +38,7 @@ extension BrokerServer {
     /// announced (a publish that raced a new subscription).
     func announceOwnedSegments(onlyPending: Bool) {
         loop.assertOnLoop()
-        for owned in ownedSegments {
+        for owned in segments.owned {
             guard let segment = segments[owned.name], segment.owner === owned else { continue }
             let flagged = segment.signals.announcePending.exchange(false, ordering: .acquiringAndReleasing)
             guard flagged || !onlyPending, !segment.subscribers.isEmpty,

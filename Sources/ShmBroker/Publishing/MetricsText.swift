@@ -35,7 +35,7 @@ extension BrokerServer {
     /// The metrics in the Prometheus text format, brought up to date first.
     func metricsText(visibleSegments: Set<String>?) -> String {
         loop.assertOnLoop()
-        metrics.refresh(segments: segmentOrder.compactMap { segments[$0] }.map { segment in
+        metrics.refresh(segments: segments.ordered.map { segment in
             let counts = counters[segment: segment.name]
             return BrokerMetrics.SegmentFigures(
                 name: segment.name, publishes: counts.publishes &+ (segment.owner?.publishCount ?? 0),
@@ -48,6 +48,6 @@ extension BrokerServer {
 
     /// Publishes through the control channel and rings, plus the embedding application's own.
     var totalPublishes: UInt64 {
-        counters.statusView(visible: nil, owned: ownedSegments).publishes
+        counters.statusView(visible: nil, owned: segments.owned).publishes
     }
 }

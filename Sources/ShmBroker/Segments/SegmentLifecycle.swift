@@ -84,14 +84,12 @@ extension BrokerServer {
 
     func addSegment(_ segment: ManagedSegment) {
         loop.assertOnLoop()
-        segments[segment.name] = segment
-        segmentOrder.append(segment.name)
+        segments.add(segment)
     }
 
     func retireSegment(named name: String) {
         loop.assertOnLoop()
-        guard let segment = segments.removeValue(forKey: name) else { return }
-        segmentOrder.removeAll { $0 == name }
+        guard let segment = segments.remove(named: name) else { return }
         if let owned = segment.owner {
             owned.exclusively { owned.bind(writer: nil, signals: nil) }
             logger.notice("owned segment removed from the config; its publishes now fail", metadata: ["segment": "\(name)"])
@@ -140,7 +138,7 @@ extension BrokerServer {
             notifier.ready(status: "reload failed (\(error)); " + statusLine())
             return
         }
-        let plan = ReloadPlan(running: segmentOrder.compactMap { segments[$0]?.definition }, new: newConfiguration.segments)
+        let plan = ReloadPlan(running: segments.ordered.map(\.definition), new: newConfiguration.segments)
         var created: [ManagedSegment] = []
         do {
             try MemoryBudget.check(plan.toCreate)
@@ -182,7 +180,7 @@ extension BrokerServer {
         for definition in plan.updated {
             segments[definition.name]?.updateAccess(from: definition)
         }
-        segmentOrder = plan.order
+        segments.reorder(plan.order)
         configuration.limits = newConfiguration.limits
         configuration.segments = newConfiguration.segments
         // Rings of removed segments (or of producers no longer allowed) are detached now, with
