@@ -40,7 +40,6 @@ public final class BrokerServer {
     let pipeline = PublishPipeline()
     /// Saves of persistent segments run here, off the loop; the loop only takes the snapshot.
     let persistenceQueue = DispatchQueue(label: "shmbroker.persistence")
-    var metricsWriteFailed = false
     var archive: SegmentArchive { SegmentArchive(directory: configuration.persistence.directory, trustedOwners: [daemonUID]) }
     var inherited: InheritedDescriptors
     let allowDebugHang: Bool
@@ -56,7 +55,6 @@ public final class BrokerServer {
     let startedAt = Date()
     let daemonUID = CurrentProcess.userID
     var running = true
-    var lastStatusLine = ""
 
     /// One receive buffer for every client: the loop handles one frame at a time.
     let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(
@@ -164,6 +162,7 @@ public final class BrokerServer {
     /// quarter of the watchdog interval, if shorter).
     func registerJobs(watchdogNanoseconds: UInt64?) throws {
         let second: UInt64 = 1_000_000_000
+        var lastStatusLine = ""
         loop.every(2 * second, "status line") { [unowned self] _ in
             // Keep `systemctl status` current; only changes are sent.
             let line = statusLine()
@@ -179,11 +178,12 @@ public final class BrokerServer {
         }
         loop.every(0, "owner announcements") { [unowned self] _ in announceOwnedSegments(onlyPending: false) }
         var lastMetricsWrite: UInt64 = 0
+        var metricsWriteFailed = false
         loop.every(0, "metrics textfile") { [unowned self] now in
             guard configuration.metrics.textfile != nil,
                   now &- lastMetricsWrite >= UInt64(configuration.metrics.intervalSeconds * 1e9) else { return }
             lastMetricsWrite = now
-            writeMetricsTextfile()
+            writeMetricsTextfile(failedBefore: &metricsWriteFailed)
         }
         var lastPersistenceRound = Clock.monotonicNanoseconds()
         loop.every(0, "persistence") { [unowned self] now in

@@ -10,7 +10,10 @@ import SystemPackage
 extension BrokerServer {
     /// the collector never reads half a file and nothing planted in the directory is followed.
     /// A file every user may read holds only what every user may see.
-    func writeMetricsTextfile() {
+    ///
+    /// - Parameter failedBefore: whether the last write failed; a failure is logged once per
+    ///   streak, and the first success after one says so.
+    func writeMetricsTextfile(failedBefore: inout Bool) {
         loop.assertOnLoop()
         guard let path = configuration.metrics.textfile else { return }
         let settings = configuration.metrics
@@ -22,13 +25,13 @@ extension BrokerServer {
             try FileSystem.checkTrustedDirectory(FileSystem.split(path).directory, owners: nil, groupMayWrite: true,
                                                  stickyMayBeShared: true)
             try FileSystem.replace(path, with: [Array(text.utf8)], permissions: mode_t(settings.textfileMode), durable: false)
-            if metricsWriteFailed { logger.notice("the metrics textfile is written again", metadata: ["path": "\(path)"]) }
-            metricsWriteFailed = false
+            if failedBefore { logger.notice("the metrics textfile is written again", metadata: ["path": "\(path)"]) }
+            failedBefore = false
         } catch {
-            if !metricsWriteFailed {  // once per failure streak, not every few seconds
+            if !failedBefore {  // once per failure streak, not every few seconds
                 logger.error("cannot write the metrics textfile", metadata: ["path": "\(path)", "error": "\(error)"])
             }
-            metricsWriteFailed = true
+            failedBefore = true
         }
     }
 
