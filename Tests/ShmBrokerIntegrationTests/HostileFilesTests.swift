@@ -287,6 +287,48 @@ final class HostileFilesTests: XCTestCase {
         }
     }
 
+    /// Item 14: a saved file the owner cannot read is left where it is and never saved over (it
+    /// was moved aside, and the next save replaced it). The daemon runs as `nobody`, for whom a
+    /// file of mode 000 is unreadable.
+    func testAnUnreadableSavedFileIsLeftInPlaceAndNotSavedOver() async throws {
+        try requireRoot()
+        let directory = try scratchDirectory("unreadable")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let file = directory + "/state.segment"
+        let original = Data("saved by an earlier run".utf8)
+        try original.write(to: URL(fileURLWithPath: file))
+        XCTAssertEqual(chmod(file, 0), 0)
+        XCTAssertEqual(chown(file, 65534, 65534), 0)
+        XCTAssertEqual(chmod(directory, 0o700), 0)
+        XCTAssertEqual(chown(directory, 65534, 65534), 0)
+        let socketPath = "/tmp/shmbroker-unreadable-\(getpid())-\(UUID().uuidString.prefix(6)).sock"
+        var persistent = segment("state", size: 64, publishers: ["*"])
+        persistent["persist"] = true
+        let config = try configFile(directory: directory)
+        try TestDaemon.writeConfig(at: config, socketPath: socketPath, segments: [persistent],
+                                   extra: ["persistence": ["directory": directory, "intervalSeconds": 1]])
+        chmod(config, 0o644)
+        let daemon = try ChildProcess(Binaries.daemon, ["--config", config, "--log-level", "info"], asNobody: true)
+        defer {
+            daemon.signal(SIGTERM)
+            _ = daemon.finish(timeout: 30)
+            unlink(socketPath)
+        }
+        let deadline = Date().addingTimeInterval(30)
+        while !FileManager.default.fileExists(atPath: socketPath) && Date() < deadline && daemon.process.isRunning { usleep(20_000) }
+        let client = try await ShmBrokerClient.connect(socketPath: socketPath, clientName: "unreadable-test")
+        let handle = try await client.open("state")
+        XCTAssertNil(try handle.read(), "nothing is served from a file that could not be read")
+        try await client.publish("state", bytes: Array("new".utf8))
+        client.close()
+        sleep(2)  // two persistence rounds
+        daemon.signal(SIGTERM)
+        let log = daemon.finish(timeout: 30).stderr
+        XCTAssertTrue(log.contains("leaving the file in place"), log)
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: file)), original, "the file was neither moved nor saved over")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: file + ".rejected"))
+    }
+
     func configFile(directory: String) throws -> String {
         let path = "/tmp/shmbroker-config-\(getpid())-\(UUID().uuidString.prefix(8)).json"
         var persistent = segment("state", size: 64)

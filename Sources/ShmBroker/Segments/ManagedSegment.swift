@@ -162,4 +162,7 @@ final class SaveRecord: Sendable {
     let inFlight = ManagedAtomic<Bool>(false)
     /// Saves that failed since the last one that succeeded.
     let failures = ManagedAtomic<Int>(0)
+    /// Set when the saved file could not be read at start: it is left where it is, and never
+    /// saved over, until the owner restarts (after someone repaired or removed it).
+    let keepsUnreadableFile = ManagedAtomic<Bool>(false)
 }

@@ -55,7 +55,8 @@ extension BrokerServer {
                 "segment": "\(segment.name)", "version": "\(version)", "bytes": "\(saved.bytes.count)",
             ])
         } catch let failure as SegmentArchive.Failure where !failure.movesFileAside {
-            logger.error("saved segment unreadable; starting it empty and leaving the file in place", metadata: [
+            segment.saves.keepsUnreadableFile.store(true, ordering: .relaxed)
+            logger.error("saved segment unreadable; starting it empty, leaving the file in place and not saving over it until a restart", metadata: [
                 "segment": "\(segment.name)", "error": "\(failure)"])
         } catch {
             do {
@@ -80,7 +81,7 @@ extension BrokerServer {
             let saves = segment.saves
             let version = segment.writer.latestVersion
             guard version != 0, version != saves.savedVersion.load(ordering: .acquiring),
-                  !saves.inFlight.load(ordering: .acquiring) else { continue }
+                  !saves.inFlight.load(ordering: .acquiring), !saves.keepsUnreadableFile.load(ordering: .relaxed) else { continue }
             guard let reader = try? SegmentReader(region: segment.writer.region), let snapshot = try? reader.read() else { continue }
             saves.inFlight.store(true, ordering: .releasing)
             let logger = self.logger, name = segment.name
