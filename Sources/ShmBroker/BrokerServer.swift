@@ -23,9 +23,8 @@ public final class BrokerServer {
     public static let version = ShmBrokerVersion.string
 
     var configuration: BrokerConfiguration
-    let configPath: String
-    /// `shmbrokerd`, or the embedding application's name: HELLO and STATUS report it.
-    let ownerName: String
+    /// Who this owner is: its name, its config file, when it started, its uid.
+    let identity: OwnerIdentity
     let logger: Logger
     let notifier: SystemdNotifier
     let signals: SignalDescriptor?
@@ -52,13 +51,10 @@ public final class BrokerServer {
     let rings = RingSet()
     /// Every count the owner keeps; STATUS and the metrics are views of it.
     let counters = Counters()
-    let startedAt = Date()
-    let daemonUID = CurrentProcess.userID
     var running = true
 
-    /// One receive buffer for every client: the loop handles one frame at a time.
-    let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(
-        byteCount: ControlProtocol.maximumFrameSize + 1, alignment: 16)
+    /// The uid the owner runs as: with root, it may always read, publish and see everything.
+    var daemonUID: UInt32 { identity.uid }
 
     /// Prepares the server; nothing is created until ``start()``.
     ///
@@ -74,11 +70,10 @@ public final class BrokerServer {
     public init(configuration: BrokerConfiguration, configPath: String, signals: SignalDescriptor?, logger: Logger,
                 notifier: SystemdNotifier = SystemdNotifier(), inherited: InheritedDescriptors = InheritedDescriptors(),
                 allowDebugHang: Bool = false, ownerName: String = "shmbrokerd") throws {
-        self.ownerName = ownerName
+        self.identity = OwnerIdentity(name: ownerName, configPath: configPath, startedAt: Date(), uid: CurrentProcess.userID)
         self.configuration = configuration
         self.inherited = inherited
         self.allowDebugHang = allowDebugHang
-        self.configPath = configPath
         self.signals = signals
         self.logger = logger
         self.notifier = notifier
@@ -88,9 +83,6 @@ public final class BrokerServer {
         pipeline.register(SubscriberFanOut(server: self))
     }
 
-    deinit {
-        receiveBuffer.deallocate()
-    }
 
     // MARK: Life cycle
 
@@ -289,4 +281,15 @@ extension VersionInfo {
         self.init(version: receipt.version, length: UInt64(receipt.length), crc64: receipt.crc64,
                   publishedAtNanoseconds: receipt.publishedAtNanoseconds)
     }
+}
+
+/// Who an owner is, as HELLO and STATUS report it.
+struct OwnerIdentity {
+    /// `shmbrokerd`, or the embedding application's name.
+    let name: String
+    /// The config file SIGHUP re-reads; empty for a configuration built in code.
+    let configPath: String
+    let startedAt: Date
+    /// The uid the owner runs as.
+    let uid: UInt32
 }

@@ -1,9 +1,15 @@
+import ShmBrokerProtocol
+
 /// The connected clients, by id, and how many connections each uid holds (for
 /// `limits.maxClientsPerUser`). The event loop owns it.
 final class ClientDirectory {
     private var byID: [UInt64: ClientConnection] = [:]
     private var perUID: [UInt32: Int] = [:]
     private var nextID: UInt64 = 1
+    /// One receive buffer for every client: the loop handles one frame at a time.
+    let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: ControlProtocol.maximumFrameSize + 1, alignment: 16)
+
+    deinit { receiveBuffer.deallocate() }
 
     subscript(id: UInt64) -> ClientConnection? { byID[id] }
     var count: Int { byID.count }

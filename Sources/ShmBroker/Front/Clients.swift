@@ -64,7 +64,7 @@ extension BrokerServer {
             guard !client.isClosing, !client.hasQueuedReplies else { return }
             let received: ReceivedMessage?
             do {
-                received = try SeqpacketSocket.receive(client.socket, into: receiveBuffer, maximumDescriptors: ControlProtocol.maximumDescriptors)
+                received = try SeqpacketSocket.receive(client.socket, into: clients.receiveBuffer, maximumDescriptors: ControlProtocol.maximumDescriptors)
             } catch {
                 disconnect(client, reason: "receive failed: \(error)")
                 return

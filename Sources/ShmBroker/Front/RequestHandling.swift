@@ -21,7 +21,7 @@ extension BrokerServer {
     }
 
     func handleFrame(_ message: ReceivedMessage, from client: ClientConnection) {
-        let frame = UnsafeRawBufferPointer(rebasing: receiveBuffer[..<min(message.byteCount, ControlProtocol.maximumFrameSize)])
+        let frame = UnsafeRawBufferPointer(rebasing: clients.receiveBuffer[..<min(message.byteCount, ControlProtocol.maximumFrameSize)])
         let requestID = frame.count >= 8 ? UInt32(littleEndian: frame.loadUnaligned(fromByteOffset: 4, as: UInt32.self)) : 0
         if message.wasTruncated || message.byteCount > ControlProtocol.maximumFrameSize {
             return reject(client, requestID: requestID, ProtocolError(.frameTooLarge,

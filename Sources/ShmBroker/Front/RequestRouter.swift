@@ -63,7 +63,7 @@ extension BrokerServer {
             client.greeted = true
             client.name = String(name.prefix(128))
             return Reply(message: .helloOK(protocolVersion: ControlProtocol.version, maximumFrameSize: UInt32(ControlProtocol.maximumFrameSize),
-                                           daemonVersion: "\(ownerName) \(Self.version)"))
+                                           daemonVersion: "\(identity.name) \(Self.version)"))
         case .open(let name):
             return try open(try lookUp(name, for: client, publishing: false), for: client)
         case .subscribe(let name):
@@ -186,8 +186,8 @@ extension BrokerServer {
     private func statusReply(for peer: PeerCredentials) throws(ProtocolError) -> Reply {
         let privileged = isPrivileged(peer)
         let report = StatusReport(
-            daemon: StatusReport.Daemon(name: ownerName, version: Self.version, pid: CurrentProcess.processID,
-                                        startedAt: startedAt.timeIntervalSince1970, configPath: configPath,
+            daemon: StatusReport.Daemon(name: identity.name, version: Self.version, pid: CurrentProcess.processID,
+                                        startedAt: identity.startedAt.timeIntervalSince1970, configPath: identity.configPath,
                                         socketPath: configuration.socket.path, protocolVersion: ControlProtocol.version),
             segments: segments.ordered.filter { mayRead($0, peer) }.map { segment in
                 let receipt = segment.writer.latestReceipt

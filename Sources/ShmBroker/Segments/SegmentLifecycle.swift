@@ -111,15 +111,15 @@ extension BrokerServer {
     /// ones keep their content and version; an invalid file leaves everything as it was.
     func reload() {
         loop.assertOnLoop()
-        guard !configPath.isEmpty else {
+        guard !identity.configPath.isEmpty else {
             logger.notice("SIGHUP ignored: the configuration was built in code, there is no file to re-read")
             return
         }
-        notifier.reloading(status: "reloading \(configPath)")
-        logger.notice("reloading configuration", metadata: ["path": "\(configPath)"])
+        notifier.reloading(status: "reloading \(identity.configPath)")
+        logger.notice("reloading configuration", metadata: ["path": "\(identity.configPath)"])
         let newConfiguration: BrokerConfiguration
         do {
-            newConfiguration = try BrokerConfiguration.load(path: configPath)
+            newConfiguration = try BrokerConfiguration.load(path: identity.configPath)
         } catch {
             counters.failedReloads += 1
             for problem in error.problems { logger.error("config rejected: \(problem)") }
