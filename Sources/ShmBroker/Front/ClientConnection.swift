@@ -22,19 +22,8 @@ final class ClientConnection {
     /// Publish rings this client attached, by segment name (values are ring tokens).
     var rings: [String: UInt64] = [:]
 
-    /// Frames (with descriptors to pass) that could not be sent yet, oldest first. While any are
-    /// queued, the loop stops reading this client's requests: a client that does not read its
-    /// replies gets backpressure, not unbounded memory.
-    private(set) var outbound: [(frame: [UInt8], descriptors: [FileDescriptor])] = []
-    private var outboundHead = 0
-    /// Segments with a version event not yet delivered. Coalesced: one entry per segment, and
-    /// the event sent is always for the segment's latest version at sending time.
-    private(set) var pendingEvents: [String] = []
-    private var pendingEventSet: Set<String> = []
-    /// When the socket was first found full with nothing sent since (monotonic ns).
-    var stalledSince: UInt64?
-    /// Whether the loop currently watches this socket for writability.
-    var watchingWritable = false
+    /// What is waiting to be sent, and whether the socket is stalled.
+    private var queue = OutboundQueue()
     /// Read-only mappings of this client's shrink-sealed staging memfds, by inode, so that a
     /// producer reusing its staging files costs no mmap per publish. At most four are kept.
     var stagingMappings: [(inode: UInt64, region: MappedRegion)] = []
@@ -45,55 +34,33 @@ final class ClientConnection {
         self.credentials = credentials
     }
 
-    var hasBacklog: Bool { outboundHead < outbound.count || !pendingEvents.isEmpty }
-    var hasQueuedReplies: Bool { outboundHead < outbound.count }
-
-    func enqueue(_ frame: [UInt8], descriptors: [FileDescriptor]) {
-        outbound.append((frame, descriptors))
+    var hasBacklog: Bool { queue.hasBacklog }
+    var hasQueuedReplies: Bool { queue.hasQueuedFrames }
+    /// When the socket was first found full with nothing sent since (monotonic ns).
+    var stalledSince: UInt64? {
+        get { queue.stalledSince }
+        set { queue.stalledSince = newValue }
+    }
+    /// Whether the loop currently watches this socket for writability.
+    var watchingWritable: Bool {
+        get { queue.watchingWritable }
+        set { queue.watchingWritable = newValue }
     }
 
+    func enqueue(_ frame: [UInt8], descriptors: [FileDescriptor]) { queue.enqueue(frame, descriptors: descriptors) }
     /// The oldest queued frame, if any.
-    var firstQueued: (frame: [UInt8], descriptors: [FileDescriptor])? {
-        outboundHead < outbound.count ? outbound[outboundHead] : nil
-    }
-
+    var firstQueued: (frame: [UInt8], descriptors: [FileDescriptor])? { queue.first }
     /// Drops the oldest queued frame after it was sent, closing the descriptors it passed.
-    func dequeueSent() {
-        outbound[outboundHead].descriptors.forEach { $0.closeQuietly() }
-        outboundHead += 1
-        if outboundHead == outbound.count {
-            outbound.removeAll(keepingCapacity: true)
-            outboundHead = 0
-        }
-    }
-
+    func dequeueSent() { queue.dequeueSent() }
     /// Records that `segment` has a newer version to announce.
     /// - Returns: false if an announcement was already pending (the event is coalesced).
     @discardableResult
-    func markPending(_ segment: String) -> Bool {
-        guard pendingEventSet.insert(segment).inserted else { return false }
-        pendingEvents.append(segment)
-        return true
-    }
-
-    func removePending(_ segment: String) {
-        guard pendingEventSet.remove(segment) != nil else { return }
-        pendingEvents.removeAll { $0 == segment }
-    }
-
+    func markPending(_ segment: String) -> Bool { queue.markPending(segment) }
+    func removePending(_ segment: String) { queue.removePending(segment) }
     /// Removes and returns the oldest pending segment.
-    func popPending() -> String? {
-        guard !pendingEvents.isEmpty else { return nil }
-        let segment = pendingEvents.removeFirst()
-        pendingEventSet.remove(segment)
-        return segment
-    }
-
+    func popPending() -> String? { queue.popPending() }
     /// Puts a segment back at the front after a send found the socket full.
-    func pushBackPending(_ segment: String) {
-        guard pendingEventSet.insert(segment).inserted else { return }
-        pendingEvents.insert(segment, at: 0)
-    }
+    func pushBackPending(_ segment: String) { queue.pushBackPending(segment) }
 
     /// Whether a VERSION event for `version` of `segment` is news to this client: false for a
     /// version SUBSCRIBED already reported (an in-process publish whose announcement raced the
@@ -107,9 +74,70 @@ final class ClientConnection {
 
     /// Closes the socket and every descriptor still queued.
     func close() {
-        for entry in outbound[outboundHead...] { entry.descriptors.forEach { $0.closeQuietly() } }
-        outbound.removeAll()
-        outboundHead = 0
+        queue.closeAll()
         socket.closeQuietly()
+    }
+}
+
+/// A client's outbound side: frames (with descriptors to pass) that could not be sent yet, oldest
+/// first, and the segments with a VERSION event not yet delivered. While frames are queued, the
+/// loop stops reading the client's requests: a client that does not read its replies gets
+/// backpressure, not unbounded memory. Events are coalesced: one entry per segment, and the event
+/// sent is always for the segment's latest version at sending time.
+struct OutboundQueue {
+    private var frames: [(frame: [UInt8], descriptors: [FileDescriptor])] = []
+    private var head = 0
+    private var pending: [String] = []
+    private var pendingSet: Set<String> = []
+    /// When the socket was first found full with nothing sent since (monotonic ns).
+    var stalledSince: UInt64?
+    /// Whether the loop watches the socket for writability.
+    var watchingWritable = false
+
+    var hasQueuedFrames: Bool { head < frames.count }
+    var hasBacklog: Bool { hasQueuedFrames || !pending.isEmpty }
+    var first: (frame: [UInt8], descriptors: [FileDescriptor])? { hasQueuedFrames ? frames[head] : nil }
+
+    mutating func enqueue(_ frame: [UInt8], descriptors: [FileDescriptor]) {
+        frames.append((frame, descriptors))
+    }
+
+    mutating func dequeueSent() {
+        frames[head].descriptors.forEach { $0.closeQuietly() }
+        head += 1
+        if head == frames.count {
+            frames.removeAll(keepingCapacity: true)
+            head = 0
+        }
+    }
+
+    mutating func markPending(_ segment: String) -> Bool {
+        guard pendingSet.insert(segment).inserted else { return false }
+        pending.append(segment)
+        return true
+    }
+
+    mutating func removePending(_ segment: String) {
+        guard pendingSet.remove(segment) != nil else { return }
+        pending.removeAll { $0 == segment }
+    }
+
+    mutating func popPending() -> String? {
+        guard !pending.isEmpty else { return nil }
+        let segment = pending.removeFirst()
+        pendingSet.remove(segment)
+        return segment
+    }
+
+    mutating func pushBackPending(_ segment: String) {
+        guard pendingSet.insert(segment).inserted else { return }
+        pending.insert(segment, at: 0)
+    }
+
+    /// Closes every descriptor still queued and forgets the frames.
+    mutating func closeAll() {
+        for entry in frames[head...] { entry.descriptors.forEach { $0.closeQuietly() } }
+        frames.removeAll()
+        head = 0
     }
 }
