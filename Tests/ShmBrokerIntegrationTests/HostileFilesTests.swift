@@ -331,6 +331,10 @@ final class HostileFilesTests: XCTestCase {
 
     func configFile(directory: String) throws -> String {
         let path = "/tmp/shmbroker-config-\(getpid())-\(UUID().uuidString.prefix(8)).json"
+        addTeardownBlock {
+            unlink(path)
+            unlink(path + ".sock")
+        }
         var persistent = segment("state", size: 64)
         persistent["persist"] = true
         try TestDaemon.writeConfig(at: path, socketPath: path + ".sock", segments: [persistent],
