@@ -79,7 +79,7 @@ public final class BrokerServer {
         self.notifier = notifier
         self.loop = try EventLoop()
         self.listener = Listener(loop: loop, logger: logger)
-        pipeline.register(PublishCounting(server: self))
+        pipeline.register(PublishCounting(counters: counters))
         pipeline.register(SubscriberFanOut(server: self))
     }
 

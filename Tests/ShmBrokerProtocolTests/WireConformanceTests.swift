@@ -148,7 +148,6 @@ final class WireConformanceTests: XCTestCase {
     func testTheDocumentedTablesGiveTheSameOffsetsAndCodes() throws {
         let layout = try String(contentsOf: Self.root.appendingPathComponent("docs/LAYOUT.md"), encoding: .utf8)
         let protocolText = try String(contentsOf: Self.root.appendingPathComponent("docs/PROTOCOL.md"), encoding: .utf8)
-        func row(_ offset: Int, _ field: String) -> String { String(format: "| 0x%02X | ", offset) }
         typealias H = SegmentLayout.Header
         let header: [(Int, String)] = [(H.magic, "magic"), (H.layoutVersion, "layoutVersion"), (H.headerSize, "headerSize"),
                                        (H.capacity, "capacity"), (H.slotCount, "slotCount"), (H.flags, "flags"),

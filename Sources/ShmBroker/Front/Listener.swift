@@ -129,7 +129,7 @@ final class Listener: EventSource {
         SeqpacketSocket.shutdownWriting(connection)
         if refused.count >= Self.maximumHeldRefusals { Self.closeRefused(refused.removeFirst().socket) }
         refused.append((connection, Clock.monotonicNanoseconds() + 1_000_000_000))
-        refusalLog.record(uid: credentials.uid, now: Clock.monotonicNanoseconds()) { suppressed in
+        refusalLog.record(now: Clock.monotonicNanoseconds()) { suppressed in
             logger.warning("client refused", metadata: [
                 "uid": "\(credentials.uid)", "pid": "\(credentials.pid)", "reason": "\(message)",
             ].merging(suppressed.map { ["suppressedSinceLastLine": "\($0)"] } ?? [:]) { $1 })

@@ -16,7 +16,7 @@ struct RateLimitedLog {
 
     /// Records one event at `now`; calls `log` (with the count suppressed since the last line,
     /// if any) when it may be logged.
-    mutating func record(uid: UInt32, now: UInt64, _ log: (Int?) -> Void) {
+    mutating func record(now: UInt64, _ log: (Int?) -> Void) {
         if now &- intervalStart >= intervalNanoseconds {
             intervalStart = now
             linesInInterval = 0

@@ -45,7 +45,7 @@ final class EventLoop: @unchecked Sendable {
     private var timer: PeriodicTimer?
     private var endOfTurn: [() -> Void] = []
     /// Work that wants the loop to look again without sleeping (publish rings with entries left).
-    private var pollers: [(name: String, body: () -> Bool)] = []
+    private var pollers: [() -> Bool] = []
     private let postedLock = NSLock()
     private var posted: [(id: UInt64, body: () -> Void)] = []
     private var nextPostID: UInt64 = 0
@@ -117,9 +117,9 @@ final class EventLoop: @unchecked Sendable {
     }
 
     /// Work that runs after every turn while it returns true (more to do): the loop then polls
-    /// instead of sleeping.
+    /// instead of sleeping. `name` says what it is, at the call site.
     func poll(_ name: String, _ body: @escaping () -> Bool) {
-        pollers.append((name, body))
+        pollers.append(body)
     }
 
     /// Runs `body` at the end of the current turn, after every ready source was handled: for
@@ -152,7 +152,7 @@ final class EventLoop: @unchecked Sendable {
                 sources[token]?.handle(events)
             }
             wantsAnotherLook = false
-            for poller in pollers where poller.body() { wantsAnotherLook = true }
+            for poller in pollers where poller() { wantsAnotherLook = true }
             finishTurn()
             onTurn(Clock.monotonicNanoseconds() &- started)
         }

@@ -65,12 +65,12 @@ final class PublishPipeline {
 /// Counts the versions clients published (requests and rings), per segment and in all; the
 /// embedding application's publishes are counted on its own thread by ``OwnedSegment``.
 final class PublishCounting: VersionSink {
-    private unowned let server: BrokerServer
+    private let counters: Counters
 
-    init(server: BrokerServer) { self.server = server }
+    init(counters: Counters) { self.counters = counters }
 
     func versionCommitted(_ receipt: PublishReceipt, to segment: ManagedSegment, origin: VersionOrigin) {
         guard origin == .request || origin == .ring else { return }
-        server.counters.published(receipt.length, to: segment.name)
+        counters.published(receipt.length, to: segment.name)
     }
 }
