@@ -113,15 +113,14 @@ public enum MemoryFile {
     /// regular file at least that long, sealed so that nobody can shrink it afterwards. A mapping
     /// past a file's end, or of a file someone truncates, kills the reader with SIGBUS.
     public static func checkMappable(_ fd: FileDescriptor, length: Int) throws(MappingRefusal) {
+        let entry: FileSystem.Entry
         do {
-            guard try fd.isRegularFile() else { throw MappingRefusal.notARegularFile }
-            let size = try fd.fileSize()
-            guard size >= length else { throw MappingRefusal.tooShort(size: size, needed: length) }
-        } catch let error as MappingRefusal {
-            throw error
+            entry = try FileSystem.entry(of: fd, path: "a received descriptor")
         } catch {
-            throw .system((error as? Errno) ?? .ioError)
+            throw .system(error.errno ?? .ioError)
         }
+        guard entry.isRegularFile else { throw .notARegularFile }
+        guard entry.size >= length else { throw .tooShort(size: entry.size, needed: length) }
         let current: Seals
         do {
             current = try seals(of: fd)

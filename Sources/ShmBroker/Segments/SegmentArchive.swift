@@ -104,8 +104,7 @@ struct SegmentArchive {
             throw .refused(FileSystemError(path: path, operation: "trust", kind: .untrustedOwner(uid: entry.uid)))
         }
         defer { fd.closeQuietly() }
-        let size: Int
-        do { size = try fd.fileSize() } catch { throw .unreadable(path, error) }
+        let size = entry.size  // from the fstat that found it a regular file
         guard size >= Self.headerSize else { throw .truncated(path, size: size) }
         var header = [UInt8](repeating: 0, count: Self.headerSize)
         do {
