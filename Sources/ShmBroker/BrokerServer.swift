@@ -27,21 +27,19 @@ public final class BrokerServer {
     let identity: OwnerIdentity
     let logger: Logger
     let notifier: SystemdNotifier
-    let signals: SignalDescriptor?
+    let signals: SignalHandling
     let loop: EventLoop
     let listener: Listener
-    /// Set as the stop begins, before owned segments refuse publishes: a publish that fails from
-    /// then on failed because of the stop.
+    /// Set when the stop is asked for (a signal, ``ShmBrokerOwner/stop()``): the loop ends its
+    /// turn and the owner shuts down. A publish that fails from then on failed because of the stop.
     let stopping = ManagedAtomic<Bool>(false)
     /// The metrics (`shmbrokerctl metrics`, and the textfile when configured).
     let metrics = BrokerMetrics()
     /// Where every version is committed; its sinks fan out events and count.
     let pipeline = PublishPipeline()
-    /// Saves of persistent segments run here, off the loop; the loop only takes the snapshot.
-    let persistenceQueue = DispatchQueue(label: "shmbroker.persistence")
+    /// Which persistent segments have versions to save, and the queue their files are written on.
+    let persistence = PersistenceSink()
     var archive: SegmentArchive { SegmentArchive(directory: configuration.persistence.directory, trustedOwners: [daemonUID]) }
-    var inherited: InheritedDescriptors
-    let allowDebugHang: Bool
 
     /// The configured segments (and the ones the embedding application claimed).
     let segments = SegmentRegistry()
@@ -51,7 +49,6 @@ public final class BrokerServer {
     let rings = RingSet()
     /// Every count the owner keeps; STATUS and the metrics are views of it.
     let counters = Counters()
-    var running = true
 
     /// The uid the owner runs as: with root, it may always read, publish and see everything.
     var daemonUID: UInt32 { identity.uid }
@@ -72,15 +69,16 @@ public final class BrokerServer {
                 allowDebugHang: Bool = false, ownerName: String = "shmbrokerd") throws {
         self.identity = OwnerIdentity(name: ownerName, configPath: configPath, startedAt: Date(), uid: CurrentProcess.userID)
         self.configuration = configuration
-        self.inherited = inherited
-        self.allowDebugHang = allowDebugHang
-        self.signals = signals
+        self.signals = SignalHandling(descriptor: signals, allowDebugHang: allowDebugHang)
         self.logger = logger
         self.notifier = notifier
         self.loop = try EventLoop()
-        self.listener = Listener(loop: loop, logger: logger)
+        self.listener = Listener(loop: loop, logger: logger, inherited: inherited.listener)
+        segments.stored = inherited
+        segments.stored.listener = nil
         pipeline.register(PublishCounting(counters: counters))
         pipeline.register(SubscriberFanOut(server: self))
+        pipeline.register(persistence)
     }
 
 
@@ -97,7 +95,7 @@ public final class BrokerServer {
     func start(claims: [OwnedSegment]) throws {
         try checkDescriptorBudget(configuration, context: "start")
         // Segments taken back from the fd store already have their memory.
-        try MemoryBudget.check(configuration.segments.filter { inherited.segments[$0.name] == nil })
+        try MemoryBudget.check(configuration.segments.filter { segments.stored.segments[$0.name] == nil })
         if let risk = MemoryBudget.sparseRisk(configuration.segments) { logger.warning("\(risk)") }
         if configuration.segments.contains(where: \.persists) { try preparePersistenceDirectory() }
         for definition in configuration.segments {
@@ -106,33 +104,26 @@ public final class BrokerServer {
         for owned in claims {
             if let failure = claim(owned) { throw failure }
         }
-        for (name, descriptor) in inherited.segments {
+        for (name, descriptor) in segments.stored.segments {
             logger.notice("stored segment is no longer configured; dropping it", metadata: ["segment": "\(name)"])
             notifier.removeStored(name: InheritedDescriptors.segmentNamePrefix + name)
             descriptor.closeQuietly()
         }
-        inherited.segments = [:]
-        for (name, descriptor) in inherited.boards {
+        for (name, descriptor) in segments.stored.boards {
             notifier.removeStored(name: InheritedDescriptors.boardNamePrefix + name)
             descriptor.closeQuietly()
         }
-        inherited.boards = [:]
-        for (descriptor, name) in inherited.unrecognised {
+        for (descriptor, name) in segments.stored.unrecognised {
             logger.warning("closing an unrecognised descriptor passed by systemd", metadata: ["name": "\(name)"])
             descriptor.closeQuietly()
         }
-        inherited.unrecognised = []
+        segments.stored = InheritedDescriptors()
         listener.onConnection = { [unowned self] socket, credentials in self.admit(socket, credentials: credentials) }
         listener.census = { [unowned self] in (self.clients.count, self.segments.count) }
         listener.onRefusal = { [unowned self] in self.counters.clientsRefused += 1 }
-        if let adopted = inherited.listener {
-            inherited.listener = nil
-            try listener.adopt(adopted)
-        } else {
-            try listener.listen(configuration.socket)
-        }
-        if let signals {
-            _ = try loop.register(signals.descriptor, events: .readable, source: CallbackSource { [unowned self] _ in self.handleSignals() })
+        try listener.listen(configuration.socket)
+        if let descriptor = signals.descriptor {
+            _ = try loop.register(descriptor.descriptor, events: .readable, source: CallbackSource { [unowned self] _ in self.handleSignals() })
         }
         loop.onDoorbell = { [unowned self] in self.announceOwnedSegments(onlyPending: true) }
         loop.poll("publish rings") { [unowned self] in
@@ -211,15 +202,15 @@ public final class BrokerServer {
 
     /// Runs the loop until SIGTERM or SIGINT, then says STOPPING=1 and closes everything.
     public func run() throws {
-        try loop.run(while: { running }, onTurn: { metrics.loopTurn(nanoseconds: $0) })
+        try loop.run(while: { !stopping.load(ordering: .relaxed) }, onTurn: { metrics.loopTurn(nanoseconds: $0) })
         shutDown()
     }
 
     func shutDown() {
-        stopping.store(true, ordering: .releasing)
+        stopping.store(true, ordering: .releasing)  // also when the loop ended by an error
         notifier.stopping(status: "stopping: closing \(clients.count) clients")
         // Saves in flight finish first; then every changed persistent segment is saved, here.
-        persistenceQueue.sync {}
+        persistence.queue.sync {}
         savePersistentSegments(synchronously: true)
         for owned in segments.owned { owned.exclusively { owned.bind(writer: nil, signals: nil) } }
         logger.info("stopping", metadata: ["clients": "\(clients.count)", "publishes": "\(totalPublishes)"])
@@ -229,14 +220,14 @@ public final class BrokerServer {
     }
 
     func handleSignals() {
-        for signal in signals?.drain() ?? [] {
+        for signal in signals.descriptor?.drain() ?? [] {
             switch signal {
             case SIGTERM, SIGINT:
                 logger.notice("received \(signal == SIGTERM ? "SIGTERM" : "SIGINT"), shutting down")
-                running = false
+                stopping.store(true, ordering: .releasing)
             case SIGHUP:
                 reload()
-            case SIGUSR2 where allowDebugHang:
+            case SIGUSR2 where signals.allowDebugHang:
                 logger.warning("SIGUSR2 with --debug-allow-hang: hanging the event loop to test the watchdog")
                 CurrentProcess.sleepForever()
             case SIGUSR2:
@@ -281,6 +272,14 @@ extension VersionInfo {
         self.init(version: receipt.version, length: UInt64(receipt.length), crc64: receipt.crc64,
                   publishedAtNanoseconds: receipt.publishedAtNanoseconds)
     }
+}
+
+/// The signals the owner handles on its loop (SIGTERM, SIGINT, SIGHUP, SIGUSR2), if it handles any.
+struct SignalHandling {
+    /// The signalfd, created before any thread started; nil when the application handles signals.
+    let descriptor: SignalDescriptor?
+    /// Whether SIGUSR2 hangs the loop, to test the watchdog. Never in production.
+    let allowDebugHang: Bool
 }
 
 /// Who an owner is, as HELLO and STATUS report it.

@@ -189,6 +189,6 @@ extension BrokerServer {
         for name in client.subscriptions { segments[name]?.subscribers.remove(client.id) }
         for name in client.opened { segments[name]?.readers.remove(client.id) }
         client.close()
-        if running { listener.resume() }  // a descriptor is free again
+        if !stopping.load(ordering: .relaxed) { listener.resume() }  // a descriptor is free again
     }
 }

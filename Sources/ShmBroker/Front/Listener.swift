@@ -36,20 +36,32 @@ final class Listener: EventSource {
     /// Connections accepted per readiness report before the loop looks at everything else.
     static let acceptBatch = 64
 
-    init(loop: EventLoop, logger: Logger) {
+    /// systemd's listening socket (socket activation), until ``listen(_:)`` adopts it.
+    private var inherited: FileDescriptor?
+
+    /// - Parameters:
+    ///   - inherited: the listening socket systemd passed, if any: ``listen(_:)`` uses it
+    ///     instead of binding the configured path.
+    init(loop: EventLoop, logger: Logger, inherited: FileDescriptor?) {
         self.loop = loop
         self.logger = logger
+        self.inherited = inherited
     }
 
     /// Adopts systemd's listening socket.
-    func adopt(_ adopted: FileDescriptor) throws {
+    private func adopt(_ adopted: FileDescriptor) throws {
         registration = try loop.register(adopted, events: .readable, source: self)
         socket = adopted
         logger.info("using the listening socket passed by systemd")
     }
 
-    /// Listens on `settings.path` with its mode and owner, creating its directory if needed.
+    /// Adopts systemd's listening socket if it passed one; otherwise listens on `settings.path`
+    /// with its mode and owner, creating its directory if needed.
     func listen(_ settings: SocketSettings) throws {
+        if let inherited {
+            self.inherited = nil
+            return try adopt(inherited)
+        }
         do {
             try FileSystem.createDirectory(FileSystem.split(settings.path).directory, permissions: 0o755)
             // Something other than a socket at the path: say what it is (binding would only

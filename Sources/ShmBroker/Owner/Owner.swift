@@ -234,7 +234,7 @@ public final class ShmBrokerOwner: @unchecked Sendable {
         lock.unlock()
         guard isStarted, !isStopped else { return }
         let server = self.server
-        server.loop.submit { server.running = false }
+        server.loop.submit { server.stopping.store(true, ordering: .releasing) }
         waitUntilStopped()
     }
 

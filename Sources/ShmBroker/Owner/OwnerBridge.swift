@@ -33,15 +33,16 @@ extension BrokerServer {
     /// loop is not running (stopped, or not yet started), `body` runs on the calling thread.
 
 
-    /// Sends VERSION events for versions the application published in-process: for segments it
-    /// flagged (`onlyPending`), or, from the timer, for any whose latest version was not yet
-    /// announced (a publish that raced a new subscription).
+    /// Delivers the versions the application published in-process to the pipeline's sinks: for
+    /// segments it flagged (`onlyPending`: it flags those with subscribers), or, from the timer,
+    /// for any whose latest version was not yet delivered (a publish that raced a new
+    /// subscription, or a persistent segment without subscribers).
     func announceOwnedSegments(onlyPending: Bool) {
         loop.assertOnLoop()
         for owned in segments.owned {
             guard let segment = segments[owned.name], segment.owner === owned else { continue }
             let flagged = segment.signals.announcePending.exchange(false, ordering: .acquiringAndReleasing)
-            guard flagged || !onlyPending, !segment.subscribers.isEmpty,
+            guard flagged || !onlyPending, !segment.subscribers.isEmpty || segment.definition.persists,
                   let receipt = segment.writer.latestReceipt, receipt.version > segment.lastAnnouncedVersion else { continue }
             pipeline.deliver(receipt, of: segment, origin: .owner)
         }

@@ -71,17 +71,25 @@ extension BrokerServer {
     }
 
     /// Saves persistent segments whose version changed since their last successful save: the
-    /// snapshot is taken here (a verified read), the file written on the persistence queue, or
-    /// right here when `synchronously` (on stop). A version counts as saved only once its file
-    /// is written, so a failed save is tried again at the next round, and on stop.
+    /// ones the ``PersistenceSink`` heard of, or every persistent segment when `synchronously`
+    /// (on stop, when the file is also written right here). The snapshot is taken on the loop (a
+    /// verified read), the file written on the persistence queue. A version counts as saved only
+    /// once its file is written, so a segment stays on the sink's list, and a failed save is
+    /// tried again at the next round, and on stop.
     func savePersistentSegments(synchronously: Bool) {
         loop.assertOnLoop()
         let archive = self.archive
-        for segment in segments.values where segment.definition.persists {
+        let candidates = synchronously ? segments.ordered.filter(\.definition.persists)
+            : persistence.changed.compactMap { segments[$0] }
+        for segment in candidates {
             let saves = segment.saves
             let version = segment.writer.latestVersion
-            guard version != 0, version != saves.savedVersion.load(ordering: .acquiring),
-                  !saves.inFlight.load(ordering: .acquiring), !saves.keepsUnreadableFile.load(ordering: .relaxed) else { continue }
+            if version == saves.savedVersion.load(ordering: .acquiring) || saves.keepsUnreadableFile.load(ordering: .relaxed) {
+                persistence.changed.remove(segment.name)
+                continue
+            }
+            guard version != 0,
+                  !saves.inFlight.load(ordering: .acquiring) else { continue }
             guard let reader = try? SegmentReader(region: segment.writer.region), let snapshot = try? reader.read() else { continue }
             saves.inFlight.store(true, ordering: .releasing)
             let logger = self.logger, name = segment.name
@@ -106,8 +114,22 @@ extension BrokerServer {
                     }
                 }
             }
-            if synchronously { work() } else { persistenceQueue.async(execute: work) }
+            if synchronously { work() } else { persistence.queue.async(execute: work) }
         }
     }
 
+}
+
+/// The version sink of persistence: it notes which persistent segments have a version not yet
+/// saved, so that each round (`persistence.intervalSeconds`) visits only those.
+final class PersistenceSink: VersionSink {
+    /// Saves run here, off the loop; the loop only takes the snapshot.
+    let queue = DispatchQueue(label: "shmbroker.persistence")
+    /// Persistent segments with a version that may not be saved yet; a segment leaves the set
+    /// once its saved version is its latest.
+    var changed: Set<String> = []
+
+    func versionCommitted(_ receipt: PublishReceipt, to segment: ManagedSegment, origin: VersionOrigin) {
+        if segment.definition.persists { changed.insert(segment.name) }
+    }
 }

@@ -40,8 +40,8 @@ extension BrokerServer {
     /// Takes a segment back from the fd store if an earlier run stored it, else creates it.
     /// A stored segment that fails its checks is logged and recreated empty, never served.
     func restoreOrCreate(_ definition: SegmentDefinition) throws -> ManagedSegment {
-        let storedBoard = inherited.boards.removeValue(forKey: definition.name)
-        guard let stored = inherited.segments.removeValue(forKey: definition.name) else {
+        let storedBoard = segments.stored.boards.removeValue(forKey: definition.name)
+        guard let stored = segments.stored.segments.removeValue(forKey: definition.name) else {
             storedBoard?.closeQuietly()
             let segment = try ManagedSegment(creating: definition)
             restoreFromDisk(segment)
@@ -85,11 +85,15 @@ extension BrokerServer {
     func addSegment(_ segment: ManagedSegment) {
         loop.assertOnLoop()
         segments.add(segment)
+        // A segment restored from the fd store (or served as a newer version after a rollback)
+        // may hold a version its file does not: the next persistence round looks.
+        if segment.definition.persists { persistence.changed.insert(segment.name) }
     }
 
     func retireSegment(named name: String) {
         loop.assertOnLoop()
         guard let segment = segments.remove(named: name) else { return }
+        persistence.changed.remove(name)
         if let owned = segment.owner {
             owned.exclusively { owned.bind(writer: nil, signals: nil) }
             logger.notice("owned segment removed from the config; its publishes now fail", metadata: ["segment": "\(name)"])

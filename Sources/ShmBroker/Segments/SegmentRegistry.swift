@@ -6,6 +6,9 @@ final class SegmentRegistry {
     private(set) var order: [String] = []
     /// Every segment an embedding application claimed, also after a reload retired it.
     private(set) var owned: [OwnedSegment] = []
+    /// Segment memfds and wait boards an earlier run left in systemd's fd store: taken when
+    /// their segment is created at start, the rest dropped once start has created every segment.
+    var stored = InheritedDescriptors()
 
     subscript(name: String) -> ManagedSegment? { byName[name] }
 
