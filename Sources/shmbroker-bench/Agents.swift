@@ -30,9 +30,25 @@ enum Stamp {
     }
 }
 
-func emitJSON(_ object: [String: Any]) {
-    let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
-    FileHandle.standardOutput.write(data + Data([0x0A]))
+/// What an agent reports on its last line of output, as JSON: the fields its kind measures.
+struct AgentReport: Codable {
+    /// Per-round latencies in nanoseconds, by round (latency agents).
+    var latencies: [String: UInt64]?
+    /// Median producer call -> daemon publish, and daemon publish -> reader holds it (ns).
+    var medianToDaemon: UInt64?
+    var medianDaemonToReader: UInt64?
+    /// Bytes and versions a drain agent received, when it finished, and the CPU it used (ns).
+    var bytes: Int?
+    var versions: Int?
+    var finishedAt: UInt64?
+    var cpuNanoseconds: UInt64?
+
+    /// Writes the report as the agent's last line of output.
+    func emit() {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        FileHandle.standardOutput.write(((try? encoder.encode(self)) ?? Data("{}".utf8)) + Data([0x0A]))
+    }
 }
 
 func announceReady() { FileHandle.standardError.write(Data("ready\n".utf8)) }
@@ -77,7 +93,7 @@ struct SegmentLatency: AsyncParsableCommand {
             }
             return round + 1 < rounds
         }
-        emitJSON(["latencies": latencies.json, "medianToDaemon": median(toDaemon), "medianDaemonToReader": median(toReader)])
+        AgentReport(latencies: latencies.byRound, medianToDaemon: median(toDaemon), medianDaemonToReader: median(toReader)).emit()
     }
 }
 
@@ -93,7 +109,7 @@ struct LatencyLog {
     }
 
     /// The rounds seen, as `"round": latency`.
-    var json: [String: UInt64] {
+    var byRound: [String: UInt64] {
         var result: [String: UInt64] = [:]
         for (round, latency) in values.enumerated() where latency != .max { result["\(round)"] = latency }
         return result
@@ -163,7 +179,7 @@ struct SocketLatency: AsyncParsableCommand {
             let (sentAt, round) = buffer.withUnsafeBytes { Stamp.read($0) }
             latencies.record(round: round, latency: received &- sentAt)
         }
-        emitJSON(["latencies": latencies.json])
+        AgentReport(latencies: latencies.byRound).emit()
     }
 }
 
@@ -191,7 +207,7 @@ struct SocketRelay: AsyncParsableCommand {
         close(output)
         close(listener)
         unlink(downstream)
-        emitJSON([:])
+        AgentReport().emit()
     }
 }
 
@@ -231,8 +247,8 @@ struct SegmentDrain: AsyncParsableCommand {
                 return info.version < until
             }
         }
-        emitJSON(["bytes": bytes, "versions": versions, "finishedAt": Clock.monotonicNanoseconds(),
-                  "cpuNanoseconds": ownCPUNanoseconds() - cpuAtReady])
+        AgentReport(bytes: bytes, versions: versions, finishedAt: Clock.monotonicNanoseconds(),
+                    cpuNanoseconds: ownCPUNanoseconds() - cpuAtReady).emit()
     }
 }
 
@@ -253,7 +269,7 @@ struct SocketDrain: AsyncParsableCommand {
             if n <= 0 { break }
             received += n
         }
-        emitJSON(["bytes": received, "finishedAt": Clock.monotonicNanoseconds(), "cpuNanoseconds": ownCPUNanoseconds() - cpuAtReady])
+        AgentReport(bytes: received, finishedAt: Clock.monotonicNanoseconds(), cpuNanoseconds: ownCPUNanoseconds() - cpuAtReady).emit()
     }
 }
 

@@ -65,28 +65,27 @@ struct Run: AsyncParsableCommand {
         FileHandle.standardError.write(Data("warning: a debug build; numbers are meaningless. Use: swift run -c release shmbroker-bench\n".utf8))
         #endif
         try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
-        var results: [String: Any] = ["machine": machineDescription(), "quick": quick,
-                                      "crcHardwareAccelerated": CRC64.isHardwareAccelerated,
-                                      "crcPath": CRC64.activePath.description,
-                                      "crcPathsSupported": CRC64.supportedPaths.map(\.description)]
+        var results = BenchmarkResults(machine: machineDescription(), quick: quick,
+                                       crcHardwareAccelerated: CRC64.isHardwareAccelerated,
+                                       crcPath: CRC64.activePath.description,
+                                       crcPathsSupported: CRC64.supportedPaths.map(\.description))
         var report = Report()
         report.text += "machine: \(machineDescription())\n"
         report.text += "CRC-64 path: \(CRC64.activePath) (supported here: \(CRC64.supportedPaths.map(\.description).joined(separator: ", ")))\n"
-        if selected("crc") { results["crc64"] = crcBenchmark(&report) }
-        if selected("read") { results["verifiedRead"] = verifiedReadBenchmark(&report) }
+        if selected("crc") { results.crc64 = crcBenchmark(&report) }
+        if selected("read") { results.verifiedRead = verifiedReadBenchmark(&report) }
         let daemon = try BenchDaemon(quick: quick)
         defer { daemon.stop() }
         let owner = try BenchOwner()
         defer { owner.stop() }
-        if selected("latency") { results["latency"] = try await latencyBenchmark(daemon, owner, &report) }
-        if selected("throughput") { results["throughput"] = try await throughputBenchmark(daemon, owner, &report) }
-        if selected("fanout") { results["fanOut"] = try await fanOutBenchmark(daemon, owner, &report) }
-        if selected("rate") { results["publishRate"] = try await publishRateBenchmark(daemon, owner, &report) }
-        if selected("scale") { results["scale"] = try await scaleBenchmark(&report) }
-        results["goals"] = report.goals
+        if selected("latency") { results.latency = try await latencyBenchmark(daemon, owner, &report) }
+        if selected("throughput") { results.throughput = try await throughputBenchmark(daemon, owner, &report) }
+        if selected("fanout") { results.fanOut = try await fanOutBenchmark(daemon, owner, &report) }
+        if selected("rate") { results.publishRate = try await publishRateBenchmark(daemon, owner, &report) }
+        if selected("scale") { results.scale = try await scaleBenchmark(&report) }
+        results.goals = report.goals
 
-        let json = try JSONSerialization.data(withJSONObject: results, options: [.prettyPrinted, .sortedKeys])
-        try json.write(to: URL(fileURLWithPath: output + "/results.json"))
+        try results.encoded().write(to: URL(fileURLWithPath: output + "/results.json"))
         try report.text.write(toFile: output + "/results.txt", atomically: true, encoding: .utf8)
         print(report.text)
         plot()
@@ -141,7 +140,6 @@ func commaSeparatedList(_ text: String) -> [String] {
 }
 
 /// A number for results.json: null when it was not measured (NaN), which JSON cannot hold.
-func json(_ value: Double) -> Any { value.isNaN ? NSNull() : value }
 
 /// A ratio for the table: "1.23x", or "n/a" when one side was not measured.
 func ratioCell(_ ratio: Double) -> String { ratio.isNaN ? "n/a" : fmt(ratio) + "x" }
@@ -157,7 +155,7 @@ func fmt(_ value: Double, _ digits: Int = 2) -> String {
 /// The text report and the goal verdicts.
 struct Report {
     var text = ""
-    var goals: [[String: Any]] = []
+    var goals: [GoalResult] = []
 
     mutating func section(_ title: String) { text += "\n## \(title)\n" }
 
@@ -181,7 +179,7 @@ struct Report {
     mutating func goal(_ name: String, value: Double, target: Double, lowerIsBetter: Bool = false) {
         guard !value.isNaN else { return }  // not measured in this run
         let met = lowerIsBetter ? value <= target : value >= target
-        goals.append(["goal": name, "value": value, "target": target, "met": met])
+        goals.append(GoalResult(goal: name, value: Measured(value), target: target, met: met))
         text += "   goal: \(name): \(fmt(value)) -> \(met ? "met" : "NOT met")\n"
     }
 }

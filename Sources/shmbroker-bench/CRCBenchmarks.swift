@@ -10,11 +10,11 @@ import SystemPackage
 extension Run {
     // MARK: CRC and verified reads
 
-    func crcBenchmark(_ report: inout Report) -> [String: Any] {
+    func crcBenchmark(_ report: inout Report) -> [String: CRCRow] {
         let paths = CRC64.supportedPaths
         report.section("CRC-64/XZ throughput (GB/s, median of \(repetitions)); active path \(CRC64.activePath)")
         report.row(["size"] + paths.map(\.description) + ["liblzma", "isa-l", "active/liblzma", "active/isa-l"])
-        var rows: [String: Any] = [:]
+        var rows: [String: CRCRow] = [:]
         for size in [4 << 10, 1 << 20, 16 << 20] {
             let data = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
             var sink: UInt64 = 0
@@ -54,10 +54,10 @@ extension Run {
             } ?? .nan
             if sink == 42 { print("") }
             let ours = perPath[CRC64.activePath.description] ?? .nan
-            rows[sizeName(size)] = ["paths_GBps": perPath, "active": CRC64.activePath.description, "shmbroker_GBps": ours,
-                                    "portable_GBps": json(perPath["portable"] ?? .nan), "liblzma_GBps": json(lzma),
-                                    "isal_GBps": json(isal), "ratio": json(ours / lzma), "ratio_isal": json(ours / isal),
-                                    "ratio_isal_paired": json(paired)]
+            rows[sizeName(size)] = CRCRow(paths: perPath.mapValues(Measured.init), active: CRC64.activePath.description,
+                                          shmbroker: Measured(ours), portable: Measured(perPath["portable"] ?? .nan),
+                                          liblzma: Measured(lzma), isal: Measured(isal), overLiblzma: Measured(ours / lzma),
+                                          overIsal: Measured(ours / isal), overIsalPaired: Measured(paired))
             report.row([sizeName(size)] + paths.map { fmt(perPath[$0.description] ?? .nan) }
                        + [fmt(lzma), fmt(isal), ratioCell(ours / lzma), ratioCell(ours / isal)])
             if size == 1 << 20 { report.goal("CRC-64 >= 1.5x liblzma at 1 MiB", value: ours / lzma, target: 1.5) }
@@ -68,10 +68,10 @@ extension Run {
         return rows
     }
 
-    func verifiedReadBenchmark(_ report: inout Report) -> [String: Any] {
+    func verifiedReadBenchmark(_ report: inout Report) -> [String: VerifiedReadRow] {
         report.section("Verified read (copy-out + CRC check) vs memcpy (GB/s)")
         report.row(["size", "verified read", "memcpy", "ratio"])
-        var rows: [String: Any] = [:]
+        var rows: [String: VerifiedReadRow] = [:]
         for size in [64, 4 << 10, 64 << 10, 1 << 20, 16 << 20] {
             let layout = SegmentLayout(capacity: size, slotCount: 2)
             guard let file = try? MemoryFile.create(name: "bench", size: layout.totalSize),
@@ -95,7 +95,7 @@ extension Run {
                     }
                 }
             }
-            rows[sizeName(size)] = ["verified_GBps": verified, "memcpy_GBps": memcpyRate, "ratio": verified / memcpyRate]
+            rows[sizeName(size)] = VerifiedReadRow(verified: Measured(verified), memcpy: Measured(memcpyRate), ratio: Measured(verified / memcpyRate))
             report.row([sizeName(size), fmt(verified), fmt(memcpyRate), fmt(verified / memcpyRate) + "x"])
             if size == 1 << 20 { report.goal("verified read >= 0.45x memcpy at 1 MiB", value: verified / memcpyRate, target: 0.45) }
             if size == 16 << 20 { report.goal("verified read >= 0.8x memcpy at 16 MiB", value: verified / memcpyRate, target: 0.8) }

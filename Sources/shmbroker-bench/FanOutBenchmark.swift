@@ -8,12 +8,12 @@ import SystemPackage
 
 /// Fan-out: until the last of N readers holds a version.
 extension Run {
-    func fanOutBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: Any] {
+    func fanOutBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: FanOutRow] {
         let rounds: UInt64 = quick ? 50 : 300
         report.section("Fan-out: publish (through a publish ring) -> last of N readers holds it (µs, p50 / p99 over \(rounds) rounds)")
         report.row(["readers", "ring p50", "ring p99", "owner p50", "owner p99", "socket p50", "socket p99", "ring ratio", "owner ratio"])
         let client = try await daemon.connect()
-        var rows: [String: Any] = [:]
+        var rows: [String: FanOutRow] = [:]
         for readers in [1, 8, 64] {
             let segment = "fan\(readers)"
             let agents = try (0..<readers).map { _ in
@@ -42,8 +42,8 @@ extension Run {
             }
             let ownerSummary = LatencySummary(lastArrivals(try ownerAgents.map { try $0.latencies() }, rounds: rounds))
             let socket = LatencySummary(try socketLatency(size: 64, rounds: rounds, readers: readers, spacingMicroseconds: spacing).perRound)
-            rows["\(readers)"] = ["shm": shm.json, "owner": ownerSummary.json, "socket": socket.json, "p50_ratio": shm.p50 / socket.p50,
-                                  "owner_p50_ratio": ownerSummary.p50 / socket.p50]
+            rows["\(readers)"] = FanOutRow(shm: shm, owner: ownerSummary, socket: socket, p50Ratio: Measured(shm.p50 / socket.p50),
+                                           ownerP50Ratio: Measured(ownerSummary.p50 / socket.p50))
             report.row(["\(readers)", fmt(shm.p50), fmt(shm.p99), fmt(ownerSummary.p50), fmt(ownerSummary.p99), fmt(socket.p50), fmt(socket.p99),
                         fmt(shm.p50 / socket.p50) + "x", fmt(ownerSummary.p50 / socket.p50) + "x"])
             if readers == 64 { report.goal("fan-out to 64 readers <= 0.7x socket-per-reader (p50)", value: shm.p50 / socket.p50, target: 0.7, lowerIsBetter: true) }

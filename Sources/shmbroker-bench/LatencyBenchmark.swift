@@ -15,19 +15,19 @@ extension Run {
 
     /// One producer publish per round, spaced so each is read alone; vs the same payload over a
     /// raw Unix stream socket between two processes.
-    func latencyBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: Any] {
+    func latencyBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: LatencyRow] {
         let rounds: UInt64 = quick ? 300 : 3000
         report.section("End-to-end latency, publish call -> reader holds the verified version (µs; \(rounds) rounds; "
                        + "the owner-spin reader's thread pinned to CPU \(Self.spinningReaderCPU))")
         report.row(["payload", "path", "shm p50", "p99", "p99.9", "socket p50", "p99", "p99.9", "p50 ratio"])
         let client = try await daemon.connect()
-        var rows: [String: Any] = [:]
+        var rows: [String: LatencyRow] = [:]
         for (size, segment) in [(64, "lat64"), (4096, "lat4k")] {
             let socket = LatencySummary(try socketLatency(size: size, rounds: rounds, readers: 1).perRound)
             // The same messages through a relay process: two socket hops, the floor of any design
             // that puts a broker process between producer and reader (the daemon's paths do).
             let relayed = LatencySummary(try socketLatency(size: size, rounds: rounds, readers: 1, relayed: true).perRound)
-            var row: [String: Any] = ["socket": socket.json, "socket_relay": relayed.json]
+            var row = LatencyRow(socket: socket, socketRelay: relayed)
             report.latencyRow(size: size, path: "socket-relay", relayed, against: socket)
             for path in [ProducerPath.requests, .ring] {
                 let agent = try AgentProcess(["segment-latency", "--socket", daemon.socketPath, "--segment", segment, "--rounds", "\(rounds)"])
@@ -48,12 +48,12 @@ extension Run {
                 let shm = LatencySummary(Array(measured.latencies.values))
                 let split = (toDaemon: Double(measured.toDaemon) / 1000, toReader: Double(measured.toReader) / 1000)
                 let name = path == .ring ? "ring" : "requests"
-                row[name] = ["shm": shm.json, "p50_ratio": shm.p50 / socket.p50,
-                             "median_producer_to_daemon_us": split.toDaemon, "median_daemon_to_reader_us": split.toReader]
+                row.paths[name] = LatencyPath(shm: shm, p50Ratio: Measured(shm.p50 / socket.p50),
+                                              producerToDaemon: Measured(split.toDaemon), daemonToReader: Measured(split.toReader))
                 report.latencyRow(size: size, path: name, shm, against: socket)
                 report.text += "   split (medians): producer call -> daemon publish \(fmt(split.toDaemon)) µs, daemon publish -> reader holds it \(fmt(split.toReader)) µs\n"
                 if path == .ring {
-                    row["ring_over_relay"] = shm.p50 / relayed.p50
+                    row.ringOverRelay = Measured(shm.p50 / relayed.p50)
                     report.text += "   against the socket relay (two hops through a third process, same run): \(fmt(shm.p50 / relayed.p50))x its p50\n"
                     report.goal("end-to-end p50 <= 2x raw socket one-way p50 (\(sizeName(size)), publish ring)",
                                 value: shm.p50 / socket.p50, target: 2, lowerIsBetter: true)
@@ -83,8 +83,8 @@ extension Run {
                 let call = median(callDurations)
                 let afterCall = median(latencies.map { round, latency in latency &- min(latency, callDurations[Int(round)]) })
                 let name = "owner-\(mode.rawValue)"
-                row[name] = ["shm": shm.json, "p50_ratio": shm.p50 / socket.p50,
-                             "median_publish_call_us": Double(call) / 1000, "median_after_call_us": Double(afterCall) / 1000]
+                row.paths[name] = LatencyPath(shm: shm, p50Ratio: Measured(shm.p50 / socket.p50),
+                                              publishCall: Measured(Double(call) / 1000), afterCall: Measured(Double(afterCall) / 1000))
                 report.latencyRow(size: size, path: name, shm, against: socket)
                 report.text += "   split (medians): the publish call \(fmt(Double(call) / 1000)) µs (its thread had slept 200 µs), "
                     + "its return -> reader holds it \(fmt(Double(afterCall) / 1000)) µs\n"

@@ -8,7 +8,7 @@ import SystemPackage
 
 /// Publishes per second, the in-process publish cost, and the daemon at scale (memory).
 extension Run {
-    func publishRateBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: Any] {
+    func publishRateBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> PublishRateResult {
         report.section("Publishes per second, 64 B, one producer through the control channel")
         let client = try await daemon.connect()
         let payload = [UInt8](repeating: 7, count: 64)
@@ -70,8 +70,8 @@ extension Run {
         report.goal("in-process zero-copy publishes of 64 B >= 10 M/s (no reader asleep)", value: zeroCopyRate / 1e6, target: 10)
         let costs = try publishCosts()
         report.note("where an in-process 64 B publish goes (ns each): " + costs.map { "\($0.0) \(fmt($0.1, 1))" }.joined(separator: "; "))
-        return ["sequential_per_s": sequentialRate, "pipelined_per_s": pipelinedRate, "window": window, "ring_per_s": ringRate,
-                "owner_zero_copy_per_s": zeroCopyRate, "owner_copy_per_s": copyRate]
+        return PublishRateResult(sequential: Measured(sequentialRate), pipelined: Measured(pipelinedRate), window: window,
+                                 ring: Measured(ringRate), ownerZeroCopy: Measured(zeroCopyRate), ownerCopy: Measured(copyRate))
     }
 
     /// The parts of an in-process publish of 64 bytes, each timed alone over a million calls:
@@ -108,12 +108,12 @@ extension Run {
         return costs
     }
 
-    func scaleBenchmark(_ report: inout Report) async throws -> [String: Any] {
+    func scaleBenchmark(_ report: inout Report) async throws -> ScaleResult {
         report.section("Scale")
-        var rows: [String: Any] = [:]
+        var rows = ScaleResult()
         for count in [1, 100, 1000] {
             let daemon = try BenchDaemon(segmentCount: count)
-            rows["readyMs_\(count)"] = daemon.readyMilliseconds
+            rows.readyMilliseconds[count] = Measured(daemon.readyMilliseconds)
             report.row(["start to READY=1 with \(count) segments", fmt(daemon.readyMilliseconds, 1) + " ms"])
             if count == 1000 {
                 let idleRate = try await quickPublishRate(daemon)
@@ -138,11 +138,11 @@ extension Run {
                 let idleRates = [idleRate, try await quickPublishRate(daemon)]
                 let withoutClients = idleRates.reduce(0, +) / 2, withClients = busyRates.reduce(0, +) / 2
                 let ownMiB = Double(memory.anonymous + memory.file) / 1024
-                rows["idleClients"] = idle.count
-                rows["rssBeyondSegments_MiB"] = ownMiB
-                rows["segmentMemory_MiB"] = Double(memory.shared) / 1024
-                rows["publishRate_noIdleClients"] = withoutClients
-                rows["publishRate_1000IdleClients"] = withClients
+                rows.idleClients = idle.count
+                rows.rssBeyondSegmentsMiB = Measured(ownMiB)
+                rows.segmentMemoryMiB = Measured(Double(memory.shared) / 1024)
+                rows.rateWithoutIdleClients = Measured(withoutClients)
+                rows.rateWithIdleClients = Measured(withClients)
                 report.row(["daemon memory beyond segments, 1000 segments + \(idle.count) clients", fmt(ownMiB, 1) + " MiB"])
                 report.row(["publishes/s with 0 vs \(idle.count) idle clients (1000 segments; means of 2)",
                             "\(fmt(withoutClients, 0)) vs \(fmt(withClients, 0))"])

@@ -33,7 +33,7 @@ final class AgentProcess {
     }
 
     /// Waits for the agent's JSON result.
-    func result(timeout: Double = 120) throws -> [String: Any] {
+    func result(timeout: Double = 120) throws -> AgentReport {
         let deadline = Date().addingTimeInterval(timeout)
         while process.isRunning && Date() < deadline { usleep(2_000) }
         if process.isRunning { kill(process.processIdentifier, SIGKILL) }
@@ -42,10 +42,10 @@ final class AgentProcess {
         try? FileManager.default.removeItem(at: output)
         try? FileManager.default.removeItem(at: errors)
         guard let line = text.split(separator: "\n").last,
-              let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+              let report = try? JSONDecoder().decode(AgentReport.self, from: Data(line.utf8)) else {
             throw BenchError("agent produced no result: \(text) \(errorText)")
         }
-        return object
+        return report
     }
 
     /// The per-round latencies an agent reported, by round.
@@ -56,14 +56,12 @@ final class AgentProcess {
     /// Per-round latencies plus, for segment readers, the median split of each latency into
     /// producer -> daemon publish and daemon publish -> reader (ns).
     func latencyResult(timeout: Double = 120) throws -> (latencies: [UInt64: UInt64], toDaemon: UInt64, toReader: UInt64) {
-        let object = try result(timeout: timeout)
-        let raw = object["latencies"] as? [String: Any] ?? [:]
+        let report = try result(timeout: timeout)
         var result: [UInt64: UInt64] = [:]
-        for (round, value) in raw {
-            if let round = UInt64(round), let number = value as? NSNumber { result[round] = number.uint64Value }
+        for (round, latency) in report.latencies ?? [:] {
+            if let round = UInt64(round) { result[round] = latency }
         }
-        return (result, (object["medianToDaemon"] as? NSNumber)?.uint64Value ?? 0,
-                (object["medianDaemonToReader"] as? NSNumber)?.uint64Value ?? 0)
+        return (result, report.medianToDaemon ?? 0, report.medianDaemonToReader ?? 0)
     }
 }
 
@@ -93,8 +91,6 @@ struct LatencySummary {
         p99 = Double(histogram.valueAtPercentile(99)) / 1000
         p999 = Double(histogram.valueAtPercentile(99.9)) / 1000
     }
-
-    var json: [String: Any] { ["count": count, "p50_us": p50, "p99_us": p99, "p999_us": p999] }
 }
 
 /// The median of `values` (the upper one of an even count; 0 for none).
@@ -171,12 +167,11 @@ func cpuNanoseconds(ofProcess pid: Int32) -> UInt64 {
 }
 
 /// Where the CPU went during one throughput trial, in cores (CPU time over wall time).
-struct CPUShares {
+struct CPUShares: Encodable {
     var daemon: Double
     var producer: Double
     var readers: Double
 
-    var json: [String: Double] { ["daemon": daemon, "producer": producer, "readers": readers] }
     var cell: String { "\(fmt(daemon)) / \(fmt(producer)) / \(fmt(readers))" }
 }
 

@@ -9,7 +9,7 @@ import SystemPackage
 
 /// Producer to reader throughput: publish rings, requests, the embedded owner and a raw socket.
 extension Run {
-    func throughputBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: Any] {
+    func throughputBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: ThroughputRow] {
         let trials = self.trials ?? (quick ? 1 : 5)
         report.section("Producer -> reader throughput (MB/s delivered to readers; median of \(trials) interleaved trials; "
                        + "requests: \(Self.publishWindow) PUBLISH requests in flight)")
@@ -17,7 +17,7 @@ extension Run {
                     "ratio ring", "ratio reqs", "ratio owner", "owner spin"])
         report.text += "(owner spin: the owner's zero-copy readers spin up to \(Self.streamingSpinMicroseconds) µs for each version before sleeping on the futex)\n"
         let client = try await daemon.connect()
-        var rows: [String: Any] = [:]
+        var rows: [String: ThroughputRow] = [:]
         let standardCases: [(Int, Int)] = [(4 << 10, 1), (64 << 10, 1), (1 << 20, 1), (16 << 20, 1), (64 << 10, 8), (1 << 20, 8)]
         let cases = try throughputCases.map(Self.parseCases) ?? standardCases
         for (size, readers) in cases {
@@ -70,19 +70,18 @@ extension Run {
             let ratios = perTrial(ownerTrials, over: socketTrials)
             // Ring against requests, trial by trial: how stable the ring's lead is.
             let ringLead = perTrial(ringZeroCopy, over: requestsZeroCopy)
-            rows["\(sizeName(size))x\(readers)"] = [
-                "shm_MBps": json(copying), "shm_zero_copy_MBps": json(zeroCopy), "shm_requests_zero_copy_MBps": json(requests),
-                "socket_MBps": json(socket), "ratio": json(copying / socket), "ratio_zero_copy": json(zeroCopy / socket),
-                "ratio_requests_zero_copy": json(requests / socket), "published": count,
-                "owner_zero_copy_MBps": json(ownerRate), "ratio_owner_zero_copy": json(ownerRate / socket),
-                "owner_spin_zero_copy_MBps": json(ownerSpinRate), "ratio_owner_spin_zero_copy": json(ownerSpinRate / socket),
-                "ratio_owner_per_trial": ratios, "ratio_ring_over_requests_per_trial": ringLead,
-                "cpu_cores_median_trial": [
-                    "ring_copy": copyingTrial?.cpu.json, "ring_zero_copy": zeroCopyTrial?.cpu.json,
-                    "requests_zero_copy": requestsTrial?.cpu.json, "socket": socketTrial?.cpu.json, "owner": ownerTrial?.cpu.json,
-                    "owner_spin": ownerSpinTrial?.cpu.json,
-                ].compactMapValues { $0 },
-            ]
+            rows["\(sizeName(size))x\(readers)"] = ThroughputRow(
+                ringCopy: Measured(copying), ringZeroCopy: Measured(zeroCopy), requestsZeroCopy: Measured(requests),
+                socket: Measured(socket), ratio: Measured(copying / socket), ratioZeroCopy: Measured(zeroCopy / socket),
+                ratioRequestsZeroCopy: Measured(requests / socket), published: count,
+                owner: Measured(ownerRate), ratioOwner: Measured(ownerRate / socket),
+                ownerSpin: Measured(ownerSpinRate), ratioOwnerSpin: Measured(ownerSpinRate / socket),
+                ratioOwnerPerTrial: ratios.map(Measured.init), ratioRingOverRequestsPerTrial: ringLead.map(Measured.init),
+                cpuCores: [
+                    "ring_copy": copyingTrial?.cpu, "ring_zero_copy": zeroCopyTrial?.cpu,
+                    "requests_zero_copy": requestsTrial?.cpu, "socket": socketTrial?.cpu, "owner": ownerTrial?.cpu,
+                    "owner_spin": ownerSpinTrial?.cpu,
+                ].compactMapValues { $0 })
             report.row([sizeName(size), "\(readers)", fmt(copying, 0), fmt(zeroCopy, 0), fmt(requests, 0), fmt(ownerRate, 0), fmt(ownerSpinRate, 0),
                         fmt(socket, 0), ratioCell(zeroCopy / socket), ratioCell(requests / socket), ratioCell(ownerRate / socket),
                         ratioCell(ownerSpinRate / socket)])
@@ -177,10 +176,10 @@ extension Run {
 
     /// MB/s and CPU shares from the agents' reports; the wall time runs from the first publish
     /// until the last reader had the last version.
-    func throughputTrial(_ results: [[String: Any]], began: UInt64, producerCPU: UInt64, daemonCPU: UInt64) -> ThroughputTrial {
-        let finished = results.compactMap { ($0["finishedAt"] as? NSNumber)?.uint64Value }.max() ?? began
-        let delivered = results.compactMap { $0["bytes"] as? Int }.reduce(0, +)
-        let readersCPU = results.compactMap { ($0["cpuNanoseconds"] as? NSNumber)?.uint64Value }.reduce(0, +)
+    func throughputTrial(_ results: [AgentReport], began: UInt64, producerCPU: UInt64, daemonCPU: UInt64) -> ThroughputTrial {
+        let finished = results.compactMap(\.finishedAt).max() ?? began
+        let delivered = results.compactMap(\.bytes).reduce(0, +)
+        let readersCPU = results.compactMap(\.cpuNanoseconds).reduce(0, +)
         let wall = Double(max(finished - began, 1))
         return ThroughputTrial(megabytesPerSecond: Double(delivered) / wall * 1000,
                                cpu: CPUShares(daemon: Double(daemonCPU) / wall, producer: Double(producerCPU) / wall,
