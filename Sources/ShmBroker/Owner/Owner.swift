@@ -1,5 +1,6 @@
 import Atomics
 import Foundation
+import Synchronization
 import Logging
 @_exported import ShmBrokerConfig
 @_exported import ShmBrokerCore
@@ -25,7 +26,7 @@ import ShmBrokerProtocol
 /// thread. Each ``OwnedSegment`` is published from one thread at a time (enforced). With
 /// `handlesSignals` (the default) create the owner before any other thread starts: it blocks
 /// SIGTERM, SIGINT and SIGHUP so that only its event loop receives them (stop, stop, reload).
-public final class ShmBrokerOwner: @unchecked Sendable {
+public final class ShmBrokerOwner: Sendable {
     /// How the owner fits into its process.
     public struct Options: Sendable {
         /// Take SIGTERM and SIGINT (graceful stop) and SIGHUP (reload the config file). Needs the
@@ -47,10 +48,13 @@ public final class ShmBrokerOwner: @unchecked Sendable {
         }
     }
 
-    let server: BrokerServer
-    private let lock = NSLock()
-    private var claims: [String: OwnedSegment] = [:]
-    private var started = false
+    /// The server, reached on its loop's thread only.
+    let server: LoopBound<BrokerServer>
+    /// The server's stop flag, read from any thread.
+    private let stopping: ManagedAtomic<Bool>
+    private let logger: Logger
+    /// The segments claimed so far, and whether ``start()`` ran.
+    private let state = Mutex<(claims: [String: OwnedSegment], started: Bool)>(([:], false))
     private let finished = DispatchSemaphore(value: 0)
     private let stoppedFlag = ManagedAtomic<Bool>(false)
 
@@ -75,6 +79,7 @@ public final class ShmBrokerOwner: @unchecked Sendable {
             signals = nil
         }
         let logger = options.logger ?? Logger(label: "shmbroker-owner") { JournalLogHandler(label: $0) }
+        let server: BrokerServer
         do {
             server = try BrokerServer(configuration: configuration, configPath: configPath ?? "", signals: signals, logger: logger,
                                       inherited: options.adoptsSystemdDescriptors ? InheritedDescriptors.takeFromSystemd() : InheritedDescriptors(),
@@ -82,6 +87,9 @@ public final class ShmBrokerOwner: @unchecked Sendable {
         } catch {
             throw .startFailed("\(error)")
         }
+        self.server = LoopBound(server, loop: server.loop)
+        self.stopping = server.stopping
+        self.logger = logger
     }
 
     private static func check(_ configuration: BrokerConfiguration, from path: String?) throws(OwnerError) -> BrokerConfiguration {
@@ -115,49 +123,50 @@ public final class ShmBrokerOwner: @unchecked Sendable {
     /// - Parameter name: a segment of the configuration.
     /// - Returns: the handle to publish with; the same handle for the same name.
     public func segment(_ name: String) throws(OwnerError) -> OwnedSegment {
-        lock.lock()
-        if let existing = claims[name] {
-            lock.unlock()
-            return existing
+        let (owned, isStarted) = try state.withLock { state throws(OwnerError) in
+            if let existing = state.claims[name] { return (existing, false) }
+            // The configuration is the loop's (a SIGHUP reload replaces it there): ask the loop,
+            // which runs this here before it starts and after it ended.
+            guard server.submit({ $0.configuration.segments.contains(where: { $0.name == name }) }) else {
+                throw .noSuchSegment(name)
+            }
+            let owned = OwnedSegment(name: name, doorbell: server.loop.doorbell)
+            state.claims[name] = owned
+            return (owned, state.started)
         }
-        // The configuration is the loop's (a SIGHUP reload replaces it there): ask the loop,
-        // which runs this here before it starts and after it ended.
-        let server = self.server
-        guard server.loop.submit({ server.configuration.segments.contains(where: { $0.name == name }) }) else {
-            lock.unlock()
-            throw .noSuchSegment(name)
-        }
-        let owned = OwnedSegment(name: name, doorbell: server.loop.doorbell)
-        claims[name] = owned
-        let isStarted = started
-        lock.unlock()
-        if isStarted {
-            let result = server.loop.submit { server.claim(owned) }
-            if let failure = result { throw failure }
-        }
+        if isStarted, let failure = server.submit({ $0.claim(owned) }) { throw failure }
         return owned
     }
 
     /// Creates (or takes back from systemd's fd store) every segment, binds the claimed ones,
     /// listens on the control socket, sends READY=1, and starts the event-loop thread.
     public func start() throws(OwnerError) {
-        lock.lock()
-        defer { lock.unlock() }
-        guard !started else { return }
-        do {
-            try server.start(claims: Array(claims.values))
-        } catch let error as OwnerError {
-            throw error
-        } catch {
-            throw .startFailed("\(error)")
-        }
-        started = true
-        let thread = Thread { [self] in
+        try state.withLock { state throws(OwnerError) in
+            guard !state.started else { return }
+            let claims = Array(state.claims.values)
+            // The loop is not running yet: this runs here.
+            let outcome = server.submit { server in Result { try server.start(claims: claims) } }
             do {
-                try server.run()
+                try outcome.get()
+            } catch let error as OwnerError {
+                throw error
             } catch {
-                server.logger.critical("event loop failed: \(error)")
-                server.shutDown()
+                throw .startFailed("\(error)")
+            }
+            state.started = true
+            startLoopThread()
+        }
+    }
+
+    private func startLoopThread() {
+        let thread = Thread { [self] in
+            server.becomingTheLoop { server in
+                do {
+                    try server.run()
+                } catch {
+                    logger.critical("event loop failed: \(error)")
+                    server.shutDown()
+                }
             }
             stoppedFlag.store(true, ordering: .releasing)
             finished.signal()
@@ -171,10 +180,7 @@ public final class ShmBrokerOwner: @unchecked Sendable {
 
     /// Blocks until the event loop stops: after SIGTERM or SIGINT (with `handlesSignals`) or ``stop()``.
     public func waitUntilStopped() {
-        lock.lock()
-        let isStarted = started
-        lock.unlock()
-        guard isStarted, !isStopped else { return }
+        guard state.withLock({ $0.started }), !isStopped else { return }
         finished.wait()
         finished.signal()  // let every other waiter through too
     }
@@ -202,10 +208,10 @@ public final class ShmBrokerOwner: @unchecked Sendable {
             let started = DispatchTime.now().uptimeNanoseconds
             do {
                 try body()
-            } catch OwnerError.retired where server.stopping.load(ordering: .acquiring) {
+            } catch OwnerError.retired where stopping.load(ordering: .acquiring) {
                 break
             } catch {
-                if server.stopping.load(ordering: .acquiring) { break }
+                if stopping.load(ordering: .acquiring) { break }
                 stop()
                 throw error
             }
@@ -222,19 +228,14 @@ public final class ShmBrokerOwner: @unchecked Sendable {
     /// itself): segments added, resized or removed, access lists updated; an invalid file leaves
     /// everything as it was. Runs on the event loop and returns when the reload is done.
     public func reload() {
-        let server = self.server
-        server.loop.submit { server.reload() }
+        server.submit { $0.reload() }
     }
 
     /// Stops serving: sends STOPPING=1, closes every client and the socket. Segment memory stays
     /// valid for readers that mapped it; owned segments refuse further publishes.
     public func stop() {
-        lock.lock()
-        let isStarted = started
-        lock.unlock()
-        guard isStarted, !isStopped else { return }
-        let server = self.server
-        server.loop.submit { server.stopping.store(true, ordering: .releasing) }
+        guard state.withLock({ $0.started }), !isStopped else { return }
+        server.submit { $0.stopping.store(true, ordering: .releasing) }
         waitUntilStopped()
     }
 
@@ -251,6 +252,11 @@ public final class ShmBrokerOwner: @unchecked Sendable {
 /// events may skip versions when publishes come faster than the loop sends, always carrying the
 /// latest). One thread at a time may publish to a segment: a second concurrent call fails with
 /// ``OwnerError/concurrentPublish(_:)`` instead of corrupting the slot.
+///
+/// Why `@unchecked`: the publish path's exclusion is its own (`access`, one compare-and-swap per
+/// publish, then unretained references), which the compiler cannot see; a `Mutex` would add a
+/// second atomic and the reference counting the unretained pair avoids. Every mutable property
+/// changes only inside ``exclusively(_:)``, and CI runs the owner tests under ThreadSanitizer.
 public final class OwnedSegment: @unchecked Sendable {
     /// The segment's name.
     public let name: String
