@@ -139,7 +139,7 @@ final class Connection: Sendable {
             return
         }
         switch message {
-        case .versionEvent, .retiredEvent:
+        case .versionEvent, .retiredEvent, .stalenessEvent:
             descriptors.forEach { $0.closeQuietly() }
             onEvent(message)
         default:

@@ -88,4 +88,7 @@ public final class SegmentHandle: Sendable {
 
     /// Whether the daemon has retired the segment (it no longer publishes here).
     public var isRetired: Bool { reader.isRetired }
+    /// Whether the segment is a mirror of another host's segment whose source has gone quiet
+    /// (`docs/MIRROR.md`): the latest version is readable but may be behind the source's.
+    public var isStale: Bool { reader.isStale }
 }

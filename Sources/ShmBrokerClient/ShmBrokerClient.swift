@@ -175,6 +175,8 @@ public final class ShmBrokerClient: Sendable {
                 entry.continuation.yield(.retired)
                 entry.continuation.finish()
             }
+        case let .stalenessEvent(segment, stale, _):
+            state.withLock { $0.subscriptions[segment]?.continuation }?.yield(stale ? .stale : .fresh)
         default:
             break
         }
@@ -588,6 +590,11 @@ public enum SegmentEvent: Sendable, Equatable {
     case version(VersionInfo)
     /// The segment was removed from the daemon's config.
     case retired
+    /// A mirrored segment's source went quiet (`docs/MIRROR.md`): the latest version stays
+    /// readable but may be behind the source's.
+    case stale
+    /// A mirrored segment that was stale is current again.
+    case fresh
 }
 
 /// A stream of version events for one segment.

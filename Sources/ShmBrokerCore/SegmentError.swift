@@ -12,6 +12,8 @@ public enum SegmentError: Error, Equatable, Sendable, CustomStringConvertible {
     case checksumMismatch(version: UInt64, stored: UInt64, computed: UInt64)
     /// The writer replaced the slot on every attempt; the reader should try again.
     case contended(attempts: Int)
+    /// A version published at a given number must come after the latest; nothing was written.
+    case versionNotAfterLatest(version: UInt64, latest: UInt64)
 
     public var description: String {
         switch self {
@@ -25,6 +27,8 @@ public enum SegmentError: Error, Equatable, Sendable, CustomStringConvertible {
             return "inconsistent segment header: \(detail)"
         case let .checksumMismatch(version, stored, computed):
             return "version \(version) fails its CRC-64 check (stored 0x\(String(stored, radix: 16)), computed 0x\(String(computed, radix: 16)))"
+        case let .versionNotAfterLatest(version, latest):
+            return "version \(version) is not after the segment's latest version \(latest); nothing was written"
         case let .contended(attempts):
             return "the writer replaced the version during each of \(attempts) read attempts; retry"
         }

@@ -51,6 +51,9 @@ public struct SegmentLayout: Sendable, Equatable {
         /// The writer wakes futex waiters only while the wait board counts a sleeper: a reader
         /// must register there before it sleeps (see ``WaitBoard``).
         public static let sleeperBoard: UInt32 = 2
+        /// A mirrored segment whose source has not been heard from within its bound (see
+        /// `docs/MIRROR.md`): the last good version stays readable, but it may be old.
+        public static let stale: UInt32 = 4
     }
 
     /// The wait board: a separate 4096-byte memfd, writable by readers, in which a reader counts

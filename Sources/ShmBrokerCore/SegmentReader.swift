@@ -37,6 +37,10 @@ public final class SegmentReader: @unchecked Sendable {
     /// Whether the daemon has retired this segment.
     public var isRetired: Bool { memory.flags & SegmentLayout.Flags.retired != 0 }
 
+    /// Whether the segment is a mirror whose source has gone quiet: its latest version may be
+    /// behind the source's (see `docs/MIRROR.md`). Always false for a local segment.
+    public var isStale: Bool { memory.flags & SegmentLayout.Flags.stale != 0 }
+
     /// The result of one read attempt.
     public enum Attempt: Sendable, Equatable {
         /// The latest version, verified.

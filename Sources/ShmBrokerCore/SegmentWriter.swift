@@ -219,17 +219,57 @@ public final class SegmentWriter: @unchecked Sendable {
     @discardableResult
     public func restore(_ bytes: UnsafeRawBufferPointer, version: UInt64, expectedCRC: UInt64,
                         publishedAtNanoseconds: UInt64) throws(SegmentError) -> PublishReceipt {
-        guard latestVersion == 0, version > 0 else {
+        guard latestVersion == 0 else {
             throw .inconsistentHeader("cannot restore version \(version) into a segment at version \(latestVersion)")
         }
+        return try publish(bytes, atVersion: version, expectedCRC: expectedCRC, publishedAtNanoseconds: publishedAtNanoseconds)
+    }
+
+    /// Publishes `bytes` as version `version`, which must be greater than the latest (gaps are
+    /// allowed): how a mirror serves another host's versions under their own numbers. The copy
+    /// is checksummed as it is made and must match `expectedCRC` before anything becomes
+    /// visible; when the version's slot is the latest version's, the bytes are checked first,
+    /// so that a mismatch never takes the latest version away from readers.
+    ///
+    /// - Parameters:
+    ///   - bytes: the content.
+    ///   - version: its version number; the next plain publish continues from it.
+    ///   - expectedCRC: the CRC-64/XZ the source computed.
+    ///   - publishedAtNanoseconds: the source's publish time (ns since the Unix epoch).
+    /// - Throws: ``SegmentError/versionNotAfterLatest(version:latest:)``,
+    ///   ``SegmentError/payloadTooLarge(length:capacity:)`` or
+    ///   ``SegmentError/checksumMismatch(version:stored:computed:)``; the segment is unchanged.
+    @discardableResult
+    public func publish(_ bytes: UnsafeRawBufferPointer, atVersion version: UInt64, expectedCRC: UInt64,
+                        publishedAtNanoseconds: UInt64) throws(SegmentError) -> PublishReceipt {
+        let latest = latestVersion
+        guard version > latest else { throw .versionNotAfterLatest(version: version, latest: latest) }
         guard bytes.count <= layout.capacity else { throw .payloadTooLarge(length: bytes.count, capacity: layout.capacity) }
         let slot = layout.slotOffset(forVersion: version)
+        if latest != 0, slot == layout.slotOffset(forVersion: latest) {
+            let crc = CRC64.checksum(bytes)
+            guard crc == expectedCRC else { throw .checksumMismatch(version: version, stored: expectedCRC, computed: crc) }
+        }
         memory.slotSequence(slot).store(0, ordering: .relaxed)
         atomicMemoryFence(ordering: .releasing)
         let crc = CRC64.copyAndChecksum(from: bytes, to: memory.slotData(slot))
         guard crc == expectedCRC else { throw .checksumMismatch(version: version, stored: expectedCRC, computed: crc) }
         return commit(version: version, slot: slot, length: bytes.count, crc: crc, at: publishedAtNanoseconds)
     }
+
+    /// Raises or clears the header's `stale` flag (a mirror's source went quiet, or was heard
+    /// again). Readers see it with their next look at the header; nobody is woken.
+    public func setStale(_ stale: Bool) {
+        let flags = memory.atomic32(at: SegmentLayout.Header.flags)
+        if stale {
+            _ = flags.loadThenBitwiseOr(with: SegmentLayout.Flags.stale, ordering: .releasing)
+        } else {
+            _ = flags.loadThenBitwiseAnd(with: ~SegmentLayout.Flags.stale, ordering: .releasing)
+        }
+    }
+
+    /// Whether the header's `stale` flag is raised.
+    public var isStale: Bool { memory.flags & SegmentLayout.Flags.stale != 0 }
 
     /// Records the slot's metadata, then makes the version visible and wakes waiters.
     private func commit(version: UInt64, slot: Int, length: Int, crc: UInt64, at time: UInt64? = nil) -> PublishReceipt {

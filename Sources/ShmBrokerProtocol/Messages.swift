@@ -30,6 +30,7 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
 
     case versionEvent = 0x4001
     case retiredEvent = 0x4002
+    case stalenessEvent = 0x4003
 
     case ok = 0x8000
     case helloOK = 0x8001
@@ -257,6 +258,9 @@ public enum ServerMessage: Sendable, Equatable {
     case error(ProtocolError)
     case versionEvent(segment: String, VersionInfo)
     case retiredEvent(segment: String)
+    /// A mirrored segment turned stale (its source went quiet) or fresh again; `changedAt` is
+    /// when, in ns since the Unix epoch.
+    case stalenessEvent(segment: String, stale: Bool, changedAtNanoseconds: UInt64)
 
     public var type: MessageType {
         switch self {
@@ -273,13 +277,14 @@ public enum ServerMessage: Sendable, Equatable {
         case .error: return .error
         case .versionEvent: return .versionEvent
         case .retiredEvent: return .retiredEvent
+        case .stalenessEvent: return .stalenessEvent
         }
     }
 
     /// Whether this is an event (request id 0) rather than a reply.
     public var isEvent: Bool {
         switch self {
-        case .versionEvent, .retiredEvent: return true
+        case .versionEvent, .retiredEvent, .stalenessEvent: return true
         default: return false
         }
     }
@@ -320,6 +325,10 @@ public enum ServerMessage: Sendable, Equatable {
             info.write(to: &body)
         case .retiredEvent(let segment):
             body.write(string: segment)
+        case let .stalenessEvent(segment, stale, changedAt):
+            body.write(string: segment)
+            body.write(UInt32(stale ? 1 : 0))
+            body.write(changedAt)
         }
         return Frame.finish(body)
     }
@@ -363,6 +372,11 @@ public enum ServerMessage: Sendable, Equatable {
             message = .versionEvent(segment: try reader.readString("segment"), try VersionInfo.read(from: &reader))
         case .retiredEvent:
             message = .retiredEvent(segment: try reader.readString("segment"))
+        case .stalenessEvent:
+            let segment = try reader.readString("segment")
+            let stale = try reader.read(UInt32.self, "stale")
+            guard stale <= 1 else { throw .malformed("STALENESS stale is \(stale), not 0 or 1") }
+            message = .stalenessEvent(segment: segment, stale: stale == 1, changedAtNanoseconds: try reader.read(UInt64.self, "changed at"))
         default:
             throw ProtocolError(.unknownMessageType, "unknown daemon message type 0x\(String(type, radix: 16))")
         }

@@ -54,9 +54,13 @@ public struct StatusReport: Codable, Sendable, Equatable {
         /// Connected clients that have opened the segment.
         public var readers: Int
         public var subscribers: Int
+        /// Where a mirrored segment's versions come from and how far behind it is; nil for a
+        /// segment published on this host.
+        public var mirror: Mirror?
 
         public init(name: String, capacity: UInt64, slots: UInt32, mappingSize: UInt64, version: UInt64, length: UInt64,
-                    crc64: String, lastPublishedAt: Double?, readers: Int, subscribers: Int) {
+                    crc64: String, lastPublishedAt: Double?, readers: Int, subscribers: Int, mirror: Mirror? = nil) {
+            self.mirror = mirror
             self.name = name
             self.capacity = capacity
             self.slots = slots
@@ -67,6 +71,41 @@ public struct StatusReport: Codable, Sendable, Equatable {
             self.lastPublishedAt = lastPublishedAt
             self.readers = readers
             self.subscribers = subscribers
+        }
+    }
+
+    /// A mirrored segment's source and freshness (`docs/MIRROR.md`).
+    public struct Mirror: Codable, Sendable, Equatable {
+        /// The host and segment the versions come from.
+        public var sourceHost: String
+        public var sourceSegment: String
+        /// The source segment's epoch (its creation time): a new epoch started the local segment over.
+        public var sourceEpoch: UInt64
+        /// The highest version the source announced (in a heartbeat or a value).
+        public var sourceVersion: UInt64
+        /// The source versions this host has not served yet (`sourceVersion` − local version, or 0).
+        public var lagVersions: UInt64
+        /// How long the local segment has been behind the source, in seconds (0 when caught up).
+        public var lagSeconds: Double
+        /// Whether the segment is stale: no heartbeat from the source, or behind it, for longer
+        /// than its bound. The last good version stays readable.
+        public var stale: Bool
+        /// Unix time (seconds) since when it is stale; nil when fresh.
+        public var staleSince: Double?
+        /// Unix time (seconds) of the last heartbeat heard from the source; nil if none yet.
+        public var lastHeartbeatAt: Double?
+
+        public init(sourceHost: String, sourceSegment: String, sourceEpoch: UInt64, sourceVersion: UInt64, lagVersions: UInt64,
+                    lagSeconds: Double, stale: Bool, staleSince: Double?, lastHeartbeatAt: Double?) {
+            self.sourceHost = sourceHost
+            self.sourceSegment = sourceSegment
+            self.sourceEpoch = sourceEpoch
+            self.sourceVersion = sourceVersion
+            self.lagVersions = lagVersions
+            self.lagSeconds = lagSeconds
+            self.stale = stale
+            self.staleSince = staleSince
+            self.lastHeartbeatAt = lastHeartbeatAt
         }
     }
 

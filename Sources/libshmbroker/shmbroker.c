@@ -397,6 +397,7 @@ void shmb_segment_close(shmb_segment *s) {
 uint64_t shmb_latest_version(const shmb_segment *s) { return load64(s->base + WIRE_SEG_LATEST_VERSION); }
 uint64_t shmb_capacity(const shmb_segment *s) { return s->capacity; }
 int shmb_retired(const shmb_segment *s) { return (load32(s->base + WIRE_SEG_FLAGS) & WIRE_SEG_FLAG_RETIRED) != 0; }
+int shmb_stale(const shmb_segment *s) { return (load32(s->base + WIRE_SEG_FLAGS) & WIRE_SEG_FLAG_STALE) != 0; }
 
 static const uint8_t *slot_of(const shmb_segment *s, uint64_t version) { return s->base + WIRE_SEGMENT_HEADER_SIZE + (version % s->slots) * s->stride; }
 

@@ -115,6 +115,19 @@ func printSegmentTable(_ segments: [StatusReport.Segment]) {
     for row in [header] + rows {
         print(row.enumerated().map { $1.padding(toLength: widths[$0], withPad: " ", startingAt: 0) }.joined(separator: "  "))
     }
+    for segment in segments {
+        guard let mirror = segment.mirror else { continue }
+        print("\(segment.name): mirror of \(mirror.sourceHost)/\(mirror.sourceSegment), source version \(mirror.sourceVersion), "
+              + "lag \(mirror.lagVersions) versions / \(String(format: "%.2f", mirror.lagSeconds)) s, "
+              + (mirror.stale ? "STALE since \(formatTime(mirror.staleSince))" : "fresh")
+              + ", last heartbeat \(formatTime(mirror.lastHeartbeatAt))")
+    }
+}
+
+/// " (mirror)" or " (STALE)" after a mirrored segment's name; nothing for a local one.
+func mirrorMark(_ mirror: StatusReport.Mirror?) -> String {
+    guard let mirror else { return "" }
+    return mirror.stale ? " (STALE)" : " (mirror)"
 }
 
 struct List: AsyncParsableCommand {
@@ -164,6 +177,9 @@ struct Read: AsyncParsableCommand {
             guard FileManager.default.createFile(atPath: output, contents: data) else { throw fail("cannot write \(output)") }
         } else {
             FileHandle.standardOutput.write(data)
+        }
+        if segment.isStale {
+            FileHandle.standardError.write(Data("warning: \(name) is stale: it mirrors another host's segment whose source has gone quiet; version \(snapshot.version) may be old\n".utf8))
         }
         if verbose {
             FileHandle.standardError.write(Data("\(name): version \(snapshot.version), \(snapshot.bytes.count) bytes, crc64 \(hex(snapshot.crc64)), published \(formatTime(Double(snapshot.publishedAtNanoseconds) / 1e9))\n".utf8))
@@ -288,6 +304,11 @@ struct Watch: AsyncParsableCommand {
                 }
             case .retired:
                 throw fail("segment \(name) was retired by the daemon")
+            case .stale, .fresh:
+                // A mirrored segment's source went quiet, or was heard again (docs/MIRROR.md).
+                let stale = event == .stale
+                emitLine(json ? "{\"segment\":\"\(name)\",\"stale\":\(stale)}"
+                              : "\(name) \(stale ? "STALE: its source has gone quiet; the latest version may be old" : "fresh again")")
             }
         }
         throw fail("the daemon closed the connection")

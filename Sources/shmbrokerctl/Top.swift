@@ -73,7 +73,7 @@ struct Top: AsyncParsableCommand {
                 byteRate = humanBytes(max(0, now_.bytes - then.bytes) / seconds)
             }
             let age = segment.lastPublishedAt.map { ageText(now - $0) + " ago" } ?? "never"
-            rows.append([segment.name, "\(segment.version)", publishRate, byteRate, "\(segment.readers)", "\(segment.subscribers)", age])
+            rows.append([segment.name + mirrorMark(segment.mirror), "\(segment.version)", publishRate, byteRate, "\(segment.readers)", "\(segment.subscribers)", age])
         }
         let widths = header.indices.map { column in ([header] + rows).map { $0[column].count }.max() ?? 0 }
         for row in [header] + rows {

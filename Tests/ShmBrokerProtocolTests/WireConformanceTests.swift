@@ -39,6 +39,7 @@ final class WireConformanceTests: XCTestCase {
                 c("SEG_SLOT_STRIDE", H.slotStride), c("SEG_CREATED_AT", H.createdAt), c("SEG_NAME", H.name),
                 c("SEG_LATEST_VERSION", H.latestVersion), c("SEG_FUTEX_WORD", H.futexWord),
                 c("SEG_FLAG_RETIRED", Int(SegmentLayout.Flags.retired)), c("SEG_FLAG_SLEEPER_BOARD", Int(SegmentLayout.Flags.sleeperBoard)),
+                c("SEG_FLAG_STALE", Int(SegmentLayout.Flags.stale)),
                 c("SLOT_SEQUENCE", S.sequence), c("SLOT_LENGTH", S.length), c("SLOT_CRC64", S.crc64),
                 c("SLOT_PUBLISHED_AT", S.publishedAt), c("SLOT_DATA", S.data),
                 c("BOARD_SIZE", SegmentLayout.WaitBoard.size, hex: false), c("BOARD_SLEEPERS", SegmentLayout.WaitBoard.sleepers),
@@ -73,6 +74,7 @@ final class WireConformanceTests: XCTestCase {
         switch type {
         case .versionEvent: return "VERSION"
         case .retiredEvent: return "RETIRED"
+        case .stalenessEvent: return "STALENESS"
         case .helloOK: return "HELLO_OK"
         case .ok: return "OK"
         default:

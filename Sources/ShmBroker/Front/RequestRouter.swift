@@ -196,7 +196,8 @@ extension BrokerServer {
                     mappingSize: UInt64(segment.writer.layout.totalSize), version: receipt?.version ?? 0,
                     length: UInt64(receipt?.length ?? 0), crc64: String(format: "%016llx", receipt?.crc64 ?? 0),
                     lastPublishedAt: receipt.map { Double($0.publishedAtNanoseconds) / 1e9 },
-                    readers: segment.readers.count, subscribers: segment.subscribers.count)
+                    readers: segment.readers.count, subscribers: segment.subscribers.count,
+                    mirror: segment.mirror?.report(localVersion: receipt?.version ?? 0, now: Date()))
             },
             clients: clients.values.filter { !$0.isClosing && (privileged || $0.credentials.uid == peer.uid) }.sorted { $0.id < $1.id }.map {
                 StatusReport.Client(id: $0.id, name: $0.name, pid: $0.credentials.pid, uid: $0.credentials.uid,

@@ -30,6 +30,8 @@ final class ManagedSegment {
     var lastAnnouncedVersion: UInt64 = 0
     /// Clients that have opened (mapped) the segment.
     var readers: Set<UInt64> = []
+    /// Where a mirrored segment's versions come from, as the mirror last reported it.
+    var mirror: MirrorState?
 
     var name: String { definition.name }
 

@@ -103,6 +103,10 @@ uint64_t shmb_latest_version(const shmb_segment *segment);
 uint64_t shmb_capacity(const shmb_segment *segment);
 /** Whether the owner retired the segment. Thread-safe. */
 int shmb_retired(const shmb_segment *segment);
+/** Whether the segment is a mirror of another host's segment whose source has gone quiet
+ *  (docs/MIRROR.md): the latest version stays readable but may be behind the source's. 0 for a
+ *  segment published on this host. Thread-safe. */
+int shmb_stale(const shmb_segment *segment);
 
 /** Copies the latest version into `buffer` and verifies its CRC-64 (retrying while the writer
  *  races the copy). SHMB_ERR_NEVER_PUBLISHED if nothing was published; SHMB_ERR_BUFFER_TOO_SMALL

@@ -271,7 +271,9 @@ class Receipt:
 
 @dataclass(frozen=True)
 class Event:
-    """A subscription event: ``kind`` is ``"version"`` (with the version's receipt) or ``"retired"``."""
+    """A subscription event: ``kind`` is ``"version"`` (with the version's receipt), ``"retired"``,
+    or, for a mirrored segment (docs/MIRROR.md), ``"stale"`` (its source went quiet) and
+    ``"fresh"`` (heard again; ``published_at_ns`` then holds when it changed)."""
     kind: str
     segment: str
     version: int = 0
@@ -343,6 +345,12 @@ class Segment:
     def retired(self) -> bool:
         """Whether the owner removed the segment from its config."""
         return bool(self._memory.u32(W.SEG_FLAGS) & W.SEG_FLAG_RETIRED)
+
+    @property
+    def stale(self) -> bool:
+        """Whether the segment mirrors another host's segment whose source has gone quiet
+        (docs/MIRROR.md): the latest version stays readable but may be behind the source's."""
+        return bool(self._memory.u32(W.SEG_FLAGS) & W.SEG_FLAG_STALE)
 
     def _slot(self, version: int) -> int:
         return self._HEADER_SIZE + (version % self.slot_count) * self._stride
@@ -572,6 +580,11 @@ class Client:
                 event = Event("version", name, receipt.version, receipt.length, receipt.crc64, receipt.published_at_ns)
             elif msg_type == W.MSG_RETIRED:
                 event = Event("retired", name)
+            elif msg_type == W.MSG_STALENESS:
+                stale, changed_at = struct.unpack_from("<IQ", body, offset)
+                if stale > 1:
+                    return
+                event = Event("stale" if stale else "fresh", name, published_at_ns=changed_at)
             else:
                 return  # an event type from a newer owner: ignored
         except (struct.error, UnicodeDecodeError):
