@@ -145,12 +145,22 @@ public struct ConfigurationProblem: Sendable, Equatable, CustomStringConvertible
     public var path: String
     public var message: String
     public var description: String { "\(path): \(message)" }
+
+    public init(path: String, message: String) {
+        self.path = path
+        self.message = message
+    }
 }
 
 /// Every problem found in a config file (the first ``maximumReported``, then a count of the rest).
 public struct ConfigurationError: Error, Sendable, CustomStringConvertible {
     public var file: String
     public var problems: [ConfigurationProblem]
+
+    public init(file: String, problems: [ConfigurationProblem]) {
+        self.file = file
+        self.problems = problems
+    }
 
     /// Problems listed one by one; a file with more gets one closing line with the count.
     public static let maximumReported = 100
@@ -211,7 +221,7 @@ public struct BrokerConfiguration: Sendable, Equatable {
         } catch {
             throw ConfigurationError(file: file, problems: [ConfigurationProblem(path: "$", message: "invalid JSON at \(error)")])
         }
-        var checker = Checker(environment: environment)
+        var checker = ConfigurationChecker(environment: environment)
         let configuration = checker.configuration(root)
         if let configuration, checker.problems.isEmpty { return configuration }
         throw ConfigurationError(file: file, problems: ConfigurationError.capped(checker.problems))
@@ -248,70 +258,8 @@ public struct BrokerConfiguration: Sendable, Equatable {
     }
 }
 
-/// Walks the JSON tree, recording problems with their paths.
-private struct Checker {
-    let environment: [String: String]
-    var problems: [ConfigurationProblem] = []
-
-    mutating func problem(_ path: String, _ message: String) {
-        problems.append(ConfigurationProblem(path: path, message: message))
-    }
-
-    /// The members of an object, reporting unknown and duplicate keys.
-    mutating func members(_ value: JSONValue, at path: String, allowed: [String], required: [String] = []) -> [String: JSONValue]? {
-        guard case .object(let pairs) = value else {
-            problem(path, "expected an object, found \(value.typeName)")
-            return nil
-        }
-        var result: [String: JSONValue] = [:]
-        for (key, member) in pairs {
-            if !allowed.contains(key) {
-                problem("\(path).\(key)", "unknown key (allowed: \(allowed.joined(separator: ", ")))")
-            } else if result[key] != nil {
-                problem("\(path).\(key)", "duplicate key")
-            } else {
-                result[key] = member
-            }
-        }
-        for key in required where result[key] == nil {
-            problem("\(path).\(key)", "required key is missing")
-        }
-        return result
-    }
-
-    mutating func string(_ value: JSONValue, at path: String) -> String? {
-        guard case .string(let text) = value else {
-            problem(path, "expected a string, found \(value.typeName)")
-            return nil
-        }
-        return text
-    }
-
-    mutating func integer(_ value: JSONValue, at path: String, in range: ClosedRange<Int>) -> Int? {
-        guard case .number(let text) = value else {
-            problem(path, "expected a whole number, found \(value.typeName)")
-            return nil
-        }
-        guard let number = Int(text) else {
-            problem(path, Self.whyNotAnInteger(text) + " (\(range.lowerBound)...\(range.upperBound))")
-            return nil
-        }
-        guard range.contains(number) else {
-            problem(path, "\(number) is out of range \(range.lowerBound)...\(range.upperBound)")
-            return nil
-        }
-        return number
-    }
-
-    /// Says precisely why a JSON number is not an `Int`: a fraction, exponent notation, or too large.
-    static func whyNotAnInteger(_ text: String) -> String {
-        if text.contains(where: { $0 == "e" || $0 == "E" }) {
-            return "expected a whole number written with digits only, found \(text) (exponent notation)"
-        }
-        if text.contains(".") { return "expected a whole number, found the fraction \(text)" }
-        return "the number \(text.prefix(40))\(text.count > 40 ? "…" : "") is far out of range"
-    }
-
+/// The daemon configuration's own sections, checked with the generic walk of ``ConfigurationChecker``.
+extension ConfigurationChecker {
     mutating func configuration(_ root: JSONValue) -> BrokerConfiguration? {
         guard let top = members(root, at: "$", allowed: ["$schema", "socket", "limits", "segments", "persistence", "metrics"],
                                 required: ["socket", "segments"]) else {
@@ -561,31 +509,6 @@ private struct Checker {
         }
     }
 
-    /// Expands `${NAME}` and `${NAME:-default}` from the environment.
-    mutating func expand(_ text: String, at path: String) -> String? {
-        var result = ""
-        var rest = Substring(text)
-        while let start = rest.range(of: "${") {
-            result += rest[..<start.lowerBound]
-            guard let end = rest[start.upperBound...].firstIndex(of: "}") else {
-                problem(path, "unterminated '${' in \"\(text)\"")
-                return nil
-            }
-            let expression = rest[start.upperBound..<end]
-            let parts = expression.split(separator: ":-", maxSplits: 1, omittingEmptySubsequences: false)
-            let name = String(parts[0])
-            if let value = environment[name], !value.isEmpty {
-                result += value
-            } else if parts.count == 2 {
-                result += parts[1]
-            } else {
-                problem(path, "environment variable \(name) is not set (write ${\(name):-default} to give a fallback)")
-                return nil
-            }
-            rest = rest[rest.index(after: end)...]
-        }
-        return result + rest
-    }
 }
 
 /// User and group database look-ups (NSS), for names in the config.
