@@ -7,6 +7,7 @@ let package = Package(
         .executable(name: "shmbrokerd", targets: ["shmbrokerd"]),
         .executable(name: "shmbrokerctl", targets: ["shmbrokerctl"]),
         .executable(name: "shmbroker-sysload", targets: ["shmbroker-sysload"]),
+        .executable(name: "shmbroker-mirror", targets: ["shmbroker-mirror"]),
         // Embed the owner: an application that creates, serves and publishes its own segments.
         .library(name: "ShmBroker", targets: ["ShmBroker"]),
         .library(name: "ShmBrokerClient", targets: ["ShmBrokerClient"]),
@@ -28,6 +29,12 @@ let package = Package(
         .target(name: "CShmBrokerShim"),
         // CRC-64 folding with carry-less multiplication (x86-64 intrinsics Swift cannot express).
         .target(name: "CShmBrokerCRC"),
+        // The NATS C client (Debian libnats-dev), for shmbroker-mirror only.
+        .systemLibrary(
+            name: "CNats",
+            pkgConfig: "libnats",
+            providers: [.apt(["libnats-dev"])]
+        ),
         .systemLibrary(
             name: "CSystemd",
             pkgConfig: "libsystemd",
@@ -77,6 +84,23 @@ let package = Package(
             name: "shmbroker-sysload",
             dependencies: [
                 "ShmBroker",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // Mirroring segments to other hosts through a NATS JetStream key-value bucket: the value
+        // format, heartbeats, staleness, the exporter and the importer (which embeds the owner).
+        .target(
+            name: "ShmBrokerMirror",
+            dependencies: [
+                "ShmBroker", "ShmBrokerClient", "ShmBrokerConfig", "ShmBrokerCore", "ShmBrokerPlatform", "CNats",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Atomics", package: "swift-atomics"),
+            ]
+        ),
+        .executableTarget(
+            name: "shmbroker-mirror",
+            dependencies: [
+                "ShmBrokerMirror",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -27,7 +27,8 @@ public final class BrokerServer {
     let identity: OwnerIdentity
     let logger: Logger
     let notifier: SystemdNotifier
-    let signals: SignalHandling
+    /// How the owner fits into its process: the signals it handles, whether it says READY=1.
+    let process: ProcessIntegration
     let loop: EventLoop
     let listener: Listener
     /// Set when the stop is asked for (a signal, ``ShmBrokerOwner/stop()``): the loop ends its
@@ -64,12 +65,13 @@ public final class BrokerServer {
     ///   - inherited: descriptors from systemd: a listening socket and stored segment memfds.
     ///   - allowDebugHang: let SIGUSR2 hang the event loop, to test the watchdog. Never in production.
     ///   - ownerName: the owner process's name, reported with the version by HELLO and STATUS.
+    ///   - sendsReady: whether ``start()`` sends READY=1 (else the application does, when ready).
     public init(configuration: BrokerConfiguration, configPath: String, signals: SignalDescriptor?, logger: Logger,
                 notifier: SystemdNotifier = SystemdNotifier(), inherited: InheritedDescriptors = InheritedDescriptors(),
-                allowDebugHang: Bool = false, ownerName: String = "shmbrokerd") throws {
+                allowDebugHang: Bool = false, ownerName: String = "shmbrokerd", sendsReady: Bool = true) throws {
         self.identity = OwnerIdentity(name: ownerName, configPath: configPath, startedAt: Date(), uid: CurrentProcess.userID)
         self.configuration = configuration
-        self.signals = SignalHandling(descriptor: signals, allowDebugHang: allowDebugHang)
+        self.process = ProcessIntegration(signals: signals, allowDebugHang: allowDebugHang, sendsReady: sendsReady)
         self.logger = logger
         self.notifier = notifier
         self.loop = try EventLoop()
@@ -122,7 +124,7 @@ public final class BrokerServer {
         listener.census = { [unowned self] in (self.clients.count, self.segments.count) }
         listener.onRefusal = { [unowned self] in self.counters.clientsRefused += 1 }
         try listener.listen(configuration.socket)
-        if let descriptor = signals.descriptor {
+        if let descriptor = process.signals {
             _ = try loop.register(descriptor.descriptor, events: .readable, source: CallbackSource { [unowned self] _ in self.handleSignals() })
         }
         loop.onDoorbell = { [unowned self] in self.announceOwnedSegments(onlyPending: true) }
@@ -137,7 +139,7 @@ public final class BrokerServer {
             "segments": "\(segments.count)", "socket": "\(configuration.socket.path)",
             "watchdog": "\(watchdog.map { "\($0 / 1_000_000)ms" } ?? "off")",
         ])
-        notifier.ready(status: statusLine())
+        if process.sendsReady { notifier.ready(status: statusLine()) } else { notifier.status(statusLine()) }
     }
 
 
@@ -220,14 +222,14 @@ public final class BrokerServer {
     }
 
     func handleSignals() {
-        for signal in signals.descriptor?.drain() ?? [] {
+        for signal in process.signals?.drain() ?? [] {
             switch signal {
             case SIGTERM, SIGINT:
                 logger.notice("received \(signal == SIGTERM ? "SIGTERM" : "SIGINT"), shutting down")
                 stopping.store(true, ordering: .releasing)
             case SIGHUP:
                 reload()
-            case SIGUSR2 where signals.allowDebugHang:
+            case SIGUSR2 where process.allowDebugHang:
                 logger.warning("SIGUSR2 with --debug-allow-hang: hanging the event loop to test the watchdog")
                 CurrentProcess.sleepForever()
             case SIGUSR2:
@@ -274,12 +276,16 @@ extension VersionInfo {
     }
 }
 
-/// The signals the owner handles on its loop (SIGTERM, SIGINT, SIGHUP, SIGUSR2), if it handles any.
-struct SignalHandling {
-    /// The signalfd, created before any thread started; nil when the application handles signals.
-    let descriptor: SignalDescriptor?
+/// How the owner fits into its process.
+struct ProcessIntegration {
+    /// The signalfd for the signals the loop handles (SIGTERM, SIGINT, SIGHUP, SIGUSR2), created
+    /// before any thread started; nil when the application handles signals.
+    let signals: SignalDescriptor?
     /// Whether SIGUSR2 hangs the loop, to test the watchdog. Never in production.
     let allowDebugHang: Bool
+    /// Whether start sends READY=1; an application that is ready later (a mirror waiting for
+    /// its first versions) sends it itself.
+    let sendsReady: Bool
 }
 
 /// Who an owner is, as HELLO and STATUS report it.

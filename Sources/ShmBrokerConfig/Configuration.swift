@@ -325,7 +325,8 @@ extension ConfigurationChecker {
         return settings
     }
 
-    mutating func socketSettings(_ value: JSONValue, at path: String) -> SocketSettings? {
+    /// A control socket's path, mode and owner, as in the daemon's `socket` section.
+    public mutating func socketSettings(_ value: JSONValue, at path: String) -> SocketSettings? {
         guard let fields = members(value, at: path, allowed: ["path", "mode", "user", "group"], required: ["path"]) else { return nil }
         var settings = SocketSettings(path: "", mode: 0o660, owner: nil, group: nil)
         if let raw = fields["path"].flatMap({ string($0, at: "\(path).path") }) {
@@ -399,8 +400,10 @@ extension ConfigurationChecker {
         return result
     }
 
-    mutating func segment(_ value: JSONValue, at path: String) -> SegmentDefinition? {
-        guard let fields = members(value, at: path, allowed: ["name", "size", "slots", "readers", "publishers", "description", "reserve", "persist"],
+    /// A segment definition as the daemon's config writes it; `extraKeys` are allowed beside
+    /// its keys (the mirror's import entries add `from` and `segment`) and checked by the caller.
+    public mutating func segment(_ value: JSONValue, at path: String, extraKeys: [String] = []) -> SegmentDefinition? {
+        guard let fields = members(value, at: path, allowed: ["name", "size", "slots", "readers", "publishers", "description", "reserve", "persist"] + extraKeys,
                                    required: ["name", "size"]) else { return nil }
         let problemsBefore = problems.count
         var name = ""
@@ -437,7 +440,8 @@ extension ConfigurationChecker {
                                  reservesMemory: reserves, persists: persists)
     }
 
-    mutating func size(_ value: JSONValue, at path: String) -> Int? {
+    /// A size such as `4096` or `"16MiB"`, from 1 byte to 64 GiB.
+    public mutating func size(_ value: JSONValue, at path: String) -> Int? {
         let parsed: Int?
         switch value {
         case .number(let text): parsed = Int(text)

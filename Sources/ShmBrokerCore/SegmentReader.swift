@@ -41,6 +41,11 @@ public final class SegmentReader: @unchecked Sendable {
     /// behind the source's (see `docs/MIRROR.md`). Always false for a local segment.
     public var isStale: Bool { memory.flags & SegmentLayout.Flags.stale != 0 }
 
+    /// When the owner formatted the segment (ns since the Unix epoch): it identifies this
+    /// incarnation of the segment, kept across an owner restart through the fd store and new
+    /// when the segment is created again (a mirror's epoch).
+    public var createdAtNanoseconds: UInt64 { memory.load(UInt64.self, at: SegmentLayout.Header.createdAt) }
+
     /// The result of one read attempt.
     public enum Attempt: Sendable, Equatable {
         /// The latest version, verified.

@@ -39,6 +39,9 @@ public final class ShmBrokerOwner: Sendable {
         public var adoptsSystemdDescriptors = true
         /// The name HELLO and STATUS report beside the version; default: the process's name.
         public var name: String
+        /// Whether ``ShmBrokerOwner/start()`` tells systemd READY=1. An application that is ready
+        /// only later (a mirror waiting for its first versions) turns it off and sends READY itself.
+        public var sendsReady = true
 
         public init(handlesSignals: Bool = true, logger: Logger? = nil, adoptsSystemdDescriptors: Bool = true, name: String? = nil) {
             self.handlesSignals = handlesSignals
@@ -83,7 +86,7 @@ public final class ShmBrokerOwner: Sendable {
         do {
             server = try BrokerServer(configuration: configuration, configPath: configPath ?? "", signals: signals, logger: logger,
                                       inherited: options.adoptsSystemdDescriptors ? InheritedDescriptors.takeFromSystemd() : InheritedDescriptors(),
-                                      ownerName: options.name)
+                                      ownerName: options.name, sendsReady: options.sendsReady)
         } catch {
             throw .startFailed("\(error)")
         }
