@@ -32,6 +32,8 @@ final class Exporter: Sendable {
     private let logger: Logger
     /// What the heartbeat says about each segment.
     private let beats = Mutex<[String: Heartbeat.Segment]>([:])
+    /// This process's mark in the values it writes (``MirrorValue/writer``).
+    let writerID = UInt64.random(in: 1...UInt64.max)
 
     init(configuration: MirrorConfiguration, settings: ExportSettings, nats: NatsClient, metrics: MirrorMetrics, logger: Logger) {
         self.configuration = configuration
@@ -94,7 +96,6 @@ final class Exporter: Sendable {
         /// The key's last revision we know (nil: unknown, read it first; 0: the key does not exist).
         var lastRevision: UInt64?
         var sent: (epoch: UInt64, version: UInt64) = (0, 0)
-        var recentlySent: [(epoch: UInt64, version: UInt64)] = []
         var fenced = false
 
         init(name: String, exporter: Exporter) {
@@ -183,7 +184,7 @@ final class Exporter: Sendable {
                 }
                 for cause in ["timeout", "permission", "no-responders", "disconnected", "error"] { metrics.cleared(cause, for: name) }
             } catch let error as NatsError where error.isWrongLastRevision {
-                resolveConflict(tried: (epoch, snapshot.version))
+                resolveConflict()
             } catch {
                 count((error as? NatsError)?.cause ?? "error", error)
                 usleep(50_000)  // a moment before the next try, which sends the newest version
@@ -194,9 +195,8 @@ final class Exporter: Sendable {
             let chunkSize = exporter.configuration.chunkSize
             let count = MirrorValue.chunkCount(length: UInt64(snapshot.bytes.count), chunkSize: chunkSize)
             var header = MirrorValue(kind: .whole, epoch: epoch, version: snapshot.version, crc64: snapshot.crc64,
-                                     length: UInt64(snapshot.bytes.count), publishedAtNanoseconds: snapshot.publishedAtNanoseconds)
-            recentlySent.append((epoch, snapshot.version))
-            if recentlySent.count > 16 { recentlySent.removeFirst() }
+                                     length: UInt64(snapshot.bytes.count), publishedAtNanoseconds: snapshot.publishedAtNanoseconds,
+                                     writer: exporter.writerID)
             if count == 1 {
                 let value = snapshot.bytes.withUnsafeBytes { header.encoded(payload: $0) }
                 lastRevision = try exporter.nats.put(key, value, expectedRevision: lastRevision)
@@ -220,9 +220,10 @@ final class Exporter: Sendable {
                                                  expectedRevision: lastRevision)
         }
 
-        /// A compare-and-set put failed: either our own earlier put landed (its reply was lost),
-        /// and we adopt its revision, or another exporter writes this key, and we stop.
-        mutating func resolveConflict(tried: (epoch: UInt64, version: UInt64)) {
+        /// A compare-and-set put failed: either one of our own earlier puts landed after all (its
+        /// reply was lost, or it timed out and was committed later), and we adopt its revision,
+        /// or another exporter writes this key, and we stop.
+        mutating func resolveConflict() {
             do {
                 guard let current = try exporter.nats.get(key) else {
                     lastRevision = 0
@@ -231,7 +232,7 @@ final class Exporter: Sendable {
                 let header = current.bytes.withUnsafeBytes {
                     try? MirrorValue.decode($0, capacity: Int.max, chunkSize: exporter.configuration.chunkSize)
                 }
-                if let header, recentlySent.contains(where: { $0.epoch == header.epoch && $0.version == header.version }) {
+                if let header, header.writer == exporter.writerID {
                     lastRevision = current.revision
                     return
                 }

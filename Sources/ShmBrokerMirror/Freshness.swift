@@ -135,13 +135,24 @@ public struct Freshness: Sendable, Equatable {
         }
     }
 
-    /// Decides staleness at `now`. Returns true when it changed.
+    /// Why the segment is stale, if it is (the log and the metrics say it).
+    public private(set) var reason: String?
+
+    /// Decides staleness at `now`. A stale segment turns fresh only once it has caught up with
+    /// the version the source last announced (and hears timely heartbeats): a link that heals
+    /// does not make a segment that is still far behind look fresh for a moment.
+    /// Returns true when it changed.
     @discardableResult
     public mutating func evaluate(now: UInt64, wall: Date) -> Bool {
         let silentSince = lastHeardAt ?? startedAt
         let silent = now &- silentSince > staleAfterNanoseconds
         let lagging = behindSince.map { now &- $0 > staleAfterNanoseconds } ?? false
-        let stale = silent || lagging || !available
+        let catchingUp = staleSince != nil && behindSince != nil
+        reason = silent ? (lastHeardAt == nil ? "no heartbeat yet" : "no heartbeat for \(String(format: "%.2f", Double(now &- silentSince) / 1e9)) s")
+            : !available ? "the source's mirror cannot reach the segment's owner"
+            : lagging ? "behind the source for \(String(format: "%.2f", Double(now &- behindSince!) / 1e9)) s"
+            : catchingUp ? "catching up with the source" : nil
+        let stale = reason != nil
         if stale, staleSince == nil {
             staleSince = wall
             return true

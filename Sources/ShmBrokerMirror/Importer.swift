@@ -77,13 +77,31 @@ final class Importer: Sendable {
         let key = MirrorKeys.value(host: imported.settings.sourceHost, segment: imported.settings.sourceSegment)
         var watcher: BucketWatcher?
         var buffer: [UInt8] = []
+        var lastEntryAt = Clock.monotonicNanoseconds(), lastPoll: UInt64 = 0
+        let patience = UInt64(imported.settings.staleAfterSeconds * 1e9)
         while !stop.load(ordering: .relaxed) {
             do {
                 if watcher == nil {
                     watcher = try nats.watch(key)
                     metrics.cleared("watch", for: name)
                 }
-                guard let entry = try watcher?.next(timeoutMilliseconds: 100), entry.isPut else { continue }
+                let now = Clock.monotonicNanoseconds()
+                if let behindSince = imported.freshness.withLock({ $0.behindSince }), now &- behindSince > patience / 2,
+                   now &- lastPoll > patience / 2 {
+                    // Heartbeats say the source is ahead and the watch has not brought it (after a
+                    // partition a watch can stall): read the key itself, and restart a silent watch.
+                    lastPoll = now
+                    if let entry = try nats.get(key), entry.isPut { try apply(entry.bytes, to: imported, buffer: &buffer) }
+                    if now &- lastEntryAt > 2 * patience {
+                        watcher = nil
+                        lastEntryAt = now
+                        metrics.update(name, direction: "import") { $0.failures["watch-restarted", default: 0] += 1 }
+                        continue
+                    }
+                }
+                guard let entry = try watcher?.next(timeoutMilliseconds: 100) else { continue }
+                lastEntryAt = Clock.monotonicNanoseconds()
+                guard entry.isPut else { continue }
                 try apply(entry.bytes, to: imported, buffer: &buffer)
             } catch let error as MirrorValueError {
                 reject(error, imported)
@@ -248,6 +266,11 @@ final class Importer: Sendable {
                                 sourceEpoch: freshness.epoch ?? 0, sourceVersion: freshness.sourceVersion,
                                 behindSince: freshness.behindSinceWall, staleSince: freshness.staleSince, lastHeartbeatAt: freshness.lastHeardWall)
         guard changed || imported.reported.withLock({ $0 }) != state else { return }
+        if changed {
+            logger.notice(freshness.isStale ? "imported segment is stale" : "imported segment is fresh", metadata: [
+                "segment": "\(settings.definition.name)", "reason": "\(freshness.reason ?? "caught up")",
+                "sourceVersion": "\(freshness.sourceVersion)", "localVersion": "\(freshness.localVersion)"])
+        }
         do {
             try owner.updateMirror(settings.definition.name, state)
             imported.reported.withLock { $0 = state }

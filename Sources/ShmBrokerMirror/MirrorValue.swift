@@ -2,12 +2,12 @@ import ShmBrokerCore
 
 /// What a mirror puts in the bucket for one version of a segment, and how it is read back.
 ///
-/// A value is a 64-byte little-endian header followed by bytes (see `docs/MIRROR.md`):
+/// A value is a 72-byte little-endian header followed by bytes (see `docs/MIRROR.md`):
 ///
 /// | offset | size | field |
 /// |---:|---:|---|
 /// | 0 | 8 | magic `SHMBMIR1` |
-/// | 8 | 4 | header size (64) |
+/// | 8 | 4 | header size (72) |
 /// | 12 | 4 | kind: 1 whole version, 2 chunk, 3 commit of a chunked version |
 /// | 16 | 8 | epoch: the source segment's `createdAt` (ns) |
 /// | 24 | 8 | version: the source's version number |
@@ -16,6 +16,7 @@ import ShmBrokerCore
 /// | 48 | 8 | the source's publish time, ns since the Unix epoch |
 /// | 56 | 4 | chunk index (chunks), else 0 |
 /// | 60 | 4 | chunk count (chunks and commits), else 0 |
+/// | 64 | 8 | writer: a random number each exporter process picks, to know its own values |
 ///
 /// A version up to the chunk size is one value (kind 1, the bytes follow). A larger one goes as
 /// chunks (kind 2, each with its piece) under the chunk keys, then a commit (kind 3, no bytes)
@@ -32,7 +33,7 @@ public struct MirrorValue: Sendable, Equatable {
     }
 
     public static let magic: UInt64 = 0x3152_494D_424D_4853  // "SHMBMIR1" little-endian
-    public static let headerSize = 64
+    public static let headerSize = 72
 
     public var kind: Kind
     public var epoch: UInt64
@@ -42,9 +43,13 @@ public struct MirrorValue: Sendable, Equatable {
     public var publishedAtNanoseconds: UInt64
     public var chunkIndex: UInt32 = 0
     public var chunkCount: UInt32 = 0
+    /// The exporter process that wrote it (random per process), so that an exporter whose put
+    /// timed out can tell its own value from another exporter's.
+    public var writer: UInt64 = 0
 
     public init(kind: Kind, epoch: UInt64, version: UInt64, crc64: UInt64, length: UInt64, publishedAtNanoseconds: UInt64,
-                chunkIndex: UInt32 = 0, chunkCount: UInt32 = 0) {
+                chunkIndex: UInt32 = 0, chunkCount: UInt32 = 0, writer: UInt64 = 0) {
+        self.writer = writer
         self.kind = kind
         self.epoch = epoch
         self.version = version
@@ -67,6 +72,7 @@ public struct MirrorValue: Sendable, Equatable {
             }
             out.storeBytes(of: chunkIndex.littleEndian, toByteOffset: 56, as: UInt32.self)
             out.storeBytes(of: chunkCount.littleEndian, toByteOffset: 60, as: UInt32.self)
+            out.storeBytes(of: writer.littleEndian, toByteOffset: 64, as: UInt64.self)
             if payload.count > 0 {
                 UnsafeMutableRawBufferPointer(rebasing: out[Self.headerSize...]).copyMemory(from: payload)
             }
@@ -90,7 +96,7 @@ public struct MirrorValue: Sendable, Equatable {
         guard u32(8) == UInt32(headerSize) else { throw .badHeaderSize(u32(8)) }
         guard let kind = Kind(rawValue: u32(12)) else { throw .unknownKind(u32(12)) }
         let value = MirrorValue(kind: kind, epoch: u64(16), version: u64(24), crc64: u64(32), length: u64(40),
-                                publishedAtNanoseconds: u64(48), chunkIndex: u32(56), chunkCount: u32(60))
+                                publishedAtNanoseconds: u64(48), chunkIndex: u32(56), chunkCount: u32(60), writer: u64(64))
         guard value.version > 0 else { throw .zeroVersion }
         guard value.length <= UInt64(capacity) else { throw .tooLarge(length: value.length, capacity: capacity) }
         let payload = bytes.count - headerSize

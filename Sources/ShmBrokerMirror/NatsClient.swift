@@ -161,7 +161,8 @@ public final class NatsClient: @unchecked Sendable {
             let events = Unmanaged<Events>.fromOpaque(closure).takeUnretainedValue()
             var text: UnsafePointer<CChar>?
             _ = natsConnection_GetLastError(connection, &text)
-            let message = text.map { String(cString: $0) } ?? String(cString: natsStatus_GetText(status))
+            let detail = text.map { String(cString: $0) } ?? ""
+            let message = detail.isEmpty ? String(cString: natsStatus_GetText(status)) : detail
             let isNew = events.lastAsyncError.withLock { last -> Bool in
                 defer { last = message }
                 return last != message
