@@ -79,8 +79,9 @@ public struct Freshness: Sendable, Equatable {
     public private(set) var behindSinceWall: Date?
     /// Since when the segment is stale (wall time); nil when fresh.
     public private(set) var staleSince: Date?
-    /// When this tracker started (monotonic): with no heartbeat yet, staleness counts from here.
-    public let startedAt: UInt64
+    /// When this tracker started listening (monotonic): with no heartbeat yet, staleness counts
+    /// from here.
+    public private(set) var startedAt: UInt64
 
     public init(staleAfterSeconds: Double, clockToleranceSeconds: Double, now: UInt64) {
         staleAfterNanoseconds = UInt64(staleAfterSeconds * 1e9)
@@ -114,6 +115,12 @@ public struct Freshness: Sendable, Equatable {
         }
         updateBehind(now: now, wall: wall)
         return true
+    }
+
+    /// Starts counting silence from `now`: when the heartbeat subscription is (re)established,
+    /// before any heartbeat could have been heard.
+    public mutating func listening(since now: UInt64) {
+        if lastHeardAt == nil { startedAt = now }
     }
 
     /// Records the local segment's latest version (after an import, or a renewal).

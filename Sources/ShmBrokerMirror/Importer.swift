@@ -222,7 +222,11 @@ final class Importer: Sendable {
         var lastReport: UInt64 = 0
         while !stop.load(ordering: .relaxed) {
             do {
-                if subscription == nil { subscription = try nats.subscribe(prefix + "*") }
+                if subscription == nil {
+                    subscription = try nats.subscribe(prefix + "*")
+                    let now = Clock.monotonicNanoseconds()
+                    for imported in segments { imported.freshness.withLock { $0.listening(since: now) } }
+                }
                 if let message = try subscription?.next(timeoutMilliseconds: 20) {
                     heard(message.bytes, host: String(message.subject.dropFirst(prefix.count)))
                 }

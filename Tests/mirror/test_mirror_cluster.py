@@ -136,6 +136,8 @@ def converged(env, publisher, checker, timeout, what):
 def test_versions_and_bytes_are_the_sources(env, small):
     publisher, checker = small
     converged(env, publisher, checker, 20, "start")
+    # (At start-up it may be stale until the first heartbeat: that is what READY waits for.)
+    wait_for(lambda: not checker.stale_changes or not checker.stale_changes[-1][1], 10, "the segment to be fresh")
     settled = time.monotonic()
     time.sleep(2)
     converged(env, publisher, checker, 5, "steady state")
@@ -148,7 +150,6 @@ def test_versions_and_bytes_are_the_sources(env, small):
     check_payload(read.stdout)
     status = subprocess.run([str(BIN / "shmbrokerctl"), "status", "--socket", env.b_socket], capture_output=True, text=True, timeout=30)
     assert "mirror of a/small" in status.stdout and "fresh" in status.stdout, status.stdout
-    # (At start-up it may be stale until the first heartbeat: that is what READY waits for.)
     assert not any(stale for moment, stale in checker.stale_changes if moment > settled), "a fresh segment was flagged stale"
 
 
