@@ -155,6 +155,7 @@ let package = Package(
         .testTarget(name: "ShmBrokerProtocolTests", dependencies: ["ShmBrokerProtocol", "ShmBrokerCore"]),
         .testTarget(name: "ShmBrokerConfigTests", dependencies: ["ShmBrokerConfig"]),
         .testTarget(name: "ShmBrokerTests", dependencies: ["ShmBroker", "ShmBrokerClient", "ShmBrokerProtocol"]),
+        .testTarget(name: "ShmBrokerMirrorTests", dependencies: ["ShmBrokerMirror", "ShmBrokerConfig", "ShmBrokerCore"]),
         .testTarget(
             name: "ShmBrokerIntegrationTests",
             dependencies: ["ShmBrokerClient", "ShmBrokerCore", "ShmBrokerPlatform", "ShmBrokerProtocol", "shmbroker-testkit",
