@@ -145,16 +145,17 @@ public struct Freshness: Sendable, Equatable {
     /// Why the segment is stale, if it is (the log and the metrics say it).
     public private(set) var reason: String?
 
-    /// Decides staleness at `now`. A stale segment turns fresh only once it has caught up with
-    /// the version the source last announced (and hears timely heartbeats): a link that heals
-    /// does not make a segment that is still far behind look fresh for a moment.
+    /// Decides staleness at `now`. A stale segment turns fresh only once it hears timely
+    /// heartbeats and has been behind the source's announced version for less than half the
+    /// bound (caught up, or nearly): a link that heals does not make a segment that is still far
+    /// behind look fresh for a moment.
     /// Returns true when it changed.
     @discardableResult
     public mutating func evaluate(now: UInt64, wall: Date) -> Bool {
         let silentSince = lastHeardAt ?? startedAt
         let silent = now &- silentSince > staleAfterNanoseconds
         let lagging = behindSince.map { now &- $0 > staleAfterNanoseconds } ?? false
-        let catchingUp = staleSince != nil && behindSince != nil
+        let catchingUp = staleSince != nil && behindSince.map { now &- $0 >= staleAfterNanoseconds / 2 } ?? false
         reason = silent ? (lastHeardAt == nil ? "no heartbeat yet" : "no heartbeat for \(String(format: "%.2f", Double(now &- silentSince) / 1e9)) s")
             : !available ? "the source's mirror cannot reach the segment's owner"
             : lagging ? "behind the source for \(String(format: "%.2f", Double(now &- behindSince!) / 1e9)) s"

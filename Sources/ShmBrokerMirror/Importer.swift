@@ -78,6 +78,9 @@ final class Importer: Sendable {
         var watcher: BucketWatcher?
         var buffer: [UInt8] = []
         var lastEntryAt = Clock.monotonicNanoseconds(), lastPoll: UInt64 = 0
+        // The bucket revision of the last value applied: a watch that delivers older revisions
+        // after a partition (its backlog) is replaying, not offering a version from the past.
+        var appliedRevision: UInt64 = 0
         let patience = UInt64(imported.settings.staleAfterSeconds * 1e9)
         while !stop.load(ordering: .relaxed) {
             do {
@@ -86,12 +89,15 @@ final class Importer: Sendable {
                     metrics.cleared("watch", for: name)
                 }
                 let now = Clock.monotonicNanoseconds()
-                if let behindSince = imported.freshness.withLock({ $0.behindSince }), now &- behindSince > patience / 2,
-                   now &- lastPoll > patience / 2 {
+                if let behindSince = imported.freshness.withLock({ $0.behindSince }), now &- behindSince > patience / 4,
+                   now &- lastPoll > patience / 4 {
                     // Heartbeats say the source is ahead and the watch has not brought it (after a
                     // partition a watch can stall): read the key itself, and restart a silent watch.
                     lastPoll = now
-                    if let entry = try nats.get(key), entry.isPut { try apply(entry.bytes, to: imported, buffer: &buffer) }
+                    if let entry = try nats.get(key), entry.isPut, entry.revision > appliedRevision {
+                        appliedRevision = entry.revision
+                        try apply(entry.bytes, to: imported, buffer: &buffer)
+                    }
                     if now &- lastEntryAt > 2 * patience {
                         watcher = nil
                         lastEntryAt = now
@@ -101,7 +107,8 @@ final class Importer: Sendable {
                 }
                 guard let entry = try watcher?.next(timeoutMilliseconds: 100) else { continue }
                 lastEntryAt = Clock.monotonicNanoseconds()
-                guard entry.isPut else { continue }
+                guard entry.isPut, entry.revision > appliedRevision else { continue }
+                appliedRevision = entry.revision
                 try apply(entry.bytes, to: imported, buffer: &buffer)
             } catch let error as MirrorValueError {
                 reject(error, imported)

@@ -168,10 +168,27 @@ def test_a_16_mib_segment_arrives_whole(env):
     assert [seq for _, _, seq in checker.seen][-1] == 1002
 
 
+@pytest.fixture(scope="module")
+def c_reader(env):
+    """Tests/mirror/c_reader.c built against libshmbroker."""
+    build = env.cluster.path("c")
+    subprocess.run(["make", "-s", "-C", str(ROOT / "Sources" / "libshmbroker"), f"BUILD={build}"], check=True)
+    binary = os.path.join(build, "c_reader")
+    subprocess.run(["cc", "-std=c11", "-Wall", "-Werror", "-I", str(ROOT / "Sources" / "libshmbroker" / "include"),
+                    "-o", binary, str(ROOT / "Tests" / "mirror" / "c_reader.c"), f"-L{build}", "-lshmbroker",
+                    f"-Wl,-rpath,{build}"], check=True)
+    return binary
+
+
 @pytest.mark.parametrize("seconds", [5, 15])
-def test_a_cut_link_raises_the_stale_flag_and_heals(env, small, seconds):
+def test_a_cut_link_raises_the_stale_flag_and_heals(env, small, c_reader, seconds):
     publisher, checker = small
     converged(env, publisher, checker, 20, "before the cut")
+    # Readers in C and shmbrokerctl watch beside the Python checker: each must see the flag.
+    c_lines = subprocess.Popen([c_reader, env.b_socket, "small", str(seconds + 6), "100"], stdout=subprocess.PIPE, text=True)
+    watch = subprocess.Popen([str(BIN / "shmbrokerctl"), "watch", "small", "--json", "--socket", env.b_socket],
+                             stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
     cut = time.monotonic()
     env.cluster.link("b", up=False)
     try:
@@ -184,6 +201,14 @@ def test_a_cut_link_raises_the_stale_flag_and_heals(env, small, seconds):
         env.cluster.link("b", up=True)
     converged(env, publisher, checker, 45, f"after a {seconds}s cut")
     wait_for(lambda: checker.stale_changes and not checker.stale_changes[-1][1], 15, "the stale flag to clear")
+    watch.terminate()
+    watched = watch.communicate(timeout=10)[0]
+    assert '"stale":true' in watched and '"stale":false' in watched, watched[-2000:]
+    c_out = c_lines.communicate(timeout=60)[0].split()
+    pairs = list(zip(map(int, c_out[0::2]), map(int, c_out[1::2])))
+    assert any(stale for _, stale in pairs), "the C reader saw the stale flag"
+    versions = [version for version, _ in pairs]
+    assert versions == sorted(versions), "the C reader's versions never went backwards"
 
 
 def test_killing_the_stream_leader(env, small):
