@@ -19,7 +19,7 @@ arch=$(dpkg --print-architecture)
 multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)
 
 command -v patchelf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq patchelf >/dev/null; }
-for product in shmbrokerd shmbrokerctl shmbroker-sysload; do
+for product in shmbrokerd shmbrokerctl shmbroker-sysload shmbroker-mirror; do
     swift build -c release --static-swift-stdlib --scratch-path .build-static --product "$product" >/dev/null
 done
 bin=$(swift build -c release --static-swift-stdlib --scratch-path .build-static --show-bin-path)
@@ -32,7 +32,7 @@ install -d -m 0755 "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system" "$r
     "$root/usr/lib/tmpfiles.d" "$root/etc/shmbroker" "$root/usr/share/shmbroker" "$root/usr/share/doc/shmbroker/examples" \
     "$root/usr/include" "$root/usr/lib/$multiarch/pkgconfig" "$root/usr/share/bash-completion/completions" \
     "$root/usr/share/zsh/vendor-completions" "$root/usr/share/fish/vendor_completions.d"
-for product in shmbrokerd shmbrokerctl shmbroker-sysload; do
+for product in shmbrokerd shmbrokerctl shmbroker-sysload shmbroker-mirror; do
     install -m 0755 "$bin/$product" "$root/usr/bin/"
     strip --strip-unneeded --remove-section=.comment --remove-section=.note "$root/usr/bin/$product"
     # The Swift runtime is linked in: the toolchain's library path must not stay in the binary.
@@ -44,12 +44,17 @@ for unit in shmbroker shmbroker-sysload; do
     install -m 0644 "systemd/$unit.socket" "$root/lib/systemd/system/"
     chmod 0644 "$root/lib/systemd/system/$unit.service"
 done
+sed -e 's|/usr/local/bin/|/usr/bin/|' -e 's|file:///usr/local/share/doc/shmbroker/MIRROR.md|man:shmbroker-mirror(8)|' \
+    systemd/shmbroker-mirror.service > "$root/lib/systemd/system/shmbroker-mirror.service"
+chmod 0644 "$root/lib/systemd/system/shmbroker-mirror.service"
 install -m 0644 systemd/shmbroker.sysusers.conf "$root/usr/lib/sysusers.d/shmbroker.conf"
 printf 'd /var/lib/shmbroker 0700 shmbroker shmbroker -\n' > "$root/usr/lib/tmpfiles.d/shmbroker.conf"
 sed 's|/usr/local/share|/usr/share|' config/shmbroker.json > "$root/etc/shmbroker/shmbroker.json"
 install -m 0644 config/sysload.json "$root/etc/shmbroker/sysload.json"
+sed 's|/usr/local/share|/usr/share|' config/mirror.json > "$root/etc/shmbroker/mirror.json"
+chmod 0644 "$root/etc/shmbroker/mirror.json"
 chmod 0644 "$root/etc/shmbroker/shmbroker.json"
-install -m 0644 config/shmbroker.schema.json "$root/usr/share/shmbroker/"
+install -m 0644 config/shmbroker.schema.json config/shmbroker-mirror.schema.json "$root/usr/share/shmbroker/"
 
 # Man pages (compressed, as Debian installs them) and completions.
 systemd/man.sh "$work/man" 2>/dev/null
@@ -59,7 +64,7 @@ for page in "$work"/man/man*/*; do
     gzip -9n < "$page" > "$root/usr/share/man/$section/$(basename "$page").gz"
     chmod 0644 "$root/usr/share/man/$section/$(basename "$page").gz"
 done
-for command in shmbrokerd shmbrokerctl; do
+for command in shmbrokerd shmbrokerctl shmbroker-mirror; do
     # (bash completions are sourced, not run: no #! line)
     "$root/usr/bin/$command" --generate-completion-script bash | sed '1{/^#!/d}' > "$root/usr/share/bash-completion/completions/$command"
     "$root/usr/bin/$command" --generate-completion-script zsh > "$root/usr/share/zsh/vendor-completions/_$command"
@@ -94,6 +99,7 @@ printf 'shmbroker (%s) unstable; urgency=medium\n\n  * Built by systemd/build-de
 # Control files and maintainer scripts.
 echo /etc/shmbroker/shmbroker.json > "$root/DEBIAN/conffiles"
 echo /etc/shmbroker/sysload.json >> "$root/DEBIAN/conffiles"
+echo /etc/shmbroker/mirror.json >> "$root/DEBIAN/conffiles"
 # ldconfig runs from dpkg's trigger; dependents of libshmbroker.so.0 depend on this package.
 echo "activate-noawait ldconfig" > "$root/DEBIAN/triggers"
 echo "libshmbroker 0 shmbroker (>= $version)" > "$root/DEBIAN/shlibs"
@@ -104,7 +110,7 @@ Version: $version
 Architecture: $arch
 Maintainer: shmbroker maintainers <maintainers@shmbroker.example.org>
 Installed-Size: $size
-Depends: libc6 (>= 2.34), libsystemd0, libstdc++6, libgcc-s1, init-system-helpers (>= 1.54), systemd, procps
+Depends: libc6 (>= 2.34), libsystemd0, libnats3.4, libstdc++6, libgcc-s1, init-system-helpers (>= 1.54), systemd, procps
 Section: admin
 Priority: optional
 Description: shared-memory segments for local processes, with one writer each
@@ -113,7 +119,9 @@ Description: shared-memory segments for local processes, with one writer each
  readers map a segment read-only and never see torn data. Readers use a Unix
  socket to open segments, subscribe and ask for status; producers publish
  through requests or publish rings. Includes shmbrokerctl, the example owner
- shmbroker-sysload, and libshmbroker (C) with its header.
+ shmbroker-sysload, shmbroker-mirror (segments across hosts through a NATS
+ JetStream cluster; its unit is installed but not enabled), and libshmbroker
+ (C) with its header.
 CONTROL
 cat > "$root/DEBIAN/postinst" <<'SCRIPT'
 #!/bin/sh
@@ -143,7 +151,7 @@ cat > "$root/DEBIAN/prerm" <<'SCRIPT'
 #!/bin/sh
 set -e
 if [ -d /run/systemd/system ] && [ "$1" = remove ]; then
-    deb-systemd-invoke stop shmbroker.service shmbroker.socket shmbroker-sysload.service shmbroker-sysload.socket >/dev/null || true
+    deb-systemd-invoke stop shmbroker-mirror.service shmbroker.service shmbroker.socket shmbroker-sysload.service shmbroker-sysload.socket >/dev/null || true
 fi
 SCRIPT
 cat > "$root/DEBIAN/postrm" <<'SCRIPT'
@@ -154,7 +162,7 @@ if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
 fi
 if [ "$1" = purge ]; then
     if command -v deb-systemd-helper >/dev/null; then
-        deb-systemd-helper purge shmbroker.socket shmbroker.service shmbroker-sysload.socket shmbroker-sysload.service >/dev/null || true
+        deb-systemd-helper purge shmbroker.socket shmbroker.service shmbroker-sysload.socket shmbroker-sysload.service shmbroker-mirror.service >/dev/null || true
     fi
     rm -rf /var/lib/shmbroker /var/lib/shmbroker-sysload
     # The package created the user and group (sysusers); after a purge no file is theirs any more.

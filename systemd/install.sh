@@ -4,10 +4,11 @@
 #     systemd/install.sh              # binaries in /usr/local/bin
 #     PREFIX=/opt/shmbroker systemd/install.sh
 #
-# Installs: $PREFIX/bin/{shmbrokerd,shmbrokerctl,shmbroker-sysload}, the C library (shmbroker.h in
+# Installs: $PREFIX/bin/{shmbrokerd,shmbrokerctl,shmbroker-sysload,shmbroker-mirror}, the C library (shmbroker.h in
 # $PREFIX/include, libshmbroker.so.0/.so/.a in $PREFIX/lib, shmbroker.pc in $PREFIX/lib/pkgconfig),
 # /etc/systemd/system/shmbroker.{service,socket}
-# and the example owner's shmbroker-sysload.{service,socket} (not enabled), /etc/sysusers.d/shmbroker.conf
+# and the example owner's shmbroker-sysload.{service,socket} and shmbroker-mirror.service (neither
+# enabled; the mirror needs /etc/shmbroker/mirror.json edited, see docs/MIRROR.md), /etc/sysusers.d/shmbroker.conf
 # (and creates the user), /etc/shmbroker/{shmbroker,sysload}.json (each kept if it exists), the JSON
 # schema, the docs, manual pages (shmbrokerd.8, shmbrokerctl.1, shmbroker.json.5 ...) and bash, zsh
 # and fish completions under $PREFIX/share. Then: systemctl enable --now shmbroker.socket
@@ -19,8 +20,8 @@ if [ "$(id -u)" != 0 ]; then
     echo "install.sh: run as root (it writes to $PREFIX, /etc/systemd/system and /etc)" >&2
     exit 1
 fi
-if ! pkg-config --exists libsystemd 2>/dev/null || ! command -v make >/dev/null || ! command -v cc >/dev/null; then
-    apt-get update -qq && apt-get install -y libsystemd-dev pkg-config make gcc
+if ! pkg-config --exists libsystemd libnats 2>/dev/null || ! command -v make >/dev/null || ! command -v cc >/dev/null; then
+    apt-get update -qq && apt-get install -y libsystemd-dev libnats-dev pkg-config make gcc
 fi
 
 # Static Swift runtime: the service then needs nothing from the toolchain at run time. (A build
@@ -28,18 +29,22 @@ fi
 swift build -c release --static-swift-stdlib --scratch-path .build-static --product shmbrokerd
 swift build -c release --static-swift-stdlib --scratch-path .build-static --product shmbrokerctl
 swift build -c release --static-swift-stdlib --scratch-path .build-static --product shmbroker-sysload
+swift build -c release --static-swift-stdlib --scratch-path .build-static --product shmbroker-mirror
 BIN=$(swift build -c release --static-swift-stdlib --scratch-path .build-static --show-bin-path)
 
 install -d -m 0755 "$PREFIX/bin" "$PREFIX/share/shmbroker" "$PREFIX/share/doc/shmbroker/examples" /etc/shmbroker /etc/sysusers.d
-install -m 0755 "$BIN/shmbrokerd" "$BIN/shmbrokerctl" "$BIN/shmbroker-sysload" "$PREFIX/bin/"
+install -m 0755 "$BIN/shmbrokerd" "$BIN/shmbrokerctl" "$BIN/shmbroker-sysload" "$BIN/shmbroker-mirror" "$PREFIX/bin/"
 for unit in shmbroker shmbroker-sysload; do
     sed "s|/usr/local/bin/|$PREFIX/bin/|; s|/usr/local/share|$PREFIX/share|" \
         "systemd/$unit.service" > "/etc/systemd/system/$unit.service"
     chmod 0644 "/etc/systemd/system/$unit.service"
     install -m 0644 "systemd/$unit.socket" "/etc/systemd/system/$unit.socket"
 done
+sed "s|/usr/local/bin/|$PREFIX/bin/|; s|/usr/local/share|$PREFIX/share|" \
+    systemd/shmbroker-mirror.service > /etc/systemd/system/shmbroker-mirror.service
+chmod 0644 /etc/systemd/system/shmbroker-mirror.service
 install -m 0644 systemd/shmbroker.sysusers.conf /etc/sysusers.d/shmbroker.conf
-install -m 0644 config/shmbroker.schema.json "$PREFIX/share/shmbroker/"
+install -m 0644 config/shmbroker.schema.json config/shmbroker-mirror.schema.json "$PREFIX/share/shmbroker/"
 # The C library: header, shared library with its soname link, static library, pkg-config file.
 make -s -C Sources/libshmbroker install PREFIX="$PREFIX" BUILD="$(pwd)/.build/libshmbroker"
 if command -v ldconfig >/dev/null; then ldconfig; fi
@@ -47,7 +52,7 @@ if command -v ldconfig >/dev/null; then ldconfig; fi
 systemd/man.sh "$PREFIX/share/man"
 install -d -m 0755 "$PREFIX/share/bash-completion/completions" "$PREFIX/share/zsh/site-functions" \
     "$PREFIX/share/fish/vendor_completions.d"
-for command in shmbrokerd shmbrokerctl; do
+for command in shmbrokerd shmbrokerctl shmbroker-mirror; do
     "$BIN/$command" --generate-completion-script bash > "$PREFIX/share/bash-completion/completions/$command"
     "$BIN/$command" --generate-completion-script zsh > "$PREFIX/share/zsh/site-functions/_$command"
     "$BIN/$command" --generate-completion-script fish > "$PREFIX/share/fish/vendor_completions.d/$command.fish"
@@ -62,6 +67,10 @@ else
 fi
 if [ ! -e /etc/shmbroker/sysload.json ]; then
     install -m 0644 config/sysload.json /etc/shmbroker/sysload.json
+fi
+if [ ! -e /etc/shmbroker/mirror.json ]; then
+    sed "s|/usr/local/share|$PREFIX/share|" config/mirror.json > /etc/shmbroker/mirror.json
+    chmod 0644 /etc/shmbroker/mirror.json
 fi
 "$PREFIX/bin/shmbrokerd" --check-config --config /etc/shmbroker/shmbroker.json
 "$PREFIX/bin/shmbrokerd" --check-config --config /etc/shmbroker/sysload.json

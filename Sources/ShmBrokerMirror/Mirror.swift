@@ -4,6 +4,7 @@ import Logging
 import ShmBroker
 import ShmBrokerConfig
 import ShmBrokerPlatform
+import Synchronization
 
 /// `shmbroker-mirror`'s composition root: the NATS connection, the exporter, the importer (with
 /// its embedded owner serving the imported segments), systemd notifications and the metrics
@@ -12,6 +13,8 @@ public final class Mirror {
     private let configuration: MirrorConfiguration
     private let logger: Logger
     private let signals: SignalDescriptor
+    /// Watches the signalfd: the main thread sleeps here between its periodic work.
+    private let epoll: Epoll
     private let notifier = SystemdNotifier(storesDescriptors: false)
     private let metrics = MirrorMetrics()
     private let stop = ManagedAtomic<Bool>(false)
@@ -27,17 +30,13 @@ public final class Mirror {
         self.logger = logger
         self.metricsTextfile = metricsTextfile
         signals = try SignalDescriptor(signals: [SIGTERM, SIGINT, SIGHUP])
+        epoll = try Epoll()
+        try epoll.add(signals.descriptor, events: .readable, token: 1)
     }
 
     /// Runs until SIGTERM or SIGINT. Returns the process's exit status.
     public func run() -> Int32 {
-        let nats: NatsClient
-        do {
-            nats = try NatsClient(configuration.nats, name: "shmbroker-mirror \(configuration.host)", logger: logger)
-        } catch {
-            logger.critical("cannot set up the NATS connection: \(error)")
-            return 1
-        }
+        guard let nats = connect() else { return 0 }  // stopped by a signal while connecting
         var owner: ShmBrokerOwner?
         var importer: Importer?
         if let socket = configuration.importSocket, !configuration.imports.isEmpty {
@@ -61,22 +60,10 @@ public final class Mirror {
         var lastMetrics: UInt64 = 0
         let watchdog = notifier.watchdogIntervalMicroseconds().map { $0 * 1000 / 2 }
         var lastWatchdog: UInt64 = 0
-        let epoll: Epoll
-        do {
-            epoll = try Epoll()
-            try epoll.add(signals.descriptor, events: .readable, token: 1)
-        } catch {
-            logger.critical("cannot wait for signals: \(error)")
-            return 1
-        }
         logger.info("starting", metadata: ["host": "\(configuration.host)", "exports": "\(configuration.export?.segments.count ?? 0)",
                                            "imports": "\(configuration.imports.count)", "bucket": "\(configuration.nats.bucket)"])
         while !stop.load(ordering: .relaxed) {
-            _ = try? epoll.wait(timeoutMilliseconds: 50)
-            for signal in signals.drain() where signal == SIGTERM || signal == SIGINT {
-                logger.notice("received \(signal == SIGTERM ? "SIGTERM" : "SIGINT"), stopping")
-                stop.store(true, ordering: .relaxed)
-            }
+            waitForSignals(milliseconds: 50)
             let now = Clock.monotonicNanoseconds()
             if !bound {
                 do {
@@ -114,6 +101,46 @@ public final class Mirror {
         owner?.stop()
         writeMetrics()
         return 0
+    }
+
+    /// Connects to NATS, trying every second and saying why it cannot (once per distinct
+    /// reason), from a thread of its own so that SIGTERM is answered meanwhile. Nil if stopped.
+    private func connect() -> NatsClient? {
+        let made = Mutex<NatsClient?>(nil)
+        let configuration = self.configuration, logger = self.logger, stop = self.stop
+        let thread = Thread {
+            var reasons: Set<String> = []  // each distinct reason is logged once
+            while !stop.load(ordering: .relaxed) {
+                do throws(NatsError) {
+                    let client = try NatsClient(configuration.nats, name: "shmbroker-mirror \(configuration.host)", logger: logger)
+                    made.withLock { $0 = client }
+                    logger.info("connected to NATS")
+                    return
+                } catch {
+                    if reasons.count < 32, reasons.insert(error.text).inserted {
+                        logger.error("cannot connect to NATS yet; retrying every second", metadata: [
+                            "servers": "\(configuration.nats.servers.joined(separator: ","))", "error": "\(error)"])
+                    }
+                    usleep(1_000_000)
+                }
+            }
+        }
+        thread.name = "nats-connect"
+        thread.start()
+        notifier.status("connecting to NATS")
+        while !stop.load(ordering: .relaxed) {
+            if let client = made.withLock({ $0 }) { return client }
+            waitForSignals(milliseconds: 50)
+        }
+        return nil
+    }
+
+    private func waitForSignals(milliseconds: Int32) {
+        _ = try? epoll.wait(timeoutMilliseconds: milliseconds)
+        for signal in signals.drain() where signal == SIGTERM || signal == SIGINT {
+            logger.notice("received \(signal == SIGTERM ? "SIGTERM" : "SIGINT"), stopping")
+            stop.store(true, ordering: .relaxed)
+        }
     }
 
     private func statusLine(_ nats: NatsClient) -> String {

@@ -71,7 +71,9 @@ public final class NatsClient: @unchecked Sendable {
     private let unmanagedEvents: Unmanaged<Events>
     public let bucketName: String
 
-    /// Connects (retrying in the background if no server answers yet).
+    /// Connects, trying each server once: the caller retries, so that it can log why (a TLS or
+    /// credential mismatch is reported here with libnats's words) and stay responsive to signals.
+    /// Once connected, libnats reconnects on its own, forever.
     ///
     /// - Parameters:
     ///   - settings: servers, credentials, TLS, bucket and timeouts from the mirror's config.
@@ -89,10 +91,10 @@ public final class NatsClient: @unchecked Sendable {
             try Self.configure(options, settings, name: name, events: unmanagedEvents.toOpaque())
             var made: OpaquePointer?
             let status = natsConnection_Connect(&made, options)
-            guard status == NATS_OK || status == NATS_NOT_YET_CONNECTED, let made else {
+            guard status == NATS_OK, let made else {
                 throw NatsError("connect to \(settings.servers.joined(separator: ","))", status)
             }
-            events.connected.withLock { $0 = status == NATS_OK }
+            events.connected.withLock { $0 = true }
             connection = made
             var jsOptions = jsOptions()
             jsOptions_Init(&jsOptions)
@@ -138,7 +140,6 @@ public final class NatsClient: @unchecked Sendable {
         try check("reconnect wait", natsOptions_SetReconnectWait(options, 250))
         try check("ping interval", natsOptions_SetPingInterval(options, 1000))
         try check("pings out", natsOptions_SetMaxPingsOut(options, 3))
-        try check("retry on failed connect", natsOptions_SetRetryOnFailedConnect(options, true, nil, nil))
         switch settings.credentials {
         case .none:
             break

@@ -92,13 +92,67 @@ class Process:
         return self.log.read_text(errors="replace")
 
 
+def permissions(host, bucket="shmbroker"):
+    """What a host's NATS user may do (docs/MIRROR.md, "Security"): write its own keys and
+    heartbeats, read everything the mirror reads, and nothing else."""
+    stream = f"KV_{bucket}"
+    publish = [f"$KV.{bucket}.{host}.>", f"shmbroker.{bucket}.heartbeat.{host}", "$JS.API.INFO", f"$JS.API.STREAM.INFO.{stream}",
+               "$JS.API.STREAM.NAMES", f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}",
+               f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.>",
+               f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.FC.{stream}.>"]
+    subscribe = ["_INBOX.>", f"shmbroker.{bucket}.heartbeat.*"]
+    quoted = lambda items: ", ".join(f'"{item}"' for item in items)  # noqa: E731
+    return f'{{ publish: {{ allow: [{quoted(publish)}] }}, subscribe: {{ allow: [{quoted(subscribe)}] }} }}'
+
+
+class Certificates:
+    """A CA, a server certificate per host (for its address) and a client certificate per NATS
+    user (CN=<host>), made with openssl."""
+
+    def __init__(self, directory, clients):
+        self.directory = pathlib.Path(directory) / "tls"
+        self.directory.mkdir()
+        self.ca = self._make("ca", "/CN=shmbroker test CA", ca=True)
+        for host, address in HOSTS.items():
+            self._make(f"server-{host}", f"/CN=nats-{host}", san=f"IP:{address}")
+        for client in clients:
+            self._make(f"client-{client}", f"/CN={client}")
+
+    def _run(self, *args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    def _make(self, name, subject, ca=False, san=None):
+        key, cert = self.directory / f"{name}.key", self.directory / f"{name}.pem"
+        if ca:
+            self._run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+                      "-subj", subject)
+        else:
+            request = self.directory / f"{name}.csr"
+            self._run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(request), "-subj", subject)
+            extensions = self.directory / f"{name}.ext"
+            extensions.write_text(f"subjectAltName={san}\n" if san else "extendedKeyUsage=clientAuth\n")
+            self._run("x509", "-req", "-in", str(request), "-CA", str(self.directory / "ca.pem"), "-CAkey", str(self.directory / "ca.key"),
+                      "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(extensions))
+        os.chmod(key, 0o600)
+        return cert
+
+    def pem(self, name):
+        return str(self.directory / f"{name}.pem")
+
+    def key(self, name):
+        return str(self.directory / f"{name}.key")
+
+
 class Cluster:
-    def __init__(self, server="/usr/sbin/nats-server"):
+    def __init__(self, server="/usr/sbin/nats-server", secure=False):
         self.server = server
+        self.secure = secure
         self.directory = tempfile.mkdtemp(prefix="shmbroker-mirror-cluster-", dir="/tmp")
         os.chmod(self.directory, 0o755)
         self.servers = {}
         self.processes = []
+        # With `secure`: TLS with client certificates, and per-host users mapped from them.
+        self.certificates = Certificates(self.directory, list(HOSTS)) if secure else None
 
     # Network
 
@@ -138,6 +192,13 @@ listen: {HOSTS[host]}:4222
 http: 127.0.0.1:8222
 jetstream {{ store_dir: "{store}" }}
 cluster {{ name: shmbt, listen: {HOSTS[host]}:6222, routes: [{routes}] }}
+"""
+        if self.certificates:
+            tls = self.certificates
+            users = ", ".join(f'{{ user: "CN={name}", permissions: {permissions(name)} }}' for name in HOSTS)
+            text += f"""
+tls {{ cert_file: "{tls.pem('server-' + host)}", key_file: "{tls.key('server-' + host)}", ca_file: "{tls.pem('ca')}", verify_and_map: true }}
+authorization {{ users: [ {users} ] }}
 """
         path = pathlib.Path(self.directory) / f"nats-{host}.conf"
         path.write_text(text)

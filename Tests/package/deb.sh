@@ -134,6 +134,10 @@ inside getent passwd shmbroker >/dev/null && ok "the shmbroker user exists" || f
 expect "shmbroker.socket is enabled" enabled "$(inside systemctl is-enabled shmbroker.socket || true)"
 expect "shmbroker.socket listens" active "$(inside systemctl is-active shmbroker.socket || true)"
 expect "the daemon waits for its first client" inactive "$(inside systemctl is-active shmbroker.service || true)"
+expect "libnats came with it (shmbroker-mirror runs)" 0 "$(inside shmbroker-mirror --version >/dev/null 2>&1; echo $?)"
+inside shmbroker-mirror --check-config --config /etc/shmbroker/mirror.json >/dev/null && ok "the example mirror config checks" \
+    || fail "shmbroker-mirror --check-config /etc/shmbroker/mirror.json"
+expect "the mirror's unit is installed but not enabled" disabled "$(inside systemctl is-enabled shmbroker-mirror.service || true)"
 
 echo "--- the first client starts the daemon"
 inside setpriv --reuid=65534 --regid=65534 --clear-groups shmbrokerctl list >/dev/null || fail "shmbrokerctl list as nobody"
