@@ -92,19 +92,6 @@ class Process:
         return self.log.read_text(errors="replace")
 
 
-def permissions(host, bucket="shmbroker"):
-    """What a host's NATS user may do (docs/MIRROR.md, "Security"): write its own keys and
-    heartbeats, read everything the mirror reads, and nothing else."""
-    stream = f"KV_{bucket}"
-    publish = [f"$KV.{bucket}.{host}.>", f"shmbroker.{bucket}.heartbeat.{host}", "$JS.API.INFO", f"$JS.API.STREAM.INFO.{stream}",
-               "$JS.API.STREAM.NAMES", f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}",
-               f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.>",
-               f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.FC.{stream}.>"]
-    subscribe = ["_INBOX.>", f"shmbroker.{bucket}.heartbeat.*"]
-    quoted = lambda items: ", ".join(f'"{item}"' for item in items)  # noqa: E731
-    return f'{{ publish: {{ allow: [{quoted(publish)}] }}, subscribe: {{ allow: [{quoted(subscribe)}] }} }}'
-
-
 class Certificates:
     """A CA, a server certificate per host (for its address) and a client certificate per NATS
     user (CN=<host>), made with openssl."""
@@ -193,18 +180,24 @@ http: 127.0.0.1:8222
 jetstream {{ store_dir: "{store}" }}
 cluster {{ name: shmbt, listen: {HOSTS[host]}:6222, routes: [{routes}] }}
 """
-        if self.certificates:
-            tls = self.certificates
-            users = ", ".join(f'{{ user: "CN={name}", permissions: {permissions(name)} }}' for name in HOSTS)
-            text += f"""
-tls {{ cert_file: "{tls.pem('server-' + host)}", key_file: "{tls.key('server-' + host)}", ca_file: "{tls.pem('ca')}", verify_and_map: true }}
-authorization {{ users: [ {users} ] }}
-"""
         path = pathlib.Path(self.directory) / f"nats-{host}.conf"
         path.write_text(text)
         return path
 
     def start_server(self, host):
+        if self.certificates:
+            # The secured cluster runs docs/examples/nats-server.conf as it is, filled in from the
+            # environment as that file says.
+            tls = self.certificates
+            store = pathlib.Path(self.directory) / f"js-{host}"
+            store.mkdir(exist_ok=True)
+            others = [HOSTS[other] for other in HOSTS if other != host]
+            env = dict(os.environ, NATS_NAME=host, NATS_LISTEN=f"{HOSTS[host]}:4222", NATS_ROUTE=f"{HOSTS[host]}:6222",
+                       NATS_ROUTE_1=f"nats-route://{others[0]}:6222", NATS_ROUTE_2=f"nats-route://{others[1]}:6222",
+                       NATS_STORE=str(store), NATS_CA=tls.pem("ca"), NATS_CERT=tls.pem(f"server-{host}"), NATS_KEY=tls.key(f"server-{host}"))
+            argv = [self.server, "-c", str(ROOT / "docs" / "examples" / "nats-server.conf")]
+            self.servers[host] = Process(f"nats-{host}", argv, self.directory, host=host, env=env)
+            return
         config = self.server_config(host)
         self.servers[host] = Process(f"nats-{host}", [self.server, "-c", str(config)], self.directory, host=host)
 
