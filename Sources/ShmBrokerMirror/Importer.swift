@@ -152,9 +152,11 @@ final class Importer: Sendable {
             try assemble(header, settings: settings, into: &buffer)
         }
         if header.epoch != currentEpoch {
-            if currentEpoch != 0 || latest >= header.version {
-                if latest >= header.version { try owner.renew(name) }
-                logger.notice("the source segment was recreated: a new epoch", metadata: [
+            if currentEpoch != 0 {
+                // The source segment was created again: so is the local one. Readers get RETIRED
+                // and reopen; the new epoch's numbers may be lower than the old one's.
+                try owner.renew(name)
+                logger.notice("the source segment was recreated (a new epoch): the local segment starts over", metadata: [
                     "segment": "\(name)", "source": "\(settings.sourceHost)/\(settings.sourceSegment)", "version": "\(header.version)"])
             }
             imported.epoch.store(header.epoch, ordering: .relaxed)
