@@ -1,7 +1,8 @@
 /* The raw libnats baselines of the mirror benchmark (Tests/mirror/bench_mirror.py): what the NATS
  * cluster itself does, host A to host B, with no shmbroker in the way.
  *
- *   raw_nats kv-put  URL KEY SIZE COUNT SPACING_US   put COUNT stamped values (one in flight)
+ *   raw_nats kv-put  URL KEY SIZE COUNT SPACING_US   put COUNT stamped values (one in flight);
+ *                                                     a negative COUNT: put for -COUNT seconds
  *   raw_nats kv-watch URL KEY COUNT SECONDS          watch KEY; print each value's latency
  *   raw_nats pub     URL SUBJECT SIZE COUNT SPACING_US
  *   raw_nats sub     URL SUBJECT COUNT SECONDS
@@ -9,8 +10,8 @@
  * A value's first 16 bytes are CLOCK_MONOTONIC at the put (the hosts are namespaces of one
  * machine: one clock) and its sequence number. Values larger than CHUNK go as the mirror sends
  * them: chunks under KEY.c<i>, then a small commit under KEY, and the watcher reads the chunks
- * back with kvStore_Get, as the importer does. Output: one "latency_ns bytes" line per value
- * received, then "done VALUES BYTES FIRST_NS LAST_NS". */
+ * back with kvStore_Get, as the importer does. Output: one "latency_ns bytes arrival_ns" line per
+ * value received, then "done VALUES BYTES FIRST_NS LAST_NS". */
 #define _POSIX_C_SOURCE 200809L
 #include <nats/nats.h>
 #include <stdio.h>
@@ -66,6 +67,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *mode = argv[1], *url = argv[2], *name = argv[3];
+    setvbuf(stdout, NULL, _IOLBF, 0);  /* the driver stops a watcher with SIGTERM: lose no line */
     natsConnection *nc;
     check(natsConnection_ConnectTo(&nc, url), "connect");
     if (strcmp(mode, "kv-put") == 0 || strcmp(mode, "pub") == 0) {
@@ -73,7 +75,8 @@ int main(int argc, char **argv) {
         char *value = calloc(1, (size_t)size < 16 ? 16 : (size_t)size);
         kvStore *kv = strcmp(mode, "kv-put") == 0 ? bucket(nc) : NULL;
         char key[256];
-        for (long seq = 0; seq < count; seq++) {
+        uint64_t until = count < 0 ? now_ns() + (uint64_t)(-count) * 1000000000u : 0;
+        for (long seq = 0; count < 0 ? now_ns() < until : seq < count; seq++) {
             uint64_t stamp[2] = {now_ns(), (uint64_t)seq};
             if (!kv) {
                 memcpy(value, stamp, sizeof stamp);
@@ -127,7 +130,7 @@ int main(int argc, char **argv) {
             }
             uint64_t at = now_ns();
             if (length >= 16) {
-                printf("%llu %llu\n", (unsigned long long)(at - stamp[0]), (unsigned long long)got);
+                printf("%llu %llu %llu\n", (unsigned long long)(at - stamp[0]), (unsigned long long)got, (unsigned long long)at);
                 if (!first) first = at;
                 last = at;
                 bytes += got;
@@ -146,7 +149,7 @@ int main(int argc, char **argv) {
             if (natsSubscription_NextMsg(&msg, sub, 200) != NATS_OK) continue;
             uint64_t at = now_ns(), stamp;
             memcpy(&stamp, natsMsg_GetData(msg), sizeof stamp);
-            printf("%llu %d\n", (unsigned long long)(at - stamp), natsMsg_GetDataLength(msg));
+            printf("%llu %d %llu\n", (unsigned long long)(at - stamp), natsMsg_GetDataLength(msg), (unsigned long long)at);
             if (!first) first = at;
             last = at;
             bytes += (uint64_t)natsMsg_GetDataLength(msg);
