@@ -204,23 +204,15 @@ public struct BrokerConfiguration: Sendable, Equatable {
 
     /// Reads and validates a config file.
     public static func load(path: String, environment: [String: String] = ProcessInfo.processInfo.environment) throws(ConfigurationError) -> BrokerConfiguration {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            let reason = FileManager.default.fileExists(atPath: path) ? "cannot be read" : "does not exist"
-            throw ConfigurationError(file: path, problems: [ConfigurationProblem(path: "$", message: "the file \(reason)")])
-        }
-        return try parse(Array(data), file: path, environment: environment)
+        try check(ConfigurationChecker.parseFile(path), file: path, environment: environment)
     }
 
     /// Validates config text, collecting every problem rather than stopping at the first.
     public static func parse(_ text: [UInt8], file: String, environment: [String: String]) throws(ConfigurationError) -> BrokerConfiguration {
-        let root: JSONValue
-        // A UTF-8 byte-order mark (which some editors write) is not JSON, but means no harm: skip it.
-        let text = text.starts(with: [0xEF, 0xBB, 0xBF]) ? Array(text.dropFirst(3)) : text
-        do {
-            root = try JSONValue.parse(text)
-        } catch {
-            throw ConfigurationError(file: file, problems: [ConfigurationProblem(path: "$", message: "invalid JSON at \(error)")])
-        }
+        try check(ConfigurationChecker.parse(text, file: file), file: file, environment: environment)
+    }
+
+    private static func check(_ root: JSONValue, file: String, environment: [String: String]) throws(ConfigurationError) -> BrokerConfiguration {
         var checker = ConfigurationChecker(environment: environment)
         let configuration = checker.configuration(root)
         if let configuration, checker.problems.isEmpty { return configuration }

@@ -114,6 +114,27 @@ public struct ConfigurationChecker {
         string(value, at: path).flatMap { expand($0, at: path) }
     }
 
+    /// Reads a JSON config file (a UTF-8 byte-order mark, which some editors write, is skipped).
+    ///
+    /// - Throws: ``ConfigurationError`` if it does not exist, cannot be read, or is not JSON.
+    public static func parseFile(_ path: String) throws(ConfigurationError) -> JSONValue {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            let reason = FileManager.default.fileExists(atPath: path) ? "cannot be read" : "does not exist"
+            throw ConfigurationError(file: path, problems: [ConfigurationProblem(path: "$", message: "the file \(reason)")])
+        }
+        return try parse(Array(data), file: path)
+    }
+
+    /// Parses config text as JSON (a UTF-8 byte-order mark is skipped).
+    public static func parse(_ text: [UInt8], file: String) throws(ConfigurationError) -> JSONValue {
+        let text = text.starts(with: [0xEF, 0xBB, 0xBF]) ? Array(text.dropFirst(3)) : text
+        do {
+            return try JSONValue.parse(text)
+        } catch {
+            throw ConfigurationError(file: file, problems: [ConfigurationProblem(path: "$", message: "invalid JSON at \(error)")])
+        }
+    }
+
     /// The problems, capped as ``ConfigurationError`` reports them, for `file`.
     public func error(file: String) -> ConfigurationError {
         ConfigurationError(file: file, problems: ConfigurationError.capped(problems))

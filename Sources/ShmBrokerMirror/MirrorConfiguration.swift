@@ -76,18 +76,7 @@ public struct MirrorConfiguration: Sendable, Equatable {
 
     /// Reads and checks a config file, reporting every problem with its JSON path.
     public static func load(path: String, environment: [String: String] = ProcessInfo.processInfo.environment) throws(ConfigurationError) -> MirrorConfiguration {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            let reason = FileManager.default.fileExists(atPath: path) ? "cannot be read" : "does not exist"
-            throw ConfigurationError(file: path, problems: [ConfigurationProblem(path: "$", message: "the file \(reason)")])
-        }
-        var text = Array(data)
-        if text.starts(with: [0xEF, 0xBB, 0xBF]) { text.removeFirst(3) }
-        let root: JSONValue
-        do {
-            root = try JSONValue.parse(text)
-        } catch {
-            throw ConfigurationError(file: path, problems: [ConfigurationProblem(path: "$", message: "invalid JSON at \(error)")])
-        }
+        let root = try ConfigurationChecker.parseFile(path)
         var checker = ConfigurationChecker(environment: environment)
         let configuration = checker.mirrorConfiguration(root)
         if let configuration, checker.problems.isEmpty { return configuration }

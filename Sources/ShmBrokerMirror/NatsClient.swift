@@ -250,7 +250,7 @@ public final class NatsClient: @unchecked Sendable {
         return Self.entry(entry)
     }
 
-    private static func entry(_ entry: OpaquePointer) -> BucketEntry {
+    static func entry(_ entry: OpaquePointer) -> BucketEntry {
         let length = Int(kvEntry_ValueLen(entry))
         let bytes = kvEntry_Value(entry).map { Array(UnsafeRawBufferPointer(start: $0, count: length)) } ?? []
         return BucketEntry(key: kvEntry_Key(entry).map { String(cString: $0) } ?? "", bytes: bytes,
@@ -300,10 +300,7 @@ public final class BucketWatcher: @unchecked Sendable {
         guard status == NATS_OK else { throw NatsError("watch", status) }
         guard let entry else { return nil }
         defer { kvEntry_Destroy(entry) }
-        let length = Int(kvEntry_ValueLen(entry))
-        let bytes = kvEntry_Value(entry).map { Array(UnsafeRawBufferPointer(start: $0, count: length)) } ?? []
-        return BucketEntry(key: kvEntry_Key(entry).map { String(cString: $0) } ?? "", bytes: bytes,
-                           revision: kvEntry_Revision(entry), isPut: kvEntry_Operation(entry) == kvOp_Put)
+        return NatsClient.entry(entry)
     }
 }
 
