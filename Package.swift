@@ -52,7 +52,7 @@ let package = Package(
         .target(
             name: "ShmBrokerCore",
             dependencies: [
-                "ShmBrokerPlatform", "CShmBrokerCRC",
+                "ShmBrokerPlatform", "CShmBrokerCRC", "ShmBrokerProtocol",
                 .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),

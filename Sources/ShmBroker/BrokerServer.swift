@@ -269,13 +269,6 @@ public enum DaemonError: Error, CustomStringConvertible {
     }
 }
 
-extension VersionInfo {
-    init(_ receipt: PublishReceipt) {
-        self.init(version: receipt.version, length: UInt64(receipt.length), crc64: receipt.crc64,
-                  publishedAtNanoseconds: receipt.publishedAtNanoseconds)
-    }
-}
-
 /// How the owner fits into its process.
 struct ProcessIntegration {
     /// The signalfd for the signals the loop handles (SIGTERM, SIGINT, SIGHUP, SIGUSR2), created

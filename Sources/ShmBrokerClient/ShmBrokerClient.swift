@@ -247,7 +247,7 @@ public final class ShmBrokerClient: Sendable {
                 state.subscriptions[segment]?.lastVersion = 0
                 return previous
             }
-            let latest: VersionInfo
+            let latest: PublishReceipt
             do throws(ShmBrokerClientError) {
                 let reply = try await connection.request(.subscribe(segment: segment))
                 guard case .subscribed(let info) = reply.message else {
@@ -408,7 +408,7 @@ public final class ShmBrokerClient: Sendable {
     ///   capacity (nothing is written), or `permission-denied` for a uid not allowed to publish.
     /// - Returns: the new version and its CRC-64.
     @discardableResult
-    public nonisolated(nonsending) func publish(_ name: String, bytes: [UInt8]) async throws(ShmBrokerClientError) -> VersionInfo {
+    public nonisolated(nonsending) func publish(_ name: String, bytes: [UInt8]) async throws(ShmBrokerClientError) -> PublishReceipt {
         let reply: Connection.Reply
         if bytes.count <= ControlProtocol.maximumInlinePayload(nameLength: name.utf8.count) {
             reply = try await request(.publish(segment: name, payload: .inline(bytes)))
@@ -434,7 +434,7 @@ public final class ShmBrokerClient: Sendable {
     /// Publishes the bytes of a plain value (`BitwiseCopyable`) as the segment's next version;
     /// readers get it back with ``SegmentHandle/read(_:)``.
     @discardableResult
-    public nonisolated(nonsending) func publish<Value: BitwiseCopyable>(_ name: String, value: Value) async throws(ShmBrokerClientError) -> VersionInfo {
+    public nonisolated(nonsending) func publish<Value: BitwiseCopyable>(_ name: String, value: Value) async throws(ShmBrokerClientError) -> PublishReceipt {
         var copy = value
         let bytes = withUnsafeBytes(of: &copy) { Array($0) }
         return try await publish(name, bytes: bytes)
@@ -587,7 +587,7 @@ public final class ShmBrokerClient: Sendable {
 /// An event on a subscribed segment.
 public enum SegmentEvent: Sendable, Equatable {
     /// A new version exists (possibly several; this is the latest when the daemon sent it).
-    case version(VersionInfo)
+    case version(PublishReceipt)
     /// The segment was removed from the daemon's config.
     case retired
     /// A mirrored segment's source went quiet (`docs/MIRROR.md`): the latest version stays

@@ -1,5 +1,6 @@
 import Atomics
 import ShmBrokerPlatform
+import ShmBrokerProtocol
 
 /// The byte layout of a publish ring, as specified in `docs/LAYOUT.md` ("Publish rings").
 ///

@@ -1,4 +1,6 @@
 import Atomics
+// The one receipt type is the wire's: what a writer returns is what PUBLISHED and VERSION carry.
+@_exported import struct ShmBrokerProtocol.PublishReceipt
 import ShmBrokerPlatform
 
 /// Typed access to the fields of a mapped segment; shared by ``SegmentWriter`` and ``SegmentReader``.
@@ -96,17 +98,4 @@ public struct SegmentSnapshot: Sendable, Equatable {
     }
 }
 
-/// What was recorded about a publish: the new version and its checksum.
-public struct PublishReceipt: Sendable, Equatable {
-    public var version: UInt64
-    public var length: Int
-    public var crc64: UInt64
-    public var publishedAtNanoseconds: UInt64
 
-    public init(version: UInt64, length: Int, crc64: UInt64, publishedAtNanoseconds: UInt64) {
-        self.version = version
-        self.length = length
-        self.crc64 = crc64
-        self.publishedAtNanoseconds = publishedAtNanoseconds
-    }
-}

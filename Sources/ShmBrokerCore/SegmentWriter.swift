@@ -1,5 +1,6 @@
 import Atomics
 import ShmBrokerPlatform
+import ShmBrokerProtocol
 
 /// The single writer of a segment: formats it, publishes versions, retires it.
 ///

@@ -90,9 +90,10 @@ final class Importer: Sendable {
                 }
                 let now = Clock.monotonicNanoseconds()
                 if let behindSince = imported.freshness.withLock({ $0.behindSince }), now &- behindSince > patience / 4,
-                   now &- lastPoll > patience / 4 {
-                    // Heartbeats say the source is ahead and the watch has not brought it (after a
-                    // partition a watch can stall): read the key itself, and restart a silent watch.
+                   now &- lastEntryAt > patience / 4, now &- lastPoll > patience / 4 {
+                    // Heartbeats say the source is ahead and the watch has brought nothing for a
+                    // while (after a partition a watch can stall): read the key itself, and restart
+                    // a silent watch. A watch that delivers is left to catch up on its own.
                     lastPoll = now
                     if let entry = try nats.get(key), entry.isPut, entry.revision > appliedRevision {
                         appliedRevision = entry.revision

@@ -209,14 +209,21 @@ public struct OpenedSegment: Sendable, Equatable {
     }
 }
 
-/// A version announcement, as carried by PUBLISHED replies and VERSION events.
-public struct VersionInfo: Sendable, Equatable {
+/// What was recorded about a version: its number, length, CRC-64/XZ and publish time. The one
+/// receipt type: a writer returns it (`SegmentWriter`, the embedded owner), PUBLISHED replies,
+/// SUBSCRIBED replies and VERSION events carry it (32 bytes on the wire, `docs/PROTOCOL.md`), and
+/// clients hand it on.
+public struct PublishReceipt: Sendable, Equatable {
+    /// The version number, counting from 1 (0: never published).
     public var version: UInt64
-    public var length: UInt64
+    /// The content's length in bytes.
+    public var length: Int
+    /// CRC-64/XZ of the content.
     public var crc64: UInt64
+    /// When it was published, ns since the Unix epoch.
     public var publishedAtNanoseconds: UInt64
 
-    public init(version: UInt64, length: UInt64, crc64: UInt64, publishedAtNanoseconds: UInt64) {
+    public init(version: UInt64, length: Int, crc64: UInt64, publishedAtNanoseconds: UInt64) {
         self.version = version
         self.length = length
         self.crc64 = crc64
@@ -225,15 +232,17 @@ public struct VersionInfo: Sendable, Equatable {
 
     func write(to writer: inout ByteWriter) {
         writer.write(version)
-        writer.write(length)
+        writer.write(UInt64(length))
         writer.write(crc64)
         writer.write(publishedAtNanoseconds)
     }
 
-    static func read(from reader: inout ByteReader) throws(ProtocolError) -> VersionInfo {
-        VersionInfo(version: try reader.read(UInt64.self, "version"), length: try reader.read(UInt64.self, "length"),
-                    crc64: try reader.read(UInt64.self, "crc64"),
-                    publishedAtNanoseconds: try reader.read(UInt64.self, "published at"))
+    static func read(from reader: inout ByteReader) throws(ProtocolError) -> PublishReceipt {
+        let version = try reader.read(UInt64.self, "version")
+        let length = try reader.read(UInt64.self, "length")
+        guard length <= UInt64(Int.max) else { throw .malformed("version length \(length) is beyond any segment's capacity") }
+        return PublishReceipt(version: version, length: Int(length), crc64: try reader.read(UInt64.self, "crc64"),
+                              publishedAtNanoseconds: try reader.read(UInt64.self, "published at"))
     }
 }
 
@@ -243,8 +252,8 @@ public enum ServerMessage: Sendable, Equatable {
     case helloOK(protocolVersion: UInt32, maximumFrameSize: UInt32, daemonVersion: String)
     case opened(OpenedSegment)
     /// The latest version at subscription time (all zero: never published).
-    case subscribed(VersionInfo)
-    case published(VersionInfo)
+    case subscribed(PublishReceipt)
+    case published(PublishReceipt)
     case statusReport(json: [UInt8])
     /// A status report too large for a frame: its JSON is the first `length` bytes of the
     /// descriptor attached to the frame.
@@ -256,7 +265,7 @@ public enum ServerMessage: Sendable, Equatable {
     /// Metrics too large for a frame: the first `length` bytes of the attached descriptor.
     case metricsReportFile(length: UInt64)
     case error(ProtocolError)
-    case versionEvent(segment: String, VersionInfo)
+    case versionEvent(segment: String, PublishReceipt)
     case retiredEvent(segment: String)
     /// A mirrored segment turned stale (its source went quiet) or fresh again; `changedAt` is
     /// when, in ns since the Unix epoch.
@@ -350,9 +359,9 @@ public enum ServerMessage: Sendable, Equatable {
                 mappingSize: try reader.read(UInt64.self, "mapping size"),
                 latestVersion: try reader.read(UInt64.self, "latest version")))
         case .subscribed:
-            message = .subscribed(try VersionInfo.read(from: &reader))
+            message = .subscribed(try PublishReceipt.read(from: &reader))
         case .published:
-            message = .published(try VersionInfo.read(from: &reader))
+            message = .published(try PublishReceipt.read(from: &reader))
         case .statusReport:
             message = .statusReport(json: Array(reader.readRest()))
         case .statusReportFile:
@@ -369,7 +378,7 @@ public enum ServerMessage: Sendable, Equatable {
             let text = try reader.readString("error message")
             message = .error(ProtocolError(ErrorCode(rawValue: raw) ?? .internalError, text))
         case .versionEvent:
-            message = .versionEvent(segment: try reader.readString("segment"), try VersionInfo.read(from: &reader))
+            message = .versionEvent(segment: try reader.readString("segment"), try PublishReceipt.read(from: &reader))
         case .retiredEvent:
             message = .retiredEvent(segment: try reader.readString("segment"))
         case .stalenessEvent:

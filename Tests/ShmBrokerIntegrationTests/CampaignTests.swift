@@ -109,7 +109,7 @@ final class CampaignTests: XCTestCase {
             let delay = UInt32(generator.next() % 3000)
             let killer = Thread { usleep(delay); kill(pid, SIGKILL) }
             killer.start()
-            var last: VersionInfo?
+            var last: PublishReceipt?
             for index in 0..<1000 {
                 let payload = SelfCheckingPayloadForTests.make(seed: UInt64(round * 1000 + index), length: 64 + index % 512)
                 guard let receipt = try? await client.publish("data", bytes: payload) else { break }

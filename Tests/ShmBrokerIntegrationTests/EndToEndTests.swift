@@ -98,7 +98,7 @@ final class EndToEndTests: XCTestCase {
         var generator = SystemRandomNumberGenerator()
         let payload = (0..<(1 << 20)).map { _ in UInt8.random(in: 0...255, using: &generator) }
         let receipt = try await client.publish("blob", bytes: payload)
-        XCTAssertEqual(receipt.length, UInt64(payload.count))
+        XCTAssertEqual(receipt.length, payload.count)
 
         do {
             try await client.publish("blob", bytes: payload + [0])
@@ -159,11 +159,11 @@ final class EndToEndTests: XCTestCase {
         for (round, length) in lengths.enumerated() {
             let payload = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ round) }
             let receipt = try await client.publish("blob", bytes: payload)
-            XCTAssertEqual(receipt.length, UInt64(length), "round \(round)")
+            XCTAssertEqual(receipt.length, length, "round \(round)")
             XCTAssertEqual(try handle.read()?.bytes, payload, "round \(round)")
         }
         // Eight concurrent publishes of distinct sizes: each receipt's CRC is its own payload's.
-        let receipts = try await withThrowingTaskGroup(of: (Int, VersionInfo).self) { group in
+        let receipts = try await withThrowingTaskGroup(of: (Int, PublishReceipt).self) { group in
             for lane in 0..<8 {
                 group.addTask {
                     let payload = [UInt8](repeating: UInt8(lane), count: 80_000 + lane * 30_000)
@@ -175,7 +175,7 @@ final class EndToEndTests: XCTestCase {
         for (lane, receipt) in receipts {
             let payload = [UInt8](repeating: UInt8(lane), count: 80_000 + lane * 30_000)
             XCTAssertEqual(receipt.crc64, CRC64.checksum(payload), "lane \(lane)")
-            XCTAssertEqual(receipt.length, UInt64(payload.count), "lane \(lane)")
+            XCTAssertEqual(receipt.length, payload.count, "lane \(lane)")
         }
     }
     func testStatusReportsSegmentsClientsAndCounters() async throws {

@@ -35,7 +35,7 @@ final class CodecTests: XCTestCase {
     }
 
     func testEveryServerMessageRoundTrips() throws {
-        let info = VersionInfo(version: 9, length: 3, crc64: 0xDEAD_BEEF, publishedAtNanoseconds: 1_700_000_000_000_000_000)
+        let info = PublishReceipt(version: 9, length: 3, crc64: 0xDEAD_BEEF, publishedAtNanoseconds: 1_700_000_000_000_000_000)
         try roundTrip(.ok)
         try roundTrip(.helloOK(protocolVersion: 1, maximumFrameSize: 65536, daemonVersion: "0.1.0"))
         try roundTrip(.opened(OpenedSegment(capacity: 10, slotCount: 3, layoutVersion: 1, mappingSize: 4096, latestVersion: 5)))

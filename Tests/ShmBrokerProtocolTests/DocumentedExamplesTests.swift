@@ -38,7 +38,7 @@ final class DocumentedExamplesTests: XCTestCase {
     }
 
     func testEveryExampleMatchesTheCodec() throws {
-        let info = VersionInfo(version: 7, length: 5, crc64: 0x0123_4567_89AB_CDEF, publishedAtNanoseconds: 1)
+        let info = PublishReceipt(version: 7, length: 5, crc64: 0x0123_4567_89AB_CDEF, publishedAtNanoseconds: 1)
         let expected: [[UInt8]] = [
             Request.hello(protocolVersion: 1, clientName: "reader").encode(requestID: 1),
             ServerMessage.helloOK(protocolVersion: 1, maximumFrameSize: 65536, daemonVersion: "shmbrokerd 0.2.0").encode(requestID: 1),
@@ -47,7 +47,7 @@ final class DocumentedExamplesTests: XCTestCase {
                 .encode(requestID: 2),
             Request.subscribe(segment: "telemetry").encode(requestID: 3),
             ServerMessage.subscribed(info).encode(requestID: 3),
-            ServerMessage.versionEvent(segment: "telemetry", VersionInfo(version: 8, length: 5, crc64: 9, publishedAtNanoseconds: 9))
+            ServerMessage.versionEvent(segment: "telemetry", PublishReceipt(version: 8, length: 5, crc64: 9, publishedAtNanoseconds: 9))
                 .encode(requestID: 0),
             Request.publish(segment: "telemetry", payload: .inline(Array("hello".utf8))).encode(requestID: 4),
             ServerMessage.published(info).encode(requestID: 4),

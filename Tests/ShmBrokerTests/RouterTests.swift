@@ -99,7 +99,7 @@ final class RouterTests: XCTestCase {
     func testSubscribeReportsTheLatestVersionAndUnsubscribeOnlyWhenSubscribed() {
         let subscriber = nobody
         XCTAssertEqual(reply(.subscribe(segment: "public"), from: subscriber)?.message,
-                       .subscribed(VersionInfo(version: 0, length: 0, crc64: 0, publishedAtNanoseconds: 0)))
+                       .subscribed(PublishReceipt(version: 0, length: 0, crc64: 0, publishedAtNanoseconds: 0)))
         XCTAssertTrue(server.segments["public"]!.subscribers.contains(subscriber.id))
         XCTAssertEqual(reply(.unsubscribe(segment: "public"), from: subscriber)?.message, .ok)
         XCTAssertEqual(refusal(.unsubscribe(segment: "public"), from: subscriber)?.code, .notSubscribed)

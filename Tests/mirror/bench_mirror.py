@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -86,45 +85,6 @@ class Bench:
 
     # The mirror
 
-    def mirror_run(self, name, size, count, spacing, seconds=None):
-        """Publishes `count` stamped versions on A (`spacing` s apart), or back to back for
-        `seconds`, and records when each version B sees arrived. Returns (latencies_ns, arrivals)."""
-        segment = self.reader.open(name)
-        start = segment.latest_version
-        latencies, arrivals = [], []
-        done = threading.Event()
-
-        def read():
-            last = start
-            while not done.is_set():
-                latest = segment.wait(last, timeout=0.2)
-                if latest <= last:
-                    continue
-                at = time.monotonic_ns()
-                last = latest
-                if size <= 4096:  # latency runs: the stamp says when A published it
-                    snapshot = segment.read()
-                    latencies.append(at - int.from_bytes(snapshot.data[:8], "little"))
-                arrivals.append(at)
-
-        thread = threading.Thread(target=read, daemon=True)
-        thread.start()
-        payload = bytearray(size)
-        until = time.monotonic() + seconds if seconds else None
-        seq = 0
-        while (time.monotonic() < until) if until else seq < count:
-            payload[0:8] = time.monotonic_ns().to_bytes(8, "little")
-            payload[8:16] = seq.to_bytes(8, "little")
-            self.publisher.publish(name, bytes(payload))
-            seq += 1
-            if spacing:
-                time.sleep(spacing)
-        time.sleep(0.5 if seconds else 3)  # the last versions in flight
-        done.set()
-        thread.join()
-        segment.close()
-        return latencies, arrivals
-
     def mirror_latency(self, name, size, count, spacing):
         """The mirror's latency, measured by C programs as the raw baselines are: a publisher
         through shmbrokerd on A, a futex-waiting reader of the mirror's segment on B."""
@@ -136,6 +96,19 @@ class Bench:
         time.sleep(2)
         reader.terminate()
         out = reader.communicate(timeout=30)[0].splitlines()
+        return [int(line.split()[0]) for line in out if line and line[0].isdigit() and len(line.split()) == 2]
+
+    def mirror_arrivals(self, name, size, seconds, spacing):
+        """The mirror's throughput run: a C producer publishes through shmbrokerd on A every
+        `spacing` s for `seconds`; a C program on B records when each new version arrived."""
+        watcher = subprocess.Popen(["ip", "netns", "exec", netns("b"), self.shm, "arrivals", self.b_socket, name, str(1 << 30),
+                                    str(int(seconds + 30))], stdout=subprocess.PIPE, text=True)
+        assert watcher.stdout.readline().strip() == "ready"
+        subprocess.run(["ip", "netns", "exec", netns("a"), self.shm, "publish", self.a_socket, name, str(size), str(-int(seconds)),
+                        str(int(spacing * 1e6))], check=True, timeout=600)
+        time.sleep(0.5)
+        watcher.terminate()
+        out = watcher.communicate(timeout=30)[0].splitlines()
         return [int(line.split()[0]) for line in out if line and line[0].isdigit() and len(line.split()) == 2]
 
     # Raw libnats
@@ -210,14 +183,14 @@ def main():
         for name, size in (("tp64k", 64 << 10), ("tp1m", 1 << 20), ("tp16m", 16 << 20)):
             mirror_rates, raw_rates = [], []
             for _ in range(trials):
-                # Raw libnats puts back to back (one in flight) for `seconds`. Then A publishes
+                # Raw libnats: back-to-back puts (one in flight) for `seconds`. Then A publishes
                 # new versions at 1.5 times the rate raw puts reached, so that a new version is
                 # always waiting when the mirror's put returns (the mirror sends the newest), without
                 # the producer itself taking the machine's two CPUs. B counts what it receives.
                 raw = steady_rate(bench.raw_run("kv", f"bench.{name}", size, 0, 0, seconds=seconds)[1], size)
                 raw_rates.append(raw)
                 spacing = size / (1.5 * raw * 1e6) if raw == raw and raw > 0 else 0.001
-                mirror_rates.append(steady_rate(bench.mirror_run(name, size, 0, spacing, seconds=seconds)[1], size))
+                mirror_rates.append(steady_rate(bench.mirror_arrivals(name, size, seconds, spacing), size))
             mirror_rate, raw_rate = statistics.median(mirror_rates), statistics.median(raw_rates)
             ratio = mirror_rate / raw_rate
             label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"

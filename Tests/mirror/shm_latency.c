@@ -2,8 +2,11 @@
  * like the raw libnats baselines, so that both paths are measured by the same kind of program:
  *
  *   shm_latency publish SOCKET SEGMENT SIZE COUNT SPACING_US   publish stamped versions on host A
+ *                                                              (a negative COUNT: for -COUNT seconds)
  *   shm_latency read    SOCKET SEGMENT COUNT SECONDS           on host B: wait on the futex, read
  *                                                              verified, print each latency
+ *   shm_latency arrivals SOCKET SEGMENT COUNT SECONDS          on host B: wait on the futex, print
+ *                                                              "arrival_ns version" per new version
  *
  * A version's first 8 bytes are CLOCK_MONOTONIC when the publish call began. Output of `read`:
  * "ready", then one "latency_ns version" line per version seen, then "done". */
@@ -35,7 +38,8 @@ int main(int argc, char **argv) {
         long size = atol(argv[4]), count = atol(argv[5]), spacing = argc > 6 ? atol(argv[6]) : 0;
         char *value = calloc(1, (size_t)size < 16 ? 16 : (size_t)size);
         struct timespec pause = {spacing / 1000000, (spacing % 1000000) * 1000};
-        for (long seq = 0; seq < count; seq++) {
+        uint64_t until = count < 0 ? now_ns() + (uint64_t)(-count) * 1000000000u : 0;
+        for (long seq = 0; count < 0 ? now_ns() < until : seq < count; seq++) {
             uint64_t stamp = now_ns();
             memcpy(value, &stamp, sizeof stamp);
             memcpy(value + 8, &seq, sizeof seq);
@@ -57,11 +61,18 @@ int main(int argc, char **argv) {
     uint64_t deadline = now_ns() + (uint64_t)atol(argv[5]) * 1000000000u, last = shmb_latest_version(segment);
     size_t capacity = shmb_capacity(segment);
     char *buffer = malloc(capacity);
+    int arrivals = strcmp(argv[1], "arrivals") == 0;
     printf("ready\n");
     for (long seen = 0; seen < count && now_ns() < deadline;) {
         uint64_t latest;
         int rc = shmb_wait(segment, last, 200000000, &latest);
         if (rc != 0 || latest <= last) continue;
+        if (arrivals) {
+            printf("%llu %llu\n", (unsigned long long)now_ns(), (unsigned long long)latest);
+            last = latest;
+            seen++;
+            continue;
+        }
         shmb_version_info info;
         if (shmb_read(segment, buffer, capacity, &info) != 0) continue;
         uint64_t at = now_ns(), stamp;

@@ -142,7 +142,7 @@ extension BrokerServer {
         while let name = client.popPending() {
             guard let segment = segments[name], let receipt = segment.writer.latestReceipt,
                   client.wantsEvent(for: name, version: receipt.version) else { continue }
-            let event = ServerMessage.versionEvent(segment: name, VersionInfo(receipt)).encode(requestID: 0)
+            let event = ServerMessage.versionEvent(segment: name, receipt).encode(requestID: 0)
             switch trySend(event, to: client) {
             case .sent:
                 counters[segment: name].eventsSent += 1

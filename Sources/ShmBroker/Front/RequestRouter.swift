@@ -70,7 +70,7 @@ extension BrokerServer {
             let segment = try lookUp(name, for: client, publishing: false)
             segment.subscribers.insert(client.id)
             client.subscriptions.insert(name)
-            let latest = segment.writer.latestReceipt.map(VersionInfo.init) ?? VersionInfo(version: 0, length: 0, crc64: 0, publishedAtNanoseconds: 0)
+            let latest = segment.writer.latestReceipt ?? PublishReceipt(version: 0, length: 0, crc64: 0, publishedAtNanoseconds: 0)
             client.subscribedAt[name] = latest.version
             return Reply(message: .subscribed(latest))
         case .unsubscribe(let name):
@@ -92,7 +92,7 @@ extension BrokerServer {
                 defer { file.closeQuietly() }
                 receipt = try publish(from: file, length: length, into: segment, client: client)
             }
-            return Reply(message: .published(VersionInfo(receipt)))
+            return Reply(message: .published(receipt))
         case .status:
             return try statusReply(for: client.credentials)
         case .metrics:

@@ -12,7 +12,7 @@ final class SubscriberFanOut: VersionSink {
     func versionCommitted(_ receipt: PublishReceipt, to segment: ManagedSegment, origin: VersionOrigin) {
         segment.lastAnnouncedVersion = receipt.version
         guard !segment.subscribers.isEmpty else { return }
-        let version = VersionInfo(receipt)
+        let version = receipt
         var event: [UInt8]?
         for id in segment.subscribers {
             guard let client = server.clients[id], !client.isClosing,
