@@ -188,6 +188,8 @@ def test_a_cut_link_raises_the_stale_flag_and_heals(env, small, c_reader, second
     c_lines = subprocess.Popen([c_reader, env.b_socket, "small", str(seconds + 6), "100"], stdout=subprocess.PIPE, text=True)
     watch = subprocess.Popen([str(BIN / "shmbrokerctl"), "watch", "small", "--json", "--socket", env.b_socket],
                              stdout=subprocess.PIPE, text=True)
+    events = __import__("shmbroker").Client(env.b_socket, "mirror-test-events")
+    events.subscribe("small")
     time.sleep(0.5)
     cut = time.monotonic()
     env.cluster.link("b", up=False)
@@ -204,6 +206,15 @@ def test_a_cut_link_raises_the_stale_flag_and_heals(env, small, c_reader, second
     watch.terminate()
     watched = watch.communicate(timeout=10)[0]
     assert '"stale":true' in watched and '"stale":false' in watched, watched[-2000:]
+    kinds = set()
+    deadline = time.monotonic() + 10
+    while not {"stale", "fresh"} <= kinds and time.monotonic() < deadline:
+        # The Python client's events: VERSION (A keeps publishing), and STALENESS as "stale" and "fresh".
+        event = events.next_event(timeout=0.2)
+        if event is not None:
+            kinds.add(event.kind)
+    events.close()
+    assert {"stale", "fresh"} <= kinds, kinds
     c_out = c_lines.communicate(timeout=60)[0].split()
     pairs = list(zip(map(int, c_out[0::2]), map(int, c_out[1::2])))
     assert any(stale for _, stale in pairs), "the C reader saw the stale flag"
