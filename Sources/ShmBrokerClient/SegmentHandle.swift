@@ -91,7 +91,7 @@ public final class SegmentHandle: Sendable {
     /// Whether the segment is a mirror of another host's segment whose source has gone quiet
     /// (`docs/MIRROR.md`): the latest version is readable but may be behind the source's.
     public var isStale: Bool { reader.isStale }
-    /// When the owner created this segment's memory (ns since the Unix epoch); see
-    /// ``SegmentReader/createdAtNanoseconds``.
+    /// When the owner created this segment's memory (ns since the Unix epoch): kept across an
+    /// owner restart through the fd store, new when the segment is created again.
     public var createdAtNanoseconds: UInt64 { reader.createdAtNanoseconds }
 }

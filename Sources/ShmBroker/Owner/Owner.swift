@@ -259,7 +259,7 @@ public final class ShmBrokerOwner: Sendable {
 /// Why `@unchecked`: the publish path's exclusion is its own (`access`, one compare-and-swap per
 /// publish, then unretained references), which the compiler cannot see; a `Mutex` would add a
 /// second atomic and the reference counting the unretained pair avoids. Every mutable property
-/// changes only inside ``exclusively(_:)``, and CI runs the owner tests under ThreadSanitizer.
+/// changes only inside `exclusively`, and CI runs the owner tests under ThreadSanitizer.
 public final class OwnedSegment: @unchecked Sendable {
     /// The segment's name.
     public let name: String
