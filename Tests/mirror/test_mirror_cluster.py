@@ -8,6 +8,7 @@ Needs root (network namespaces) and nats-server (Debian's, or NATS_SERVER=/path)
     python3 -m pytest -q Tests/mirror
 """
 import ctypes  # noqa: F401  (used in the hostile writer's code, run in a namespace)
+import json
 import os
 import shutil
 import signal
@@ -71,6 +72,7 @@ class Environment:
                     {"from": "a", "segment": "small", "name": "small", "size": "4KiB", "readers": {"users": ["*"]}},
                     {"from": "a", "segment": "frames", "name": "frames", "size": "16MiB", "readers": {"users": ["*"]}},
                     {"from": "x", "segment": "hostile", "name": "hostile", "size": "64KiB", "readers": {"users": ["*"]}},
+                    {"from": "s", "segment": "kept", "name": "kept", "size": "4KiB", "readers": {"users": ["*"]}},
                 ],
             },
         })
@@ -373,3 +375,100 @@ def test_a_second_exporter_of_the_same_key_is_fenced(env, small):
         env.mirror_a.kill()
         env.start_mirror_a()
         converged(env, publisher, checker, 30, "after restarting the fenced exporter")
+
+
+BOOT = """#!/bin/sh
+# PID 1 of new PID and mount namespaces: a real systemd (docs/SYSTEMD.md's recipe), with private
+# /tmp, /var/tmp and unit directory so that nothing of the host's is touched or started.
+set -e
+mount -t tmpfs tmpfs /etc/systemd/system
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /var/tmp
+ln -s /dev/null /etc/systemd/system/systemd-tmpfiles-setup.service
+ln -s /dev/null /etc/systemd/system/systemd-tmpfiles-clean.timer
+cp "$1" /etc/systemd/system/shmbroker-kept.service
+exec env container=unshare /lib/systemd/systemd --system --log-target=console
+"""
+
+
+def test_a_daemon_restarted_from_the_fd_store_keeps_its_epoch(env):
+    """kill -9 of A's daemon under a real systemd: its segment comes back from the fd store, the
+    same memory with the same epoch, so B's segment carries on (no retirement, no version going
+    back) and converges."""
+    if not os.path.exists("/lib/systemd/systemd") or shutil.which("unshare") is None:
+        pytest.skip("needs systemd and unshare to boot a systemd of its own")
+    # Outside /tmp: the namespace's /tmp is its own.
+    work = f"/var/lib/shmbroker-mirror-test-{os.getpid()}"
+    os.makedirs(work, mode=0o755, exist_ok=True)
+    socket_path = f"{work}/kept.sock"
+    daemon_config = f"{work}/daemon.json"
+    with open(daemon_config, "w") as handle:
+        json.dump({"socket": {"path": socket_path, "mode": "0666"},
+                   "segments": [{"name": "kept", "size": "4KiB", "readers": {"users": ["*"]}, "publishers": {"users": ["*"]}}]}, handle)
+    unit = f"{work}/shmbroker-kept.service"
+    with open(unit, "w") as handle:
+        handle.write(f"""[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={BIN / 'shmbrokerd'} --config {daemon_config}
+Restart=always
+RestartSec=200ms
+FileDescriptorStoreMax=16
+""")
+    boot = f"{work}/boot.sh"
+    with open(boot, "w") as handle:
+        handle.write(BOOT)
+    os.chmod(boot, 0o755)
+    unshare = subprocess.Popen(["setsid", "unshare", "--fork", "--pid", "--mount", "--mount-proc", "--propagation", "private",
+                                boot, unit], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    systemd = None
+    mirror = None
+    try:
+        def booted():
+            children = open(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read().split()
+            if children and os.path.realpath(f"/proc/{children[0]}/exe").endswith("/systemd"):
+                return int(children[0])
+            return None
+        systemd = wait_for(booted, 30, "systemd to start in its namespace")
+
+        def inside(*argv):
+            return subprocess.run(["nsenter", "-t", str(systemd), "-m", "-p", *argv], capture_output=True, text=True, timeout=60)
+        wait_for(lambda: inside("systemctl", "is-system-running").stdout.strip() in ("running", "degraded"), 60, "systemd to boot")
+        assert inside("systemctl", "start", "shmbroker-kept.service").returncode == 0
+        wait_socket(socket_path)
+        mirror_config = env.cluster.write_json("mirror-s.json", {
+            "host": "s", "nats": {"servers": servers_for("a")}, "heartbeatIntervalSeconds": HEARTBEAT, "staleAfterSeconds": STALE_AFTER,
+            "export": {"socket": socket_path, "segments": ["kept"]}})
+        mirror = env.cluster.spawn("mirror-s", [str(BIN / "shmbroker-mirror"), "--config", mirror_config], host="a")
+        publisher, checker = Publisher(socket_path, "kept", 1024), Checker(env.b_socket, "kept")
+        publisher.start()
+        checker.start()
+        try:
+            converged(env, publisher, checker, 30, "before the kill")
+            pid = inside("systemctl", "show", "-p", "MainPID", "--value", "shmbroker-kept.service").stdout.strip()
+            assert inside("systemctl", "kill", "-s", "KILL", "shmbroker-kept.service").returncode == 0
+            wait_for(lambda: inside("systemctl", "show", "-p", "MainPID", "--value", "shmbroker-kept.service").stdout.strip() not in ("", "0", pid),
+                     30, "systemd to restart the daemon")
+            before = publisher.latest
+            wait_for(lambda: publisher.latest > before + 5, 30, "A's publishes to resume on the restarted daemon")
+            converged(env, publisher, checker, 30, "after the daemon came back from the fd store")
+        finally:
+            publisher.stop()
+            checker.stop()
+        assert not checker.errors, checker.errors[:5]
+        assert checker.reopened == 0, "the same epoch: B's segment was not started over"
+        versions = [version for _, version, _ in checker.seen]
+        assert versions == sorted(versions)
+        assert publisher.seq_of_version and max(publisher.seq_of_version) > before, "the restarted daemon went on numbering"
+    finally:
+        if mirror is not None:
+            mirror.kill()
+        if systemd is not None:
+            subprocess.run(["nsenter", "-t", str(systemd), "-m", "-p", "systemctl", "poweroff", "--no-block"], capture_output=True)
+            try:
+                unshare.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(systemd, signal.SIGKILL)
+        if unshare.poll() is None:
+            unshare.kill()
+        shutil.rmtree(work, ignore_errors=True)
