@@ -405,12 +405,15 @@ def test_a_daemon_restarted_from_the_fd_store_keeps_its_epoch(env):
     with open(daemon_config, "w") as handle:
         json.dump({"socket": {"path": socket_path, "mode": "0666"},
                    "segments": [{"name": "kept", "size": "4KiB", "readers": {"users": ["*"]}, "publishers": {"users": ["*"]}}]}, handle)
+    # The binary too: a checkout under /tmp is out of the namespace's sight.
+    daemon = f"{work}/shmbrokerd"
+    shutil.copy2(BIN / "shmbrokerd", daemon)
     unit = f"{work}/shmbroker-kept.service"
     with open(unit, "w") as handle:
         handle.write(f"""[Service]
 Type=notify
 NotifyAccess=main
-ExecStart={BIN / 'shmbrokerd'} --config {daemon_config}
+ExecStart={daemon} --config {daemon_config}
 Restart=always
 RestartSec=200ms
 FileDescriptorStoreMax=16
@@ -434,7 +437,8 @@ FileDescriptorStoreMax=16
         def inside(*argv):
             return subprocess.run(["nsenter", "-t", str(systemd), "-m", "-p", *argv], capture_output=True, text=True, timeout=60)
         wait_for(lambda: inside("systemctl", "is-system-running").stdout.strip() in ("running", "degraded"), 60, "systemd to boot")
-        assert inside("systemctl", "start", "shmbroker-kept.service").returncode == 0
+        started = inside("systemctl", "start", "shmbroker-kept.service")
+        assert started.returncode == 0, started.stderr + inside("journalctl", "-u", "shmbroker-kept", "--no-pager").stdout[-2000:]
         wait_socket(socket_path)
         mirror_config = env.cluster.write_json("mirror-s.json", {
             "host": "s", "nats": {"servers": servers_for("a")}, "heartbeatIntervalSeconds": HEARTBEAT, "staleAfterSeconds": STALE_AFTER,
