@@ -19,6 +19,8 @@ arch=$(dpkg --print-architecture)
 multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)
 
 command -v patchelf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq patchelf >/dev/null; }
+# shmbroker-mirror links the NATS C client (the package then depends on libnats3.4).
+pkg-config --exists libnats 2>/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnats-dev >/dev/null; }
 for product in shmbrokerd shmbrokerctl shmbroker-sysload shmbroker-mirror; do
     swift build -c release --static-swift-stdlib --scratch-path .build-static --product "$product" >/dev/null
 done
