@@ -27,7 +27,7 @@ public final class BrokerServer {
     let identity: OwnerIdentity
     let logger: Logger
     let notifier: SystemdNotifier
-    /// How the owner fits into its process: the signals it handles, whether it says READY=1.
+    /// How the owner fits into its process: the signals it handles.
     let process: ProcessIntegration
     let loop: EventLoop
     let listener: Listener
@@ -65,13 +65,12 @@ public final class BrokerServer {
     ///   - inherited: descriptors from systemd: a listening socket and stored segment memfds.
     ///   - allowDebugHang: let SIGUSR2 hang the event loop, to test the watchdog. Never in production.
     ///   - ownerName: the owner process's name, reported with the version by HELLO and STATUS.
-    ///   - sendsReady: whether ``start()`` sends READY=1 (else the application does, when ready).
     public init(configuration: BrokerConfiguration, configPath: String, signals: SignalDescriptor?, logger: Logger,
                 notifier: SystemdNotifier = SystemdNotifier(), inherited: InheritedDescriptors = InheritedDescriptors(),
-                allowDebugHang: Bool = false, ownerName: String = "shmbrokerd", sendsReady: Bool = true) throws {
+                allowDebugHang: Bool = false, ownerName: String = "shmbrokerd") throws {
         self.identity = OwnerIdentity(name: ownerName, configPath: configPath, startedAt: Date(), uid: CurrentProcess.userID)
         self.configuration = configuration
-        self.process = ProcessIntegration(signals: signals, allowDebugHang: allowDebugHang, sendsReady: sendsReady)
+        self.process = ProcessIntegration(signals: signals, allowDebugHang: allowDebugHang)
         self.logger = logger
         self.notifier = notifier
         self.loop = try EventLoop()
@@ -139,7 +138,7 @@ public final class BrokerServer {
             "segments": "\(segments.count)", "socket": "\(configuration.socket.path)",
             "watchdog": "\(watchdog.map { "\($0 / 1_000_000)ms" } ?? "off")",
         ])
-        if process.sendsReady { notifier.ready(status: statusLine()) } else { notifier.status(statusLine()) }
+        notifier.ready(status: statusLine())
     }
 
 
@@ -276,9 +275,6 @@ struct ProcessIntegration {
     let signals: SignalDescriptor?
     /// Whether SIGUSR2 hangs the loop, to test the watchdog. Never in production.
     let allowDebugHang: Bool
-    /// Whether start sends READY=1; an application that is ready later (a mirror waiting for
-    /// its first versions) sends it itself.
-    let sendsReady: Bool
 }
 
 /// Who an owner is, as HELLO and STATUS report it.

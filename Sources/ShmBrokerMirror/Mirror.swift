@@ -43,7 +43,7 @@ public final class Mirror {
             do {
                 var options = ShmBrokerOwner.Options(handlesSignals: false, logger: logger, adoptsSystemdDescriptors: false,
                                                      name: "shmbroker-mirror")
-                options.sendsReady = false
+                options.reportsToSystemd = false  // READY, STATUS and the watchdog are the mirror's
                 let imported = try ShmBrokerOwner(configuration: BrokerConfiguration(socket: socket, segments: configuration.imports.map(\.definition)),
                                                   options: options)
                 importer = try Importer(configuration: configuration, owner: imported, nats: nats, metrics: metrics, logger: logger)

@@ -39,9 +39,11 @@ public final class ShmBrokerOwner: Sendable {
         public var adoptsSystemdDescriptors = true
         /// The name HELLO and STATUS report beside the version; default: the process's name.
         public var name: String
-        /// Whether ``ShmBrokerOwner/start()`` tells systemd READY=1. An application that is ready
-        /// only later (a mirror waiting for its first versions) turns it off and sends READY itself.
-        public var sendsReady = true
+        /// Whether the owner speaks to systemd itself: READY=1 from ``ShmBrokerOwner/start()``,
+        /// STATUS, the watchdog, STOPPING, the fd store. An application that reports its own
+        /// state (a mirror, ready only once its first versions arrived) turns it off and sends
+        /// those itself, so that the two never contradict each other.
+        public var reportsToSystemd = true
 
         public init(handlesSignals: Bool = true, logger: Logger? = nil, adoptsSystemdDescriptors: Bool = true, name: String? = nil) {
             self.handlesSignals = handlesSignals
@@ -85,8 +87,9 @@ public final class ShmBrokerOwner: Sendable {
         let server: BrokerServer
         do {
             server = try BrokerServer(configuration: configuration, configPath: configPath ?? "", signals: signals, logger: logger,
+                                      notifier: SystemdNotifier(silent: !options.reportsToSystemd),
                                       inherited: options.adoptsSystemdDescriptors ? InheritedDescriptors.takeFromSystemd() : InheritedDescriptors(),
-                                      ownerName: options.name, sendsReady: options.sendsReady)
+                                      ownerName: options.name)
         } catch {
             throw .startFailed("\(error)")
         }
@@ -142,7 +145,8 @@ public final class ShmBrokerOwner: Sendable {
     }
 
     /// Creates (or takes back from systemd's fd store) every segment, binds the claimed ones,
-    /// listens on the control socket, sends READY=1, and starts the event-loop thread.
+    /// listens on the control socket, sends READY=1 (with ``Options/reportsToSystemd``), and
+    /// starts the event-loop thread.
     public func start() throws(OwnerError) {
         try state.withLock { state throws(OwnerError) in
             guard !state.started else { return }

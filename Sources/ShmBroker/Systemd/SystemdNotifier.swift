@@ -12,10 +12,17 @@ public struct SystemdNotifier: Sendable {
     /// service, since whatever listens on `NOTIFY_SOCKET` receives them, writable segment memory
     /// included, and outside systemd that may be anyone's socket.
     public let storesDescriptors: Bool
+    /// Whether this notifier says nothing at all: for an owner embedded in an application that
+    /// speaks to systemd itself (READY, STATUS, the watchdog), so that the two never contradict
+    /// each other and the watchdog watches the application's own loop.
+    public let isSilent: Bool
 
-    /// - Parameter storesDescriptors: nil (the default) decides by ``startedBySystemd``.
-    public init(storesDescriptors: Bool? = nil) {
-        self.storesDescriptors = storesDescriptors ?? Self.startedBySystemd
+    /// - Parameters:
+    ///   - storesDescriptors: nil (the default) decides by ``startedBySystemd``.
+    ///   - silent: send nothing, store nothing, and report no watchdog.
+    public init(storesDescriptors: Bool? = nil, silent: Bool = false) {
+        self.isSilent = silent
+        self.storesDescriptors = !silent && (storesDescriptors ?? Self.startedBySystemd)
     }
 
     /// Whether systemd started this process as a service: it is PID 1's child (the service
@@ -28,7 +35,7 @@ public struct SystemdNotifier: Sendable {
     /// Sends raw `KEY=VALUE` lines; returns whether a notify socket received them.
     @discardableResult
     public func notify(_ lines: String) -> Bool {
-        sd_notify(0, lines) > 0
+        !isSilent && sd_notify(0, lines) > 0
     }
 
     public func ready(status: String) { notify("READY=1\nSTATUS=\(Self.oneLine(status))") }
@@ -39,6 +46,7 @@ public struct SystemdNotifier: Sendable {
 
     /// The watchdog interval requested by the service manager for this process, if any.
     public func watchdogIntervalMicroseconds() -> UInt64? {
+        guard !isSilent else { return nil }
         var usec: UInt64 = 0
         return sd_watchdog_enabled(0, &usec) > 0 && usec > 0 ? usec : nil
     }
