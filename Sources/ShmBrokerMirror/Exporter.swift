@@ -97,6 +97,9 @@ final class Exporter: Sendable {
         var lastRevision: UInt64?
         var sent: (epoch: UInt64, version: UInt64) = (0, 0)
         var fenced = false
+        /// Where a version is read, verified, straight behind room for the value's header: the
+        /// value put to the bucket is this buffer, with no second copy.
+        var value: [UInt8] = []
 
         init(name: String, exporter: Exporter) {
             self.name = name
@@ -129,10 +132,12 @@ final class Exporter: Sendable {
         }
 
         /// Opens the segment (again) every second: the owner may have restarted, with the same
-        /// memory from its fd store (same epoch) or a new segment (new epoch).
+        /// memory from its fd store (same epoch) or a new segment (new epoch). A segment gone
+        /// from the owner (retired, or not opened yet) is tried every 100 ms.
         mutating func refreshSource() {
             let now = Clock.monotonicNanoseconds()
-            guard handle == nil || handle!.isRetired || now &- lastCheck >= 1_000_000_000 else { return }
+            let missing = handle == nil || handle!.isRetired
+            guard now &- lastCheck >= (missing ? 100_000_000 : 1_000_000_000) else { return }
             lastCheck = now
             let socket = exporter.settings.socket, name = self.name
             do {
@@ -155,6 +160,9 @@ final class Exporter: Sendable {
                     _ = metrics.firstTime("source", for: name)
                 }
                 available = false
+                // A retired mapping will never change again: drop it, so the loop sleeps instead
+                // of returning from its wait at once.
+                if handle?.isRetired == true { handle = nil }
                 if let client, case ShmBrokerClientError.disconnected = error {
                     client.close()
                     self.client = nil
@@ -165,22 +173,22 @@ final class Exporter: Sendable {
         /// Reads the newest version and puts it; on failure the next round sends whatever is
         /// newest then.
         mutating func export(_ handle: SegmentHandle, epoch: UInt64) {
-            let snapshot: SegmentSnapshot
+            let copied: SegmentReader.CopiedVersion
             do {
-                guard let read = try handle.read() else { return }
-                snapshot = read
+                guard let read = try readLatest(handle) else { return }
+                copied = read
             } catch {
                 count("source-read", error)
                 return
             }
             do {
                 if lastRevision == nil { lastRevision = try exporter.nats.get(key)?.revision ?? 0 }
-                try put(snapshot, epoch: epoch)
-                sent = (epoch, snapshot.version)
+                try put(copied, epoch: epoch)
+                sent = (epoch, copied.version)
                 metrics.update(name, direction: "export") {
                     $0.puts += 1
-                    $0.bytes += UInt64(snapshot.bytes.count)
-                    $0.localVersion = snapshot.version
+                    $0.bytes += UInt64(copied.length)
+                    $0.localVersion = copied.version
                 }
                 for cause in ["timeout", "permission", "no-responders", "disconnected", "error"] { metrics.cleared(cause, for: name) }
             } catch let error as NatsError where error.isWrongLastRevision {
@@ -191,33 +199,58 @@ final class Exporter: Sendable {
             }
         }
 
-        mutating func put(_ snapshot: SegmentSnapshot, epoch: UInt64) throws {
-            let chunkSize = exporter.configuration.chunkSize
-            let count = MirrorValue.chunkCount(length: UInt64(snapshot.bytes.count), chunkSize: chunkSize)
-            var header = MirrorValue(kind: .whole, epoch: epoch, version: snapshot.version, crc64: snapshot.crc64,
-                                     length: UInt64(snapshot.bytes.count), publishedAtNanoseconds: snapshot.publishedAtNanoseconds,
-                                     writer: exporter.writerID)
-            if count == 1 {
-                let value = snapshot.bytes.withUnsafeBytes { header.encoded(payload: $0) }
-                lastRevision = try exporter.nats.put(key, value, expectedRevision: lastRevision)
-                return
-            }
-            header.kind = .chunk
-            header.chunkCount = count
-            try snapshot.bytes.withUnsafeBytes { bytes in
-                for index in 0..<Int(count) {
-                    header.chunkIndex = UInt32(index)
-                    let start = index * chunkSize
-                    let piece = UnsafeRawBufferPointer(rebasing: bytes[start..<min(start + chunkSize, bytes.count)])
-                    _ = try exporter.nats.put(MirrorKeys.chunk(host: exporter.configuration.host, segment: name, index: index),
-                                              header.encoded(payload: piece))
+        /// Copies the latest version, verified, into `value` behind room for the header (the
+        /// seqlock read retried while the owner replaces the slot); nil if never published.
+        mutating func readLatest(_ handle: SegmentHandle) throws -> SegmentReader.CopiedVersion? {
+            let needed = MirrorValue.headerSize + handle.capacity
+            if value.count < needed { value = [UInt8](repeating: 0, count: needed) }
+            let attempts = 10_000
+            for _ in 0..<attempts {
+                let attempt = try value.withUnsafeMutableBytes { buffer in
+                    try handle.reader.readOnce(into: UnsafeMutableRawBufferPointer(rebasing: buffer[MirrorValue.headerSize...]))
+                }
+                switch attempt {
+                case .copied(let copied): return copied
+                case .neverPublished: return nil
+                case .retry: continue
                 }
             }
-            metrics.update(name, direction: "export") { $0.chunks += UInt64(count) }
-            header.kind = .commit
-            header.chunkIndex = 0
-            lastRevision = try exporter.nats.put(key, header.encoded(payload: UnsafeRawBufferPointer(start: nil, count: 0)),
-                                                 expectedRevision: lastRevision)
+            throw SegmentError.contended(attempts: attempts)
+        }
+
+        /// Puts the version `readLatest` left in `value`: whole, or as chunks and a commit. Each
+        /// value is written in place in the buffer: the header goes right in front of its bytes
+        /// (for chunk i, over the tail of chunk i − 1, which is already in the bucket).
+        mutating func put(_ copied: SegmentReader.CopiedVersion, epoch: UInt64) throws {
+            let chunkSize = exporter.configuration.chunkSize, headerSize = MirrorValue.headerSize
+            let count = MirrorValue.chunkCount(length: UInt64(copied.length), chunkSize: chunkSize)
+            var header = MirrorValue(kind: count == 1 ? .whole : .chunk, epoch: epoch, version: copied.version, crc64: copied.crc64,
+                                     length: UInt64(copied.length), publishedAtNanoseconds: copied.publishedAtNanoseconds,
+                                     chunkCount: count == 1 ? 0 : count, writer: exporter.writerID)
+            let nats = exporter.nats, host = exporter.configuration.host, name = self.name, key = self.key
+            var revision = lastRevision
+            try value.withUnsafeMutableBytes { buffer in
+                if count == 1 {
+                    header.write(into: buffer)
+                    revision = try nats.put(key, UnsafeRawBufferPointer(rebasing: buffer[0..<(headerSize + copied.length)]),
+                                            expectedRevision: revision)
+                    return
+                }
+                for index in 0..<Int(count) {
+                    header.chunkIndex = UInt32(index)
+                    let start = index * chunkSize  // the chunk's bytes start at start + headerSize
+                    let end = headerSize + min(start + chunkSize, copied.length)
+                    header.write(into: UnsafeMutableRawBufferPointer(rebasing: buffer[start..<end]))
+                    _ = try nats.put(MirrorKeys.chunk(host: host, segment: name, index: index),
+                                     UnsafeRawBufferPointer(rebasing: buffer[start..<end]))
+                }
+                header.kind = .commit
+                header.chunkIndex = 0
+                header.write(into: buffer)
+                revision = try nats.put(key, UnsafeRawBufferPointer(rebasing: buffer[0..<headerSize]), expectedRevision: revision)
+            }
+            lastRevision = revision
+            if count > 1 { metrics.update(name, direction: "export") { $0.chunks += UInt64(count) } }
         }
 
         /// A compare-and-set put failed: either one of our own earlier puts landed after all (its

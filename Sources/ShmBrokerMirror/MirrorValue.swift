@@ -64,20 +64,27 @@ public struct MirrorValue: Sendable, Equatable {
     public func encoded(payload: UnsafeRawBufferPointer) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: Self.headerSize + payload.count)
         bytes.withUnsafeMutableBytes { out in
-            out.storeBytes(of: Self.magic.littleEndian, toByteOffset: 0, as: UInt64.self)
-            out.storeBytes(of: UInt32(Self.headerSize).littleEndian, toByteOffset: 8, as: UInt32.self)
-            out.storeBytes(of: kind.rawValue.littleEndian, toByteOffset: 12, as: UInt32.self)
-            for (offset, field) in [(16, epoch), (24, version), (32, crc64), (40, length), (48, publishedAtNanoseconds)] {
-                out.storeBytes(of: field.littleEndian, toByteOffset: offset, as: UInt64.self)
-            }
-            out.storeBytes(of: chunkIndex.littleEndian, toByteOffset: 56, as: UInt32.self)
-            out.storeBytes(of: chunkCount.littleEndian, toByteOffset: 60, as: UInt32.self)
-            out.storeBytes(of: writer.littleEndian, toByteOffset: 64, as: UInt64.self)
+            write(into: out)
             if payload.count > 0 {
                 UnsafeMutableRawBufferPointer(rebasing: out[Self.headerSize...]).copyMemory(from: payload)
             }
         }
         return bytes
+    }
+
+    /// Writes the header into the first ``headerSize`` bytes of `out`, in front of a payload the
+    /// caller put there (the exporter reads a version straight in after it: no second copy).
+    public func write(into out: UnsafeMutableRawBufferPointer) {
+        precondition(out.count >= Self.headerSize)
+        out.storeBytes(of: Self.magic.littleEndian, toByteOffset: 0, as: UInt64.self)
+        out.storeBytes(of: UInt32(Self.headerSize).littleEndian, toByteOffset: 8, as: UInt32.self)
+        out.storeBytes(of: kind.rawValue.littleEndian, toByteOffset: 12, as: UInt32.self)
+        for (offset, field) in [(16, epoch), (24, version), (32, crc64), (40, length), (48, publishedAtNanoseconds)] {
+            out.storeBytes(of: field.littleEndian, toByteOffset: offset, as: UInt64.self)
+        }
+        out.storeBytes(of: chunkIndex.littleEndian, toByteOffset: 56, as: UInt32.self)
+        out.storeBytes(of: chunkCount.littleEndian, toByteOffset: 60, as: UInt32.self)
+        out.storeBytes(of: writer.littleEndian, toByteOffset: 64, as: UInt64.self)
     }
 
     /// Reads and checks a value from the bucket, which is treated as hostile: every field that

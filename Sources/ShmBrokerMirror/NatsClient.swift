@@ -224,15 +224,14 @@ public final class NatsClient: @unchecked Sendable {
 
     /// Puts `bytes` under `key`; with `expectedRevision`, only if that is still the key's last
     /// revision (0: only if the key does not exist). Returns the new revision.
-    public func put(_ key: String, _ bytes: [UInt8], expectedRevision: UInt64? = nil) throws(NatsError) -> UInt64 {
+    public func put(_ key: String, _ bytes: UnsafeRawBufferPointer, expectedRevision: UInt64? = nil) throws(NatsError) -> UInt64 {
         let store = try bucket()
         var revision: UInt64 = 0
-        let status = bytes.withUnsafeBytes { buffer in
-            switch expectedRevision {
-            case .none: return kvStore_Put(&revision, store, key, buffer.baseAddress, Int32(buffer.count))
-            case .some(0): return kvStore_Create(&revision, store, key, buffer.baseAddress, Int32(buffer.count))
-            case .some(let last): return kvStore_Update(&revision, store, key, buffer.baseAddress, Int32(buffer.count), last)
-            }
+        let status: natsStatus
+        switch expectedRevision {
+        case .none: status = kvStore_Put(&revision, store, key, bytes.baseAddress, Int32(bytes.count))
+        case .some(0): status = kvStore_Create(&revision, store, key, bytes.baseAddress, Int32(bytes.count))
+        case .some(let last): status = kvStore_Update(&revision, store, key, bytes.baseAddress, Int32(bytes.count), last)
         }
         try Self.check("put \(key)", status)
         return revision
