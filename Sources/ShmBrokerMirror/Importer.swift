@@ -78,9 +78,21 @@ final class Importer: Sendable {
         var watcher: BucketWatcher?
         var buffer: [UInt8] = []
         var lastEntryAt = Clock.monotonicNanoseconds(), lastPoll: UInt64 = 0
-        // The bucket revision of the last value applied: a watch that delivers older revisions
-        // after a partition (its backlog) is replaying, not offering a version from the past.
+        // The bucket revision of the last value taken (applied, or rejected as hostile): a watch
+        // that delivers older revisions after a partition (its backlog) is replaying, not
+        // offering a version from the past. A value that failed for a passing reason (a chunk
+        // could not be read) is not taken: the next delivery or read of the key tries it again.
         var appliedRevision: UInt64 = 0
+        func take(_ entry: BucketEntry) throws {
+            guard entry.isPut, entry.revision > appliedRevision else { return }
+            do {
+                try apply(entry.bytes, to: imported, buffer: &buffer)
+            } catch let error as MirrorValueError {
+                appliedRevision = entry.revision
+                throw error
+            }
+            appliedRevision = entry.revision
+        }
         let patience = UInt64(imported.settings.staleAfterSeconds * 1e9)
         while !stop.load(ordering: .relaxed) {
             do {
@@ -95,10 +107,7 @@ final class Importer: Sendable {
                     // while (after a partition a watch can stall): read the key itself, and restart
                     // a silent watch. A watch that delivers is left to catch up on its own.
                     lastPoll = now
-                    if let entry = try nats.get(key), entry.isPut, entry.revision > appliedRevision {
-                        appliedRevision = entry.revision
-                        try apply(entry.bytes, to: imported, buffer: &buffer)
-                    }
+                    if let entry = try nats.get(key) { try take(entry) }
                     if now &- lastEntryAt > 2 * patience {
                         watcher = nil
                         lastEntryAt = now
@@ -108,16 +117,14 @@ final class Importer: Sendable {
                 }
                 guard let entry = try watcher?.next(timeoutMilliseconds: 100) else { continue }
                 lastEntryAt = Clock.monotonicNanoseconds()
-                guard entry.isPut, entry.revision > appliedRevision else { continue }
-                appliedRevision = entry.revision
-                try apply(entry.bytes, to: imported, buffer: &buffer)
+                try take(entry)
             } catch let error as MirrorValueError {
                 reject(error, imported)
             } catch let error as NatsError {
                 watcher = nil
                 metrics.update(name, direction: "import") { $0.failures[error.cause, default: 0] += 1 }
                 if metrics.firstTime("watch", for: name) {
-                    logger.warning("cannot watch the source's key; retrying", metadata: [
+                    logger.warning("cannot watch or read the source's key; retrying", metadata: [
                         "segment": "\(name)", "key": "\(key)", "error": "\(error)", "serverSaid": "\(nats.lastAsyncError ?? "-")"])
                 }
                 usleep(250_000)
