@@ -9,7 +9,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cluster import BIN, HOSTS, Checker, Cluster, Publisher, wait_for, wait_socket  # noqa: E402
+from cluster import BIN, HOSTS, Checker, Cluster, Publisher, payload, wait_for, wait_socket  # noqa: E402
 from test_mirror_cluster import SERVER, pytestmark  # noqa: E402,F401
 
 
@@ -75,8 +75,8 @@ def test_a_host_cannot_write_another_hosts_keys_and_says_why(secure):
     process = cluster.spawn("mirror-rogue", [str(BIN / "shmbroker-mirror"), "--config", rogue], host="c")
     client = __import__("shmbroker").Client(a_socket, "rogue-test")
     try:
-        for _ in range(20):
-            client.publish("small", b"x" * 16)  # something for the rogue to try to export
+        for seq in range(20):
+            client.publish("small", payload(seq, 4096))  # something for the rogue to try to export
             time.sleep(0.1)
         wait_for(lambda: "Permissions Violation" in process.text(), 30, "the permission refusal in the rogue's log")
     finally:
@@ -85,9 +85,12 @@ def test_a_host_cannot_write_another_hosts_keys_and_says_why(secure):
         before.stop()
     text = process.text()
     assert '"$KV.shmbroker.a.seg.small"' in text or "$KV.shmbroker.a.seg.small" in text, text[-2000:]
-    # What B serves still comes from A's own mirror, checked byte by byte (the 16-byte publishes
-    # above are A's too: the checker's own checks would flag anything else).
-    assert "fenced" not in cluster.processes[1].text()
+    # What B served meanwhile came from A's own mirror, every byte checked, and A's mirror kept
+    # its key: the rogue's puts never landed.
+    assert not before.errors, before.errors[:3]
+    assert before.seen, "B kept receiving A's versions"
+    mirror_a = next(p for p in cluster.processes if p.name == "mirror-a")
+    assert "fenced" not in mirror_a.text()
 
 
 def test_a_plain_connection_to_a_tls_server_fails_clearly(secure):
