@@ -216,7 +216,7 @@ public struct BrokerConfiguration: Sendable, Equatable {
         var checker = ConfigurationChecker(environment: environment)
         let configuration = checker.configuration(root)
         if let configuration, checker.problems.isEmpty { return configuration }
-        throw ConfigurationError(file: file, problems: ConfigurationError.capped(checker.problems))
+        throw checker.error(file: file)
     }
 
     /// Parses sizes such as `4096`, `"512B"`, `"64KiB"`, `"16MiB"`, `"1GiB"`, `"10MB"`.

@@ -111,7 +111,7 @@ extension ShmBrokerOwner {
     /// Starts a claimed segment over: its memory is retired (readers see `retired` and a RETIRED
     /// event, as for a segment a reload removed, and open it again) and a fresh segment of the
     /// same definition takes its place, at version 0, published through the same handle. A
-    /// mirror does this when its source was recreated (a new epoch) with lower version numbers.
+    /// mirror does this when its source was recreated (a new epoch).
     ///
     /// - Parameter name: a segment this owner claimed with ``segment(_:)``.
     /// - Throws: ``OwnerError/noSuchSegment(_:)``, or ``OwnerError/startFailed(_:)`` if the
