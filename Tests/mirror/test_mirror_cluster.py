@@ -152,7 +152,8 @@ def test_versions_and_bytes_are_the_sources(env, small):
     check_payload(read.stdout)
     status = subprocess.run([str(BIN / "shmbrokerctl"), "status", "--socket", env.b_socket], capture_output=True, text=True, timeout=30)
     assert "mirror of a/small" in status.stdout and "fresh" in status.stdout, status.stdout
-    assert not any(stale for moment, stale in checker.stale_changes if moment > settled), "a fresh segment was flagged stale"
+    assert not any(stale for moment, stale in checker.stale_changes if moment > settled), \
+        "a fresh segment was flagged stale (the mirrors' logs say why):\n" + env.logs()
 
 
 def test_a_16_mib_segment_arrives_whole(env):
