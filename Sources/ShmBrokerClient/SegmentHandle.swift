@@ -36,6 +36,26 @@ public final class SegmentHandle: Sendable {
         }
     }
 
+    /// Reads the latest version block by block in place, handing each block to `consume` right
+    /// after verifying it against its checksum: a large version (a camera frame, a tensor) costs
+    /// one pass over memory and is never copied. See ``SegmentReader/readBlocks(maximumAttempts:_:)``
+    /// for what happens when the writer overtakes the read (it starts over at offset 0).
+    ///
+    /// - Parameter consume: gets each verified block in order (64 KiB, the last may be shorter);
+    ///   it must not keep the pointer.
+    /// - Returns: the version's number, length, CRC-64 and publish time, or nil if nothing was
+    ///   ever published.
+    /// - Throws: ``ShmBrokerClientError/segment(_:)`` for a block or version that fails its
+    ///   check, or whatever `consume` throws.
+    @discardableResult
+    public func readBlocks(_ consume: (SegmentReader.VerifiedBlock) throws -> Void) throws -> SegmentReader.CopiedVersion? {
+        do {
+            return try reader.readBlocks(consume)
+        } catch let error as SegmentError {
+            throw ShmBrokerClientError.segment(error)
+        }
+    }
+
     /// Blocks the calling thread until a version newer than `version` is published, the segment
     /// is retired, or the timeout passes. No socket is involved. Use it from a dedicated thread,
     /// not an async task.

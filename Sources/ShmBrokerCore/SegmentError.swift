@@ -10,6 +10,9 @@ public enum SegmentError: Error, Equatable, Sendable, CustomStringConvertible {
     case inconsistentHeader(String)
     /// The current version's content does not match its stored CRC-64.
     case checksumMismatch(version: UInt64, stored: UInt64, computed: UInt64)
+    /// One block of the current version does not match its entry in the slot's checksum table
+    /// (found by a block-by-block read before the block was handed on).
+    case blockChecksumMismatch(version: UInt64, block: Int, stored: UInt64, computed: UInt64)
     /// The writer replaced the slot on every attempt; the reader should try again.
     case contended(attempts: Int)
     /// A version published at a given number must come after the latest; nothing was written.
@@ -27,6 +30,8 @@ public enum SegmentError: Error, Equatable, Sendable, CustomStringConvertible {
             return "inconsistent segment header: \(detail)"
         case let .checksumMismatch(version, stored, computed):
             return "version \(version) fails its CRC-64 check (stored 0x\(String(stored, radix: 16)), computed 0x\(String(computed, radix: 16)))"
+        case let .blockChecksumMismatch(version, block, stored, computed):
+            return "version \(version) block \(block) fails its CRC-64 check (stored 0x\(String(stored, radix: 16)), computed 0x\(String(computed, radix: 16)))"
         case let .versionNotAfterLatest(version, latest):
             return "version \(version) is not after the segment's latest version \(latest); nothing was written"
         case let .contended(attempts):

@@ -1,7 +1,9 @@
 /// The byte layout of a segment's shared memory, as specified in `docs/LAYOUT.md`.
 ///
 /// All integers are little-endian. A segment is a 256-byte header followed by `slotCount` slots;
-/// version `v` is stored in slot `v % slotCount`. Every offset here is named once, so the document
+/// version `v` is stored in slot `v % slotCount`. After the slots comes each slot's table of block
+/// checksums (the CRC-64 of every ``checksumBlockSize`` bytes of its version), which lets a reader
+/// verify a large version block by block as it consumes it. Every offset here is named once, so the document
 /// and the code cannot drift apart silently (the layout tests check them against each other).
 public struct SegmentLayout: Sendable, Equatable {
     /// `"SHMBROKR"` as bytes, read as a little-endian `UInt64`.
@@ -30,6 +32,8 @@ public struct SegmentLayout: Sendable, Equatable {
         public static let flags = 0x1C
         public static let slotStride = 0x20
         public static let createdAt = 0x28
+        /// `u32`: bytes per checksummed block (a power of two), when the `blockChecksums` flag is set.
+        public static let checksumBlockSize = 0x30
         public static let name = 0x40
         public static let latestVersion = 0x80
         public static let futexWord = 0x88
@@ -54,7 +58,18 @@ public struct SegmentLayout: Sendable, Equatable {
         /// A mirrored segment whose source has not been heard from within its bound (see
         /// `docs/MIRROR.md`): the last good version stays readable, but it may be old.
         public static let stale: UInt32 = 4
+        /// The segment has block checksum tables after its slots, with blocks of the header's
+        /// `checksumBlockSize` bytes. Set by every writer since it was introduced; a segment
+        /// formatted by an older writer (kept through the fd store across an upgrade) lacks it.
+        public static let blockChecksums: UInt32 = 8
     }
+
+    /// The block size a writer formats new segments with: big enough that a block's checksum
+    /// (one table entry, one combination) is noise beside it, small enough that a block written or
+    /// read a moment ago is still in the core's L2 cache when it is checksummed.
+    public static let defaultChecksumBlockSize = 64 << 10
+    /// The block sizes a reader accepts: powers of two in this range.
+    public static let checksumBlockSizeRange: ClosedRange<Int> = 4096...(1 << 30)
 
     /// The wait board: a separate 4096-byte memfd, writable by readers, in which a reader counts
     /// itself while it sleeps on the segment's futex word, so that the writer makes no system
@@ -70,15 +85,41 @@ public struct SegmentLayout: Sendable, Equatable {
     public let capacity: Int
     /// Number of slots the writer rotates through.
     public let slotCount: Int
+    /// Bytes per checksummed block, or 0 for a segment without block checksum tables.
+    public let checksumBlockSize: Int
 
     /// Describes a segment layout.
     /// - Parameters:
     ///   - capacity: payload bytes per version, at least 1.
     ///   - slotCount: number of rotating slots, within ``slotCountRange``.
-    public init(capacity: Int, slotCount: Int) {
+    ///   - checksumBlockSize: bytes per block of the block checksum tables (a power of two within
+    ///     ``checksumBlockSizeRange``), or 0 for none (the layout of writers before them).
+    public init(capacity: Int, slotCount: Int, checksumBlockSize: Int = SegmentLayout.defaultChecksumBlockSize) {
         precondition(capacity >= 1 && SegmentLayout.slotCountRange.contains(slotCount))
+        precondition(checksumBlockSize == 0 || (SegmentLayout.checksumBlockSizeRange.contains(checksumBlockSize)
+                                                  && checksumBlockSize & (checksumBlockSize - 1) == 0))
         self.capacity = capacity
         self.slotCount = slotCount
+        self.checksumBlockSize = checksumBlockSize
+    }
+
+    /// Whether each slot has a table of block checksums.
+    public var hasBlockChecksums: Bool { checksumBlockSize != 0 }
+
+    /// Blocks in a full slot: `ceil(capacity / checksumBlockSize)` (0 without tables).
+    public var blocksPerSlot: Int { hasBlockChecksums ? (capacity + checksumBlockSize - 1) / checksumBlockSize : 0 }
+
+    /// Bytes from one slot's checksum table to the next's: 8 per block, rounded up to 64.
+    public var checksumTableStride: Int {
+        (blocksPerSlot * 8 + SegmentLayout.alignment - 1) / SegmentLayout.alignment * SegmentLayout.alignment
+    }
+
+    /// Offset of slot 0's checksum table: right after the last slot.
+    public var checksumTablesOffset: Int { SegmentLayout.headerSize + slotCount * slotStride }
+
+    /// Offset of the checksum table of the slot that holds `version`.
+    public func checksumTableOffset(forVersion version: UInt64) -> Int {
+        checksumTablesOffset + Int(version % UInt64(slotCount)) * checksumTableStride
     }
 
     /// Bytes from one slot's start to the next's.
@@ -86,8 +127,8 @@ public struct SegmentLayout: Sendable, Equatable {
         SegmentLayout.slotHeaderSize + (capacity + SegmentLayout.alignment - 1) / SegmentLayout.alignment * SegmentLayout.alignment
     }
 
-    /// The size of the whole segment file.
-    public var totalSize: Int { SegmentLayout.headerSize + slotCount * slotStride }
+    /// The size of the whole segment file: header, slots, checksum tables.
+    public var totalSize: Int { checksumTablesOffset + slotCount * checksumTableStride }
 
     /// Offset of the slot that holds `version`.
     public func slotOffset(forVersion version: UInt64) -> Int {

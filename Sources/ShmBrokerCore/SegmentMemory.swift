@@ -42,6 +42,11 @@ struct SegmentMemory: @unchecked Sendable {
 
     func slotData(_ slot: Int) -> UnsafeMutableRawPointer { base + slot + SegmentLayout.Slot.data }
 
+    /// The checksum table of the slot that holds `version`, or nil for a segment without tables.
+    func checksumTable(forVersion version: UInt64) -> UnsafeMutableRawPointer? {
+        layout.hasBlockChecksums ? base + layout.checksumTableOffset(forVersion: version) : nil
+    }
+
     /// The segment name stored in the header.
     var name: String {
         let bytes = UnsafeRawBufferPointer(start: base + SegmentLayout.Header.name, count: SegmentLayout.maximumNameLength)
@@ -67,7 +72,15 @@ struct SegmentMemory: @unchecked Sendable {
         guard capacity >= 1, capacity < UInt64(Int.max / 32), SegmentLayout.slotCountRange.contains(slots) else {
             throw .inconsistentHeader("capacity \(capacity) with \(slots) slots")
         }
-        let layout = SegmentLayout(capacity: Int(capacity), slotCount: slots)
+        // Block checksum tables: only when the flag says so (an older writer left the field 0).
+        var blockSize = 0
+        if field(UInt32.self, SegmentLayout.Header.flags) & SegmentLayout.Flags.blockChecksums != 0 {
+            blockSize = Int(field(UInt32.self, SegmentLayout.Header.checksumBlockSize))
+            guard SegmentLayout.checksumBlockSizeRange.contains(blockSize), blockSize & (blockSize - 1) == 0 else {
+                throw .inconsistentHeader("checksum block size \(blockSize) is not a power of two from 4096 to 2^30")
+            }
+        }
+        let layout = SegmentLayout(capacity: Int(capacity), slotCount: slots, checksumBlockSize: blockSize)
         let stride = field(UInt64.self, SegmentLayout.Header.slotStride)
         guard stride == UInt64(layout.slotStride) else {
             throw .inconsistentHeader("slot stride \(stride), expected \(layout.slotStride)")

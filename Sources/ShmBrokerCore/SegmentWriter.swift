@@ -15,6 +15,8 @@ public final class SegmentWriter: @unchecked Sendable {
     /// The wait board's mapping and its sleeper count; without one, every publish wakes.
     public let board: MappedRegion?
     private let sleepers: UnsafeAtomic<UInt32>?
+    /// The block size versions are checksummed in, with its shift operator.
+    private let blocks: BlockGeometry
 
     /// The segment's layout.
     public var layout: SegmentLayout { memory.layout }
@@ -34,11 +36,13 @@ public final class SegmentWriter: @unchecked Sendable {
         memory = SegmentMemory(region: region, layout: layout)
         self.board = board
         sleepers = board.map(Self.sleeperCount)
+        blocks = BlockGeometry(layout)
         memory.store(SegmentLayout.layoutVersion, at: SegmentLayout.Header.layoutVersion)
         memory.store(UInt32(SegmentLayout.headerSize), at: SegmentLayout.Header.headerSize)
         memory.store(UInt64(layout.capacity), at: SegmentLayout.Header.capacity)
         memory.store(UInt32(layout.slotCount), at: SegmentLayout.Header.slotCount)
-        memory.store(board == nil ? 0 : SegmentLayout.Flags.sleeperBoard, at: SegmentLayout.Header.flags)
+        memory.store(Self.baseFlags(layout, board: board), at: SegmentLayout.Header.flags)
+        memory.store(UInt32(layout.checksumBlockSize), at: SegmentLayout.Header.checksumBlockSize)
         memory.store(UInt64(layout.slotStride), at: SegmentLayout.Header.slotStride)
         memory.store(Clock.realtimeNanoseconds(), at: SegmentLayout.Header.createdAt)
         let nameBytes = Array(name.utf8.prefix(SegmentLayout.maximumNameLength))
@@ -64,6 +68,7 @@ public final class SegmentWriter: @unchecked Sendable {
         memory = SegmentMemory(region: region, layout: layout)
         self.board = board
         sleepers = board.map(Self.sleeperCount)
+        blocks = BlockGeometry(layout)
         let version = memory.latestVersion.load(ordering: .acquiring)
         if version > 0 {
             let slot = layout.slotOffset(forVersion: version)
@@ -76,11 +81,31 @@ public final class SegmentWriter: @unchecked Sendable {
                 throw .inconsistentHeader("version \(version) claims \(length) bytes, capacity is \(layout.capacity)")
             }
             let stored = memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64)
-            let computed = CRC64.checksum(UnsafeRawBufferPointer(start: memory.slotData(slot), count: length))
+            // Recomputed block by block into a scratch table, so that both the whole CRC and
+            // every block's table entry are checked.
+            var scratch = [UInt64](repeating: 0, count: max((length + blocks.size - 1) / blocks.size, 1))
+            let computed = scratch.withUnsafeMutableBytes { table in
+                var checksummer = BlockChecksummer(blocks: blocks, table: table.baseAddress)
+                checksummer.absorb(UnsafeRawBufferPointer(start: memory.slotData(slot), count: length))
+                return checksummer.finish()
+            }
             guard stored == computed else { throw .checksumMismatch(version: version, stored: stored, computed: computed) }
+            if let table = memory.checksumTable(forVersion: version) {
+                for block in 0..<(length + blocks.size - 1) / blocks.size {
+                    let entry = UInt64(littleEndian: table.load(fromByteOffset: block * 8, as: UInt64.self))
+                    guard entry == scratch[block] else {
+                        throw .inconsistentHeader("version \(version): checksum of block \(block) is \(String(entry, radix: 16)), its bytes give \(String(scratch[block], radix: 16))")
+                    }
+                }
+            }
         }
         // A previous writer may have died while its retired flag was set; adoption revives it.
-        memory.atomic32(at: SegmentLayout.Header.flags).store(board == nil ? 0 : SegmentLayout.Flags.sleeperBoard, ordering: .releasing)
+        memory.atomic32(at: SegmentLayout.Header.flags).store(Self.baseFlags(layout, board: board), ordering: .releasing)
+    }
+
+    /// The flags of a live segment: the board's and the tables' bits, nothing retired or stale.
+    private static func baseFlags(_ layout: SegmentLayout, board: MappedRegion?) -> UInt32 {
+        (board == nil ? 0 : SegmentLayout.Flags.sleeperBoard) | (layout.hasBlockChecksums ? SegmentLayout.Flags.blockChecksums : 0)
     }
 
     private static func sleeperCount(_ board: MappedRegion) -> UnsafeAtomic<UInt32> {
@@ -136,11 +161,15 @@ public final class SegmentWriter: @unchecked Sendable {
             throw .payloadTooLarge(length: bytes.count, capacity: layout.capacity)
         }
         let (version, slot) = beginWrite()
-        // Copy and checksum: in one pass, or for mid sizes in two (see CRC64.copyThenChecksum).
-        let crc = source == .writtenByAnotherCore && CRC64.isHardwareAccelerated && CRC64.twoPassPublishSizes.contains(bytes.count)
-            ? CRC64.copyThenChecksum(from: bytes, to: memory.slotData(slot))
-            : CRC64.copyAndChecksum(from: bytes, to: memory.slotData(slot))
-        return commit(version: version, slot: slot, length: bytes.count, crc: crc)
+        // Copy and checksum a block at a time: in one pass, or for mid sizes copy then checksum
+        // each block while it is in cache (see CRC64.copyThenChecksum).
+        var checksummer = BlockChecksummer(blocks: blocks, table: memory.checksumTable(forVersion: version))
+        if source == .writtenByAnotherCore && CRC64.isHardwareAccelerated && CRC64.twoPassPublishSizes.contains(bytes.count) {
+            checksummer.copyThenAbsorb(from: bytes, to: memory.slotData(slot))
+        } else {
+            checksummer.copy(from: bytes, to: memory.slotData(slot))
+        }
+        return commit(version: version, slot: slot, length: bytes.count, crc: checksummer.finish())
     }
 
     /// Publishes the next version by letting `fill` write exactly `length` bytes into its slot.
@@ -169,14 +198,78 @@ public final class SegmentWriter: @unchecked Sendable {
         return commit(reservation)
     }
 
+    /// Publishes the next version by letting `fill` write it into its slot one block at a time,
+    /// in order; each block is checksummed right after `fill` returns, while it is still in cache,
+    /// so the version costs one pass over memory (``publish(length:fill:)`` checksums the whole
+    /// slot afterwards, a second pass once the version outgrows the cache).
+    ///
+    /// If `fill` throws, the slot is left marked as being written and the latest version is
+    /// unchanged: readers keep reading the previous version, and the error is rethrown.
+    ///
+    /// - Parameters:
+    ///   - length: the payload's length; checked against the capacity before anything is touched.
+    ///   - fill: writes the block it is given, which starts `offset` bytes into the payload and is
+    ///     ``SegmentLayout/checksumBlockSize`` bytes long (the last one may be shorter).
+    @discardableResult
+    public func publish<E: Error>(
+        length: Int, fillingBlocks fill: (_ block: UnsafeMutableRawBufferPointer, _ offset: Int) throws(E) -> Void
+    ) throws(PublishFailure<E>) -> PublishReceipt {
+        var reservation: SlotReservation
+        do {
+            reservation = try reserve(length: length)
+        } catch {
+            throw .segment(error)
+        }
+        var offset = 0
+        while offset < length {
+            let block = UnsafeMutableRawBufferPointer(rebasing: reservation.buffer[offset..<min(length, offset + blocks.size)])
+            do {
+                try fill(block, offset)
+            } catch {
+                throw .fill(error)
+            }
+            reservation.markWritten(through: offset + block.count)
+            offset += block.count
+        }
+        return commit(reservation)
+    }
+
     /// The next version's slot, claimed for a caller that fills it over time (a loan): readers
     /// keep reading the latest version until ``commit(_:)``; a reservation never committed leaves
     /// everything as it was (the next publish claims the same slot).
+    ///
+    /// A reservation filled in order can be checksummed as it goes, each piece while it is still
+    /// in cache: ``append(_:)`` copies and checksums in one pass; a caller that writes into
+    /// ``buffer`` itself says how far it got with ``markWritten(through:)``. Whatever is not
+    /// checksummed by then is checksummed in place by the commit.
     public struct SlotReservation {
         let version: UInt64
         let slot: Int
         /// Where the payload goes: exactly the length reserved.
         public let buffer: UnsafeMutableRawBufferPointer
+        var checksummer: BlockChecksummer
+
+        /// Bytes of the payload final and checksummed so far (appended or marked written).
+        public var written: Int { checksummer.covered }
+
+        /// Copies `bytes` into the buffer after the bytes already written, checksumming them in
+        /// the same pass.
+        ///
+        /// - Precondition: they fit: `written + bytes.count <= buffer.count`.
+        public mutating func append(_ bytes: UnsafeRawBufferPointer) {
+            precondition(bytes.count <= buffer.count - written, "appending \(bytes.count) bytes after \(written) of \(buffer.count)")
+            checksummer.copy(from: bytes, to: buffer.baseAddress! + written)
+        }
+
+        /// Declares the first `end` bytes of the buffer final: those not yet checksummed are
+        /// checksummed now, while the caller's writes are still in cache. They must not change
+        /// afterwards (a reader would find them corrupt).
+        ///
+        /// - Precondition: `written <= end <= buffer.count`.
+        public mutating func markWritten(through end: Int) {
+            precondition(end >= written && end <= buffer.count, "marking \(end) bytes written, \(written) already, \(buffer.count) reserved")
+            checksummer.absorb(UnsafeRawBufferPointer(rebasing: buffer[written..<end]))
+        }
     }
 
     /// Claims the next version's slot for `length` bytes.
@@ -186,16 +279,19 @@ public final class SegmentWriter: @unchecked Sendable {
         guard length >= 0, length <= layout.capacity else { throw .payloadTooLarge(length: length, capacity: layout.capacity) }
         let (version, slot) = beginWrite()
         return SlotReservation(version: version, slot: slot,
-                               buffer: UnsafeMutableRawBufferPointer(start: memory.slotData(slot), count: length))
+                               buffer: UnsafeMutableRawBufferPointer(start: memory.slotData(slot), count: length),
+                               checksummer: BlockChecksummer(blocks: blocks, table: memory.checksumTable(forVersion: version)))
     }
 
-    /// Makes a reservation's bytes the latest version: checksums them in place, then commits.
+    /// Makes a reservation's bytes the latest version: checksums in place those not yet
+    /// checksummed (appended or marked written), then commits.
     /// Nothing may publish to the segment between ``reserve(length:)`` and this call.
     @discardableResult
-    public func commit(_ reservation: SlotReservation) -> PublishReceipt {
+    public func commit(_ reservation: consuming SlotReservation) -> PublishReceipt {
         precondition(reservation.version == latestVersion &+ 1, "another version was published during the reservation")
+        reservation.markWritten(through: reservation.buffer.count)
         return commit(version: reservation.version, slot: reservation.slot, length: reservation.buffer.count,
-                      crc: CRC64.checksum(UnsafeRawBufferPointer(reservation.buffer)))
+                      crc: reservation.checksummer.finish())
     }
 
     /// Claims the slot of the next version: its sequence is cleared before any byte changes.
@@ -253,7 +349,9 @@ public final class SegmentWriter: @unchecked Sendable {
         }
         memory.slotSequence(slot).store(0, ordering: .relaxed)
         atomicMemoryFence(ordering: .releasing)
-        let crc = CRC64.copyAndChecksum(from: bytes, to: memory.slotData(slot))
+        var checksummer = BlockChecksummer(blocks: blocks, table: memory.checksumTable(forVersion: version))
+        checksummer.copy(from: bytes, to: memory.slotData(slot))
+        let crc = checksummer.finish()
         guard crc == expectedCRC else { throw .checksumMismatch(version: version, stored: expectedCRC, computed: crc) }
         return commit(version: version, slot: slot, length: bytes.count, crc: crc, at: publishedAtNanoseconds)
     }
@@ -286,7 +384,7 @@ public final class SegmentWriter: @unchecked Sendable {
 
     /// Marks the segment retired: readers' waits return and reads report ``SegmentError/retired``.
     public func retire() {
-        memory.atomic32(at: SegmentLayout.Header.flags).store(SegmentLayout.Flags.retired, ordering: .releasing)
+        _ = memory.atomic32(at: SegmentLayout.Header.flags).loadThenBitwiseOr(with: SegmentLayout.Flags.retired, ordering: .releasing)
         memory.futexWord.wrappingIncrement(ordering: .sequentiallyConsistent)
         wakeAllWaiters()
     }

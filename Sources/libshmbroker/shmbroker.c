@@ -310,6 +310,8 @@ struct shmb_segment {
     uint32_t *sleepers;  /* the wait board's count, or NULL */
     uint64_t capacity, stride;
     uint32_t slots;
+    /* Block checksum tables (LAYOUT.md, "Block checksums"): block_size 0 when there are none. */
+    uint64_t block_size, tables, table_stride;
 };
 
 /* A descriptor from the owner may be mapped for `length` bytes: a regular file that long, sealed
@@ -379,6 +381,16 @@ int shmb_open(shmb_client *c, const char *name, shmb_segment **out) {
                 || s->stride != WIRE_SEGMENT_SLOT_HEADER_SIZE + ((s->capacity + 63) / WIRE_SEGMENT_ALIGNMENT) * WIRE_SEGMENT_ALIGNMENT
                 || s->stride > s->size || WIRE_SEGMENT_HEADER_SIZE + (uint64_t)s->slots * s->stride > s->size) {
                 status = fail(SHMB_ERR_BAD_SEGMENT, "segment \"%s\": the header does not match the mapping", name);
+            } else if (load32(s->base + WIRE_SEG_FLAGS) & WIRE_SEG_FLAG_BLOCK_CHECKSUMS) {
+                uint64_t block = load32(s->base + WIRE_SEG_CHECKSUM_BLOCK_SIZE);
+                uint64_t tables = WIRE_SEGMENT_HEADER_SIZE + (uint64_t)s->slots * s->stride;
+                uint64_t table_stride = ((s->capacity + block - 1) / (block ? block : 1) * 8 + 63) / 64 * 64;
+                if (block < WIRE_SEGMENT_MIN_CHECKSUM_BLOCK || block > WIRE_SEGMENT_MAX_CHECKSUM_BLOCK || (block & (block - 1))
+                    || tables + (uint64_t)s->slots * table_stride > s->size) {
+                    status = fail(SHMB_ERR_BAD_SEGMENT, "segment \"%s\": the checksum tables do not match the mapping", name);
+                } else {
+                    s->block_size = block; s->tables = tables; s->table_stride = table_stride;
+                }
             }
         }
     }
@@ -446,6 +458,88 @@ int shmb_read_borrowed(shmb_segment *s, const void **data, shmb_version_info *in
     if (!data) return fail(SHMB_ERR_INVALID_ARGUMENT, "data is required");
     return read_latest(s, NULL, 0, data, info);
 }
+
+/* ---- block by block (LAYOUT.md, "Block checksums") ------------------------------------ */
+
+/* The product of two polynomials modulo the CRC-64/XZ polynomial, in the reflected bit order. */
+static uint64_t multiply_mod_p(uint64_t a, uint64_t b) {
+    uint64_t product = 0;
+    while (a) {
+        if (a & (1ull << 63)) product ^= b;
+        a <<= 1;
+        b = (b & 1) ? (b >> 1) ^ 0xC96C5795D7870F42ull : b >> 1;
+    }
+    return product;
+}
+
+/* x^(8 * bytes) modulo the polynomial: the operator that moves a CRC past `bytes` bytes. */
+static uint64_t shift_operator(uint64_t bytes) {
+    uint64_t product = 1ull << 63, power = 1ull << 62;  /* x^0, x^1 */
+    for (int i = 0; i < 3; i++) power = multiply_mod_p(power, power);  /* x^8: one byte */
+    for (; bytes; bytes >>= 1) {
+        if (bytes & 1) product = multiply_mod_p(power, product);
+        power = multiply_mod_p(power, power);
+    }
+    return product;
+}
+
+/* The CRC-64/XZ of a || b from crc(a), crc(b) and len(b), given shift_operator(len(b)). */
+static uint64_t combine(uint64_t first, uint64_t second, uint64_t shift) { return multiply_mod_p(shift, first) ^ second; }
+
+/* One attempt of a block read: 0 = done, 1 = retry, else an error or the consumer's value. */
+static int blocks_attempt(shmb_segment *s, shmb_block_fn consume, void *context, shmb_version_info *info, uint64_t full_shift) {
+    uint64_t version = load64(s->base + WIRE_SEG_LATEST_VERSION);
+    if (version == 0) return fail(SHMB_ERR_NEVER_PUBLISHED, "nothing was ever published");
+    const uint8_t *slot = slot_of(s, version);
+    if (load64(slot) != version) return 1;
+    uint64_t length = load64(slot + 8), crc = load64(slot + 16), published = load64(slot + 24);
+    if (length > s->capacity) return 1;
+    info->version = version; info->length = length; info->crc64 = crc; info->published_at_ns = published;
+    const uint8_t *data = slot + WIRE_SLOT_DATA;
+    uint64_t block = s->block_size ? s->block_size : 65536;
+    const uint8_t *table = s->block_size ? s->base + s->tables + (version % s->slots) * s->table_stride : NULL;
+    if (!table) {  /* no table: the whole version is verified before its first block is handed on */
+        uint64_t computed = shmb_crc64(data, (size_t)length);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (load64(slot) != version) return 1;
+        if (computed != crc) return fail(SHMB_ERR_CORRUPT, "version %llu fails its CRC-64", (unsigned long long)version);
+    }
+    uint64_t combined = 0;
+    for (uint64_t offset = 0, index = 0; offset < length; offset += block, index++) {
+        size_t n = (size_t)(length - offset < block ? length - offset : block);
+        if (table) {
+            uint64_t entry = load64(table + index * 8);
+            uint64_t computed = shmb_crc64(data + offset, n);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (load64(slot) != version) return 1;
+            if (computed != entry) {
+                return fail(SHMB_ERR_CORRUPT, "version %llu block %llu fails its CRC-64", (unsigned long long)version, (unsigned long long)index);
+            }
+            combined = index == 0 ? computed : combine(combined, computed, n == block ? full_shift : shift_operator(n));
+            if (offset + n == length && combined != crc) {
+                return fail(SHMB_ERR_CORRUPT, "version %llu: its block checksums do not add up to its CRC-64", (unsigned long long)version);
+            }
+        }
+        int verdict = consume(data + offset, n, offset, context);
+        if (verdict) return verdict == 1 ? fail(SHMB_ERR_INVALID_ARGUMENT, "the consumer returned 1, which is reserved") : verdict;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (load64(slot) != version) return 1;  /* overtaken while consumed: start over */
+    }
+    if (table && length == 0 && crc != 0) return fail(SHMB_ERR_CORRUPT, "version %llu fails its CRC-64", (unsigned long long)version);
+    return 0;
+}
+
+int shmb_read_blocks(shmb_segment *s, shmb_block_fn consume, void *context, shmb_version_info *info) {
+    if (!s || !consume || !info) return fail(SHMB_ERR_INVALID_ARGUMENT, "segment, consumer and info are required");
+    uint64_t full_shift = shift_operator(s->block_size ? s->block_size : 65536);
+    for (int tries = 0; tries < 10000; tries++) {
+        int status = blocks_attempt(s, consume, context, info, full_shift);
+        if (status != 1) return status;
+    }
+    return fail(SHMB_ERR_CONTENDED, "the writer replaced the version during 10000 attempts");
+}
+
+uint64_t shmb_checksum_block_size(const shmb_segment *s) { return s->block_size; }
 
 int shmb_still_current(const shmb_segment *s, const shmb_version_info *info) {
     __atomic_thread_fence(__ATOMIC_ACQUIRE);

@@ -48,7 +48,7 @@ cc -o "$work/crc" "$work/crc.c" $(PKG_CONFIG_PATH="$work/prefix/lib/pkgconfig" p
 
 # Against a hostile owner (Tests/hostile/server.py): every scenario must end in an error, not in a
 # crash or a sanitizer report.
-for scenario in short-file short-sealed huge-capacity unsealed short-board pipe status-overflow status-long silent; do
+for scenario in short-file short-sealed huge-capacity unsealed short-board pipe bad-blocks corrupt-block status-overflow status-long silent; do
     hostile="$work/hostile-$scenario.sock"
     python3 Tests/hostile/server.py "$hostile" "$scenario" >/dev/null &
     hostile_pid=$!

@@ -27,6 +27,24 @@ static void *wait_thread(void *argument) {
     return NULL;
 }
 
+/* Gathers the blocks of shmb_read_blocks into `out`, checking they come in order. */
+struct gather { unsigned char *out; size_t received; int calls, out_of_order; };
+
+static int gather_block(const void *block, size_t length, uint64_t offset, void *context) {
+    struct gather *g = context;
+    if (offset == 0) g->received = 0, g->calls = 0;  /* a read that started over */
+    if (offset != g->received) g->out_of_order++;
+    memcpy(g->out + offset, block, length);
+    g->received += length;
+    g->calls++;
+    return 0;
+}
+
+static int stop_at_second(const void *block, size_t length, uint64_t offset, void *context) {
+    (void)block; (void)length; (void)context;
+    return offset > 0 ? -7 : 0;
+}
+
 static void as_root(const char *socket_path) {
     shmb_client *client = NULL, *other = NULL;
     CHECK(shmb_connect(socket_path, "c-test", &client) == SHMB_OK, "connect");
@@ -59,6 +77,14 @@ static void as_root(const char *socket_path) {
     shmb_segment *bigseg = NULL;
     CHECK(shmb_open(client, "big", &bigseg) == SHMB_OK, "open big");
     CHECK(shmb_read(bigseg, copy, 1 << 20, &info) == SHMB_OK && info.length == big_length && memcmp(copy, big, big_length) == 0, "big content");
+
+    /* Block by block: every block verified before it is handed on, in order, in place. */
+    CHECK(shmb_checksum_block_size(bigseg) == 65536, "the daemon's segments have 64 KiB checksum blocks");
+    struct gather g = { copy, 0, 0, 0 };
+    CHECK(shmb_read_blocks(bigseg, gather_block, &g, &info) == SHMB_OK, "block read");
+    CHECK(info.length == big_length && g.received == big_length && g.calls == 5 && g.out_of_order == 0
+          && memcmp(copy, big, big_length) == 0, "blocks: %zu bytes in %d calls", g.received, g.calls);
+    CHECK(shmb_read_blocks(bigseg, stop_at_second, &g, &info) == -7, "a consumer's non-zero value stops the read and is returned");
     shmb_segment_close(bigseg);
 
     /* Errors carry the protocol's codes and names. */
@@ -153,6 +179,21 @@ static void against_hostile(const char *socket_path, const char *scenario) {
         int status = shmb_status(client, &json, NULL);
         CHECK(status == SHMB_ERR_PROTOCOL, "%s: STATUS refused (got %d)", scenario, status);
         free(json);
+    } else if (strcmp(scenario, "corrupt-block") == 0) {  /* valid, but its second block is corrupt */
+        shmb_segment *segment = NULL;
+        CHECK(shmb_open(client, "hostile", &segment) == SHMB_OK, "a segment with block checksums opens");
+        if (segment) {
+            unsigned char out[8192 + 100];
+            struct gather g = { out, 0, 0, 0 };
+            shmb_version_info info;
+            int status = shmb_read_blocks(segment, gather_block, &g, &info);
+            CHECK(status == SHMB_ERR_CORRUPT && strstr(shmb_error_message(), "block 1") != NULL,
+                  "the corrupt block is reported (got %d)", status);
+            CHECK(g.calls == 1 && g.received == 4096, "only the block before it was handed on (%d calls)", g.calls);
+            char whole[8192 + 100];
+            CHECK(shmb_read(segment, whole, sizeof whole, &info) == SHMB_OK, "a whole read checks the whole CRC, which is right");
+            shmb_segment_close(segment);
+        }
     } else {
         shmb_segment *segment = NULL;
         int status = shmb_open(client, "hostile", &segment);

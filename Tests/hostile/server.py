@@ -14,6 +14,10 @@ Scenarios (every OPEN is answered with the segment below; every STATUS as said):
   status-overflow STATUS_REPORT_FILE says 2^64-1 bytes and attaches a 10-byte memfd
   status-long     STATUS_REPORT_FILE says 2^40 bytes and attaches a 10-byte memfd
   pipe            OPENED attaches a pipe instead of a memfd
+  bad-blocks      a segment whose header announces block checksum tables with a block size that
+                  is not a power of two, and tables that would end past the mapping
+  corrupt-block   a valid segment with block checksum tables (4 KiB blocks) whose version 1 has
+                  a second block that does not match its table entry (the whole CRC is right)
   silent          answers the handshake, then never another request
   wrong-replies   answers OPEN with a reply to another request id, SUBSCRIBE with a truncated
                   SUBSCRIBED plus two descriptors, and STATUS with a frame whose length lies
@@ -67,6 +71,8 @@ def segment(scenario):
         slot = 256 + 1 * stride_of(capacity)
         os.pwrite(fd, struct.pack("<QQQQ", 1, 1_000_000, 0, 0), slot)
         return [fd, memfd(4096)], 4096, 4096
+    if scenario in ("bad-blocks", "corrupt-block"):
+        return block_segment(scenario)
     capacity, slots = 64, 2
     total = 256 + slots * stride_of(capacity)
     if scenario == "pipe":
@@ -79,6 +85,37 @@ def segment(scenario):
     os.pwrite(fd, struct.pack("<QQQQ", 1, 0, 0, 0), slot)
     board = memfd(0) if scenario == "short-board" else memfd(4096)
     return [fd, board], total, capacity
+
+
+def crc64_xz(data):
+    crc = 0xFFFFFFFFFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xC96C5795D7870F42 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFFFFFFFFFF
+
+
+def block_segment(scenario):
+    """A segment with block checksum tables (LAYOUT.md, "Block checksums"), 4 KiB blocks."""
+    capacity, slots, block = 8192 + 100, 2, 4096
+    stride = stride_of(capacity)
+    tables = 256 + slots * stride
+    table_stride = ((capacity + block - 1) // block * 8 + 63) // 64 * 64
+    total = tables + slots * table_stride
+    header = segment_header(capacity, slots, stride)
+    struct.pack_into("<I", header, 0x1C, 2 | 8)  # sleeper board, block checksums
+    struct.pack_into("<I", header, 0x30, 3000 if scenario == "bad-blocks" else block)
+    fd = memfd(total)
+    os.pwrite(fd, header, 0)
+    data = bytes((index * 31 + 7) & 0xFF for index in range(capacity))
+    slot = 256 + 1 * stride
+    os.pwrite(fd, struct.pack("<QQQQ", 1, len(data), crc64_xz(data), 0), slot)
+    os.pwrite(fd, data, slot + 64)
+    entries = [crc64_xz(data[offset:offset + block]) for offset in range(0, len(data), block)]
+    entries[1] ^= 0x5A  # the second block's entry is wrong
+    os.pwrite(fd, struct.pack(f"<{len(entries)}Q", *entries), tables + 1 * table_stride)
+    return [fd, memfd(4096)], total - (64 if scenario == "bad-blocks" else 0), capacity
 
 
 def string(text):

@@ -117,6 +117,33 @@ def test_large_publish_travels_in_a_memfd_and_borrow_is_zero_copy(daemon):
             assert segment.read().version == receipt.version
 
 
+def test_read_blocks_yields_verified_blocks_in_order(daemon):
+    payload = bytes((index * 13) & 0xFF for index in range(300_000))
+    with shmbroker.connect(daemon) as client:
+        receipt = client.publish("big", payload)
+        with client.open("big") as segment:
+            assert segment.checksum_block_size == 65536
+            blocks = list(segment.read_blocks())
+            assert [block.offset for block in blocks] == [0, 65536, 131072, 196608, 262144]
+            assert all(block.version == receipt.version and block.length == len(payload) for block in blocks)
+            assert b"".join(block.data for block in blocks) == payload
+            client.publish("big", b"")
+            assert list(segment.read_blocks()) == []
+
+
+def test_a_corrupt_block_is_reported_before_it_is_yielded(hostile):
+    with shmbroker.connect(hostile("corrupt-block")) as client:
+        with client.open("hostile") as segment:
+            assert segment.checksum_block_size == 4096
+            handed = []
+            with pytest.raises(shmbroker.ShmBrokerError) as raised:
+                for block in segment.read_blocks():
+                    handed.append(block.offset)
+            assert raised.value.code == shmbroker.CORRUPT and "block 1" in str(raised.value)
+            assert handed == [0], "only the block before the corrupt one was yielded"
+            assert len(segment.read().data) == 8192 + 100, "a whole read checks the whole CRC, which is right"
+
+
 def test_errors_carry_the_protocol_codes(daemon):
     with shmbroker.connect(daemon) as client:
         with pytest.raises(shmbroker.ShmBrokerError) as missing:
@@ -215,7 +242,7 @@ def run_client(code, socket_path):
     return subprocess.run([sys.executable, "-c", script, socket_path], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("scenario", ["short-file", "short-sealed", "huge-capacity", "unsealed", "short-board", "pipe"])
+@pytest.mark.parametrize("scenario", ["short-file", "short-sealed", "huge-capacity", "unsealed", "short-board", "pipe", "bad-blocks"])
 def test_a_hostile_segment_descriptor_is_refused_not_mapped(hostile, scenario):
     result = run_client(
         "client = shmbroker.connect(sys.argv[1])\n"

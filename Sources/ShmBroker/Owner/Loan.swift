@@ -6,10 +6,17 @@ extension OwnedSegment {
     /// the segment as it was. Readers keep reading the latest version meanwhile.
     ///
     /// ```swift
-    /// let loan = try segment.loan(length: frameSize)
-    /// camera.capture(into: loan.buffer)      // fill in place, in pieces if need be
-    /// let receipt = loan.publish()           // CRC over the slot, then visible to readers
+    /// var loan = try segment.loan(length: frameSize)
+    /// for row in stride(from: 0, to: frameSize, by: rowBytes) {
+    ///     camera.capture(row: row, into: loan.buffer)
+    ///     loan.markWritten(through: row + rowBytes)   // checksummed now, while in cache
+    /// }
+    /// let receipt = loan.publish()                    // the rest checksummed, then visible
     /// ```
+    ///
+    /// A loan filled in order costs one pass over memory: ``append(_:)`` copies and checksums
+    /// together, and ``markWritten(through:)`` checksums what the caller wrote in place while it is
+    /// still in cache. Whatever was not checksummed that way is checksummed by ``publish()``.
     ///
     /// While a loan is out, the segment is this thread's: another publish fails with
     /// `concurrent-publish`, and a reload that resizes or retires the segment waits for the loan
@@ -19,7 +26,7 @@ extension OwnedSegment {
         // retained for the loan's lifetime by hand (passRetained, released when the loan ends).
         private let segment: Unmanaged<OwnedSegment>
         private let writer: Unmanaged<SegmentWriter>
-        private let reservation: SegmentWriter.SlotReservation
+        private var reservation: SegmentWriter.SlotReservation
 
         init(segment: OwnedSegment, writer: Unmanaged<SegmentWriter>, reservation: SegmentWriter.SlotReservation) {
             self.segment = Unmanaged.passRetained(segment)
@@ -30,7 +37,22 @@ extension OwnedSegment {
         /// The slot's payload area: exactly the length asked for.
         public var buffer: UnsafeMutableRawBufferPointer { reservation.buffer }
 
-        /// Publishes what the buffer holds as the next version (CRC-64 computed over it in place)
+        /// Bytes of the payload final and checksummed so far.
+        public var written: Int { reservation.written }
+
+        /// Copies `bytes` into the buffer after the ``written`` bytes, checksumming them in the
+        /// same pass.
+        ///
+        /// - Precondition: they fit in the length lent.
+        public mutating func append(_ bytes: UnsafeRawBufferPointer) { reservation.append(bytes) }
+
+        /// Declares the first `end` bytes of the buffer final and checksums those not yet
+        /// checksummed, while they are in cache. They must not change afterwards.
+        ///
+        /// - Precondition: `written <= end <= buffer.count`.
+        public mutating func markWritten(through end: Int) { reservation.markWritten(through: end) }
+
+        /// Publishes what the buffer holds as the next version (CRC-64 computed over what was not yet checksummed)
         /// and wakes readers, as ``OwnedSegment/publish(_:)-(UnsafeRawBufferPointer)`` does.
         @discardableResult
         public consuming func publish() -> PublishReceipt {

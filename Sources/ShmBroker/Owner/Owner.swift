@@ -344,6 +344,43 @@ public final class OwnedSegment: @unchecked Sendable {
         return receipt
     }
 
+    /// Publishes the next version by letting `fill` write it into the slot one block at a time,
+    /// in order: each block is checksummed right after `fill` returns, while it is still in cache,
+    /// so a large version costs one pass over memory (``publish(length:_:)`` checksums the slot
+    /// after the fill, a second pass once the version outgrows the cache).
+    ///
+    /// ```swift
+    /// try frames.publish(length: frame.count) { block, offset in
+    ///     decoder.decode(into: block, at: offset)   // 64 KiB at a time
+    /// }
+    /// ```
+    ///
+    /// - Parameters:
+    ///   - length: the payload's length, checked against the capacity before anything is touched.
+    ///   - fill: writes the block it gets, which starts `offset` bytes into the payload (blocks of
+    ///     the segment's checksum block size, 64 KiB; the last may be shorter). If it throws,
+    ///     readers keep the previous version and the error is rethrown.
+    @discardableResult
+    public func publish(length: Int, fillingBlocks fill: (_ block: UnsafeMutableRawBufferPointer, _ offset: Int) throws -> Void) throws -> PublishReceipt {
+        let writer = try enter()
+        defer { leave() }
+        let outcome = writer._withUnsafeGuaranteedRef { writer -> Result<PublishReceipt, any Error> in
+            do throws(PublishFailure<AnyFillError>) {
+                return .success(try writer.publish(length: length, fillingBlocks: { (block: UnsafeMutableRawBufferPointer, offset: Int) throws(AnyFillError) in
+                    do { try fill(block, offset) } catch { throw AnyFillError(error: error) }
+                }))
+            } catch {
+                switch error {
+                case .segment: return .failure(OwnerError.payloadTooLarge(segment: name, length: length, capacity: writer.layout.capacity))
+                case .fill(let failure): return .failure(failure.error)
+                }
+            }
+        }
+        let receipt = try outcome.get()
+        announce(length: receipt.length)
+        return receipt
+    }
+
     /// The latest version published (0: never), from any thread — but not from inside a
     /// `publish(length:)` fill closure, which holds the segment (the call would wait for itself).
     public var latestVersion: UInt64 {

@@ -102,13 +102,18 @@ final class ManagedSegment {
 
     /// Why a stored segment could not be taken over as it is.
     enum AdoptionError: Error, CustomStringConvertible {
-        /// Valid, but the config now asks for another capacity or slot count.
+        /// Valid, but the config now asks for another capacity or slot count, or the segment
+        /// comes from a writer without block checksum tables (an upgrade).
         case layoutChanged(stored: SegmentLayout, configured: SegmentLayout, writer: SegmentWriter)
 
         var description: String {
             switch self {
             case let .layoutChanged(stored, configured, _):
-                return "stored layout (capacity \(stored.capacity), \(stored.slotCount) slots) differs from the config (capacity \(configured.capacity), \(configured.slotCount) slots)"
+                func shape(_ layout: SegmentLayout) -> String {
+                    "capacity \(layout.capacity), \(layout.slotCount) slots, "
+                        + (layout.hasBlockChecksums ? "checksum blocks of \(layout.checksumBlockSize) bytes" : "no block checksums")
+                }
+                return "stored layout (\(shape(stored))) differs from the config's (\(shape(configured)))"
             }
         }
     }

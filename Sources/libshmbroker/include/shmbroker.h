@@ -116,6 +116,21 @@ int shmb_read(shmb_segment *segment, void *buffer, size_t buffer_size, shmb_vers
  *  view is valid while shmb_still_current(segment, info) is true: check it after using the data,
  *  and discard what you derived if it is not. Thread-safe. */
 int shmb_read_borrowed(shmb_segment *segment, const void **data, shmb_version_info *info);
+/** Receives one verified block of a version for shmb_read_blocks: `length` bytes starting
+ *  `offset` bytes into the version, in place in the mapping (valid during the call only).
+ *  Return 0 to go on; any other value except 1 stops the read and shmb_read_blocks returns it
+ *  (use values that are not SHMB_ codes, e.g. negative ones). */
+typedef int (*shmb_block_fn)(const void *block, size_t length, uint64_t offset, void *context);
+/** Reads the latest version block by block in place, verifying each block against the slot's
+ *  checksum table just before handing it to `consume`, so a large version costs one pass over
+ *  memory and no block reaches the consumer unverified (LAYOUT.md, "Block checksums"). If the
+ *  writer reuses the slot meanwhile, the read starts over at offset 0 on the newer version: a
+ *  consumer that accumulates state resets it when offset is 0. `info` gets the version read.
+ *  SHMB_ERR_CORRUPT for a block or version that fails its check; SHMB_ERR_NEVER_PUBLISHED.
+ *  A segment without tables is verified whole before the first block. Thread-safe. */
+int shmb_read_blocks(shmb_segment *segment, shmb_block_fn consume, void *context, shmb_version_info *info);
+/** Bytes per checksummed block (64 KiB from shmbrokerd), or 0 for a segment without tables. */
+uint64_t shmb_checksum_block_size(const shmb_segment *segment);
 /** Whether the slot still holds the version `info` describes (see shmb_read_borrowed). */
 int shmb_still_current(const shmb_segment *segment, const shmb_version_info *info);
 /** Sleeps on the segment's futex (counted in its wait board) until a version newer than `after`

@@ -29,7 +29,7 @@ from typing import Iterator, List, Optional, Tuple
 from . import _wire as W  # every offset and code, generated from the Swift definitions
 
 __all__ = [
-    "connect", "Client", "Segment", "Snapshot", "Receipt", "Event", "ShmBrokerError", "crc64_xz", "crc64_xz_pure",
+    "connect", "Client", "Segment", "Snapshot", "Block", "Receipt", "Event", "ShmBrokerError", "crc64_xz", "crc64_xz_pure",
     "ERROR_NAMES", "LOCAL_ERROR_NAMES",
 ]
 
@@ -136,6 +136,31 @@ def crc64_xz(data) -> int:
             return _NATIVE_CRC(buffer, len(view))
         return _NATIVE_CRC((ctypes.c_char * len(view)).from_buffer(view), len(view))
     return crc64_xz_pure(data)
+
+
+def _multiply_mod_p(a: int, b: int) -> int:
+    """The product of two polynomials modulo the CRC-64/XZ polynomial, in reflected order."""
+    product = 0
+    while a:
+        if a & (1 << 63):
+            product ^= b
+        a = (a << 1) & 0xFFFFFFFFFFFFFFFF
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+    return product
+
+
+def _shift_operator(length: int) -> int:
+    """x^(8 * length) modulo the polynomial: moves a CRC past ``length`` bytes (to combine
+    the CRCs of pieces: crc(a + b) = _multiply_mod_p(_shift_operator(len(b)), crc(a)) ^ crc(b))."""
+    product, power = 1 << 63, 1 << 62
+    for _ in range(3):
+        power = _multiply_mod_p(power, power)
+    while length:
+        if length & 1:
+            product = _multiply_mod_p(power, product)
+        power = _multiply_mod_p(power, power)
+        length >>= 1
+    return product
 
 
 def crc64_xz_pure(data) -> int:
@@ -261,6 +286,16 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class Block:
+    """One verified block of a version (``Segment.read_blocks``): ``data`` starts ``offset``
+    bytes into the version, which is ``length`` bytes long."""
+    version: int
+    offset: int
+    data: bytes
+    length: int
+
+
+@dataclass(frozen=True)
 class Receipt:
     """What a publish became: the new version, its length, CRC-64 and publish time."""
     version: int
@@ -316,6 +351,16 @@ class Segment:
             if not (1 <= self.capacity <= mapping_size and W.SEGMENT_MIN_SLOTS <= self.slot_count <= W.SEGMENT_MAX_SLOTS and self._stride == expected_stride
                     and self._HEADER_SIZE + self.slot_count * self._stride <= mapping_size):
                 raise ShmBrokerError(BAD_SEGMENT, f"segment {name!r}: header does not match the mapping")
+            # Block checksum tables (LAYOUT.md, "Block checksums"), after the slots.
+            self.checksum_block_size = 0
+            if memory.u32(W.SEG_FLAGS) & W.SEG_FLAG_BLOCK_CHECKSUMS:
+                block = memory.u32(W.SEG_CHECKSUM_BLOCK_SIZE)
+                self._tables = self._HEADER_SIZE + self.slot_count * self._stride
+                self._table_stride = ((self.capacity + block - 1) // max(block, 1) * 8 + 63) // 64 * 64
+                if not (W.SEGMENT_MIN_CHECKSUM_BLOCK <= block <= W.SEGMENT_MAX_CHECKSUM_BLOCK and block & (block - 1) == 0
+                        and self._tables + self.slot_count * self._table_stride <= mapping_size):
+                    raise ShmBrokerError(BAD_SEGMENT, f"segment {name!r}: the checksum tables do not match the mapping")
+                self.checksum_block_size = block
         except BaseException:
             self.close()
             raise
@@ -385,6 +430,51 @@ class Segment:
                 return None
             if outcome is not None:
                 return Snapshot(*outcome)
+        raise ShmBrokerError(CONTENDED, f"segment {self.name!r}: the writer replaced the version during {attempts} attempts")
+
+    def read_blocks(self, attempts: int = 10_000) -> Iterator[Block]:
+        """The latest version block by block: each block is copied and verified against the
+        slot's checksum table before it is yielded (LAYOUT.md, "Block checksums"), so a large
+        version is processed as it is checked, never whole in memory. Blocks come in order; if
+        the writer overtakes the read, it starts over on the newer version and yields a block at
+        offset 0 again, so reset what you accumulate when ``block.offset == 0``. Yields nothing if
+        nothing was ever published. A segment without tables is verified whole first."""
+        memory = self._memory
+        size = self.checksum_block_size or 65536
+        full_shift = _shift_operator(size)
+        for _ in range(attempts):
+            version = memory.u64(W.SEG_LATEST_VERSION)
+            if version == 0:
+                return
+            slot = self._slot(version)
+            if memory.u64(slot) != version:
+                continue
+            length, crc = memory.u64(slot + 8), memory.u64(slot + 16)
+            if length > self.capacity:
+                continue
+            start = slot + self._SLOT_HEADER
+            table = self._tables + (version % self.slot_count) * self._table_stride if self.checksum_block_size else None
+            if table is None:
+                whole = self._attempt(copy=False)
+                if whole is None or whole == "never" or whole[0] != version:
+                    continue
+            combined, overtaken = 0, False
+            for index, offset in enumerate(range(0, length, size)):
+                entry = memory.u64(table + index * 8) if table is not None else None
+                data = bytes(memory.view[start + offset: start + min(length, offset + size)])
+                if memory.u64(slot) != version:  # the writer reused the slot meanwhile
+                    overtaken = True
+                    break
+                if table is not None:
+                    computed = crc64_xz(data)
+                    if computed != entry:
+                        raise ShmBrokerError(CORRUPT, f"segment {self.name!r} version {version} block {index}: CRC {computed:016x}, stored {entry:016x}")
+                    combined = computed if index == 0 else _multiply_mod_p(full_shift if len(data) == size else _shift_operator(len(data)), combined) ^ computed
+                    if offset + len(data) == length and combined != crc:
+                        raise ShmBrokerError(CORRUPT, f"segment {self.name!r} version {version}: its block checksums do not add up to its CRC-64")
+                yield Block(version, offset, data, length)
+            if not overtaken:
+                return
         raise ShmBrokerError(CONTENDED, f"segment {self.name!r}: the writer replaced the version during {attempts} attempts")
 
     def borrow(self, attempts: int = 10_000) -> "_Borrow":
