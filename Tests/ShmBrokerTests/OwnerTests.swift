@@ -221,6 +221,64 @@ final class OwnerTests: XCTestCase {
         XCTAssertEqual(try owned.publish([8]).version, 3, "a refused loan frees the segment too")
     }
 
+    /// Issue 20, items 1 and 2: versions filled in pieces (by blocks, appended, marked written)
+    /// reach a client that reads them block by block, verified, with the receipts' CRCs.
+    func testVersionsFilledInPiecesAreReadBlockByBlock() async throws {
+        let path = try writeConfig("""
+            {"name": "frames", "size": "300KiB", "readers": {"users": ["*"]}}
+            """)
+        let owner = try ShmBrokerOwner(configPath: path, options: .init(handlesSignals: false, adoptsSystemdDescriptors: false))
+        defer { owner.stop() }
+        let frames = try owner.segment("frames")
+        try owner.start()
+        let client = try await ShmBrokerClient.connect(socketPath: socketPath, clientName: "blocks-test")
+        defer { client.close() }
+        let handle = try await client.open("frames")
+        let frame = (0..<(300 << 10) - 7).map { UInt8(truncatingIfNeeded: $0 &* 2_654_435_761 >> 13) }
+
+        func readBack() throws -> ([UInt8], [Int], UInt64?) {
+            var bytes: [UInt8] = [], offsets: [Int] = []
+            let read = try handle.readBlocks { block in
+                if block.offset == 0 { bytes = []; offsets = [] }
+                offsets.append(block.offset)
+                bytes += block.bytes
+            }
+            return (bytes, offsets, read?.crc64)
+        }
+        var handed: [Int] = []
+        let byBlocks = try frames.publish(length: frame.count, fillingBlocks: { block, offset in
+            handed.append(offset)
+            frame.withUnsafeBytes { block.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<offset + block.count])) }
+        })
+        XCTAssertEqual(handed, [0, 65536, 131072, 196608, 262144])
+        XCTAssertEqual(byBlocks.crc64, CRC64.checksum(frame))
+        var (bytes, offsets, crc) = try readBack()
+        XCTAssertEqual(bytes, frame)
+        XCTAssertEqual(offsets, handed)
+        XCTAssertEqual(crc, byBlocks.crc64)
+
+        var loan = try frames.loan(length: frame.count)
+        frame.withUnsafeBytes { all in
+            loan.append(UnsafeRawBufferPointer(rebasing: all[..<100_000]))
+            loan.buffer.baseAddress!.advanced(by: 100_000).copyMemory(from: all.baseAddress! + 100_000, byteCount: 50_000)
+            loan.markWritten(through: 150_000)
+            loan.buffer.baseAddress!.advanced(by: 150_000).copyMemory(from: all.baseAddress! + 150_000, byteCount: frame.count - 150_000)
+        }
+        XCTAssertEqual(loan.written, 150_000)
+        let loaned = loan.publish()
+        XCTAssertEqual(loaned.version, 2)
+        XCTAssertEqual(loaned.crc64, CRC64.checksum(frame), "appended, marked and unmarked pieces add up")
+        (bytes, offsets, crc) = try readBack()
+        XCTAssertEqual(bytes, frame)
+        XCTAssertEqual(crc, loaned.crc64)
+
+        struct Refused: Error {}
+        XCTAssertThrowsError(try frames.publish(length: frame.count, fillingBlocks: { _, offset in if offset > 0 { throw Refused() } })) {
+            XCTAssertTrue($0 is Refused)
+        }
+        XCTAssertEqual(try handle.read()?.version, 2, "a fill that throws leaves the latest version")
+    }
+
     /// Issue 17, item 30: plain values and arrays of them, published and read without byte juggling.
     func testTypedValuesAndArraysRoundTrip() async throws {
         struct Sample: BitwiseCopyable, Equatable { var temperature: Double; var sequence: UInt32; var flags: UInt16 }
