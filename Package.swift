@@ -120,6 +120,7 @@ let package = Package(
             name: "shmbroker-bench",
             dependencies: [
                 "ShmBroker", "ShmBrokerClient", "ShmBrokerCore", "ShmBrokerPlatform", "ShmBrokerProtocol",
+                .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),

@@ -41,7 +41,7 @@ public final class SegmentHandle: Sendable {
     /// one pass over memory and is never copied. See ``SegmentReader/readBlocks(maximumAttempts:_:)``
     /// for what happens when the writer overtakes the read (it starts over at offset 0).
     ///
-    /// - Parameter consume: gets each verified block in order (64 KiB, the last may be shorter);
+    /// - Parameter consume: gets each verified block in order (16 KiB, the last may be shorter);
     ///   it must not keep the pointer.
     /// - Returns: the version's number, length, CRC-64 and publish time, or nil if nothing was
     ///   ever published.

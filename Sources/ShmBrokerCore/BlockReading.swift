@@ -19,9 +19,10 @@ extension SegmentReader {
     /// handing it to `consume`: a large version costs the reader one pass over memory, and no
     /// block reaches `consume` unverified.
     ///
-    /// Each block is checked against its entry in the slot's checksum table (LAYOUT.md, "Block
-    /// checksums"), and the blocks' CRCs, combined, against the version's CRC-64. A segment
-    /// written without tables is verified whole, in place, before its first block is handed on.
+    /// One running CRC goes over the version; at the end of each block it must equal the block's
+    /// entry in the slot's checksum table (the CRC of everything up to there: LAYOUT.md, "Block
+    /// checksums"), and at the end of the last, the version's CRC-64. A segment written without
+    /// tables is verified whole, in place, before its first block is handed on.
     ///
     /// The blocks are in shared memory: if the writer reuses the slot while `consume` works on a
     /// block (possible only after `slotCount - 1` further publishes), the read notices when
@@ -39,7 +40,6 @@ extension SegmentReader {
     @discardableResult
     public func readBlocks(maximumAttempts: Int = 10_000, _ consume: (VerifiedBlock) throws -> Void) throws -> CopiedVersion? {
         let blockSize = layout.hasBlockChecksums ? layout.checksumBlockSize : SegmentLayout.defaultChecksumBlockSize
-        let fullBlockShift = CRC64.shiftOperator(bytes: blockSize)
         for _ in 0..<maximumAttempts {
             let version = memory.latestVersion.load(ordering: .acquiring)
             if version == 0 { return nil }
@@ -62,21 +62,19 @@ extension SegmentReader {
                 guard stillCurrent() else { continue }
                 guard computed == stored else { throw SegmentError.checksumMismatch(version: version, stored: stored, computed: computed) }
             }
-            var offset = 0, index = 0, combined: UInt64 = 0, overtaken = false
+            var offset = 0, index = 0, running = CRC64(), overtaken = false
             while offset < length {
                 let block = UnsafeRawBufferPointer(rebasing: content[offset..<min(length, offset + blockSize)])
                 if let table {
                     let entry = UInt64(littleEndian: table.load(fromByteOffset: index * 8, as: UInt64.self))
-                    let computed = CRC64.checksum(block)
+                    running.update(block)
                     guard stillCurrent() else { overtaken = true; break }
-                    guard computed == entry else {
-                        throw SegmentError.blockChecksumMismatch(version: version, block: index, stored: entry, computed: computed)
+                    guard running.value == entry else {
+                        throw SegmentError.blockChecksumMismatch(version: version, block: index, stored: entry, computed: running.value)
                     }
-                    combined = index == 0 ? computed : block.count == blockSize
-                        ? CRC64.combine(combined, computed, shift: fullBlockShift) : CRC64.combine(combined, computed, secondLength: block.count)
-                    // The last block closes the version: the table must add up to its CRC-64.
-                    if offset + block.count == length && combined != stored {
-                        throw SegmentError.checksumMismatch(version: version, stored: stored, computed: combined)
+                    // The last block closes the version: its entry must be the version's CRC-64.
+                    if offset + block.count == length && entry != stored {
+                        throw SegmentError.checksumMismatch(version: version, stored: stored, computed: entry)
                     }
                 }
                 try consume(VerifiedBlock(version: version, offset: offset, bytes: block, length: length))

@@ -10,8 +10,9 @@ public enum SegmentError: Error, Equatable, Sendable, CustomStringConvertible {
     case inconsistentHeader(String)
     /// The current version's content does not match its stored CRC-64.
     case checksumMismatch(version: UInt64, stored: UInt64, computed: UInt64)
-    /// One block of the current version does not match its entry in the slot's checksum table
-    /// (found by a block-by-block read before the block was handed on).
+    /// The current version, read up to the end of block `block`, does not match that block's
+    /// entry in the slot's checksum table (found by a block-by-block read before the block was
+    /// handed on).
     case blockChecksumMismatch(version: UInt64, block: Int, stored: UInt64, computed: UInt64)
     /// The writer replaced the slot on every attempt; the reader should try again.
     case contended(attempts: Int)

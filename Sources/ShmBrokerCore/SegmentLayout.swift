@@ -67,7 +67,7 @@ public struct SegmentLayout: Sendable, Equatable {
     /// The block size a writer formats new segments with: big enough that a block's checksum
     /// (one table entry, one combination) is noise beside it, small enough that a block written or
     /// read a moment ago is still in the core's L2 cache when it is checksummed.
-    public static let defaultChecksumBlockSize = 64 << 10
+    public static let defaultChecksumBlockSize = 16 << 10
     /// The block sizes a reader accepts: powers of two in this range.
     public static let checksumBlockSizeRange: ClosedRange<Int> = 4096...(1 << 30)
 

@@ -15,7 +15,7 @@ public final class SegmentWriter: @unchecked Sendable {
     /// The wait board's mapping and its sleeper count; without one, every publish wakes.
     public let board: MappedRegion?
     private let sleepers: UnsafeAtomic<UInt32>?
-    /// The block size versions are checksummed in, with its shift operator.
+    /// The block size versions are checksummed in.
     private let blocks: BlockGeometry
 
     /// The segment's layout.

@@ -66,6 +66,10 @@ uint64_t shmb_crc64(const void *data, size_t length) {
     return ~shmb_crc64_update_path(path, ~0ull, data, length);
 }
 
+uint64_t shmb_crc64_update(uint64_t crc, const void *data, size_t length) {
+    return ~shmb_crc64_update_path(shmb_crc64_best_path(), ~crc, data, length);
+}
+
 /* ---- little-endian fields and atomics (LAYOUT.md: one aligned load per 8-byte field) ------ */
 
 static inline uint64_t load64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_ACQUIRE); }
@@ -461,33 +465,8 @@ int shmb_read_borrowed(shmb_segment *s, const void **data, shmb_version_info *in
 
 /* ---- block by block (LAYOUT.md, "Block checksums") ------------------------------------ */
 
-/* The product of two polynomials modulo the CRC-64/XZ polynomial, in the reflected bit order. */
-static uint64_t multiply_mod_p(uint64_t a, uint64_t b) {
-    uint64_t product = 0;
-    while (a) {
-        if (a & (1ull << 63)) product ^= b;
-        a <<= 1;
-        b = (b & 1) ? (b >> 1) ^ 0xC96C5795D7870F42ull : b >> 1;
-    }
-    return product;
-}
-
-/* x^(8 * bytes) modulo the polynomial: the operator that moves a CRC past `bytes` bytes. */
-static uint64_t shift_operator(uint64_t bytes) {
-    uint64_t product = 1ull << 63, power = 1ull << 62;  /* x^0, x^1 */
-    for (int i = 0; i < 3; i++) power = multiply_mod_p(power, power);  /* x^8: one byte */
-    for (; bytes; bytes >>= 1) {
-        if (bytes & 1) product = multiply_mod_p(power, product);
-        power = multiply_mod_p(power, power);
-    }
-    return product;
-}
-
-/* The CRC-64/XZ of a || b from crc(a), crc(b) and len(b), given shift_operator(len(b)). */
-static uint64_t combine(uint64_t first, uint64_t second, uint64_t shift) { return multiply_mod_p(shift, first) ^ second; }
-
 /* One attempt of a block read: 0 = done, 1 = retry, else an error or the consumer's value. */
-static int blocks_attempt(shmb_segment *s, shmb_block_fn consume, void *context, shmb_version_info *info, uint64_t full_shift) {
+static int blocks_attempt(shmb_segment *s, shmb_block_fn consume, void *context, shmb_version_info *info) {
     uint64_t version = load64(s->base + WIRE_SEG_LATEST_VERSION);
     if (version == 0) return fail(SHMB_ERR_NEVER_PUBLISHED, "nothing was ever published");
     const uint8_t *slot = slot_of(s, version);
@@ -496,7 +475,7 @@ static int blocks_attempt(shmb_segment *s, shmb_block_fn consume, void *context,
     if (length > s->capacity) return 1;
     info->version = version; info->length = length; info->crc64 = crc; info->published_at_ns = published;
     const uint8_t *data = slot + WIRE_SLOT_DATA;
-    uint64_t block = s->block_size ? s->block_size : 65536;
+    uint64_t block = s->block_size ? s->block_size : 16384;
     const uint8_t *table = s->block_size ? s->base + s->tables + (version % s->slots) * s->table_stride : NULL;
     if (!table) {  /* no table: the whole version is verified before its first block is handed on */
         uint64_t computed = shmb_crc64(data, (size_t)length);
@@ -504,20 +483,19 @@ static int blocks_attempt(shmb_segment *s, shmb_block_fn consume, void *context,
         if (load64(slot) != version) return 1;
         if (computed != crc) return fail(SHMB_ERR_CORRUPT, "version %llu fails its CRC-64", (unsigned long long)version);
     }
-    uint64_t combined = 0;
+    uint64_t running = 0;  /* the CRC of the bytes up to the end of the current block */
     for (uint64_t offset = 0, index = 0; offset < length; offset += block, index++) {
         size_t n = (size_t)(length - offset < block ? length - offset : block);
-        if (table) {
+        if (table) {  /* entry k: the CRC of everything up to the end of block k */
             uint64_t entry = load64(table + index * 8);
-            uint64_t computed = shmb_crc64(data + offset, n);
+            running = shmb_crc64_update(running, data + offset, n);
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             if (load64(slot) != version) return 1;
-            if (computed != entry) {
+            if (running != entry) {
                 return fail(SHMB_ERR_CORRUPT, "version %llu block %llu fails its CRC-64", (unsigned long long)version, (unsigned long long)index);
             }
-            combined = index == 0 ? computed : combine(combined, computed, n == block ? full_shift : shift_operator(n));
-            if (offset + n == length && combined != crc) {
-                return fail(SHMB_ERR_CORRUPT, "version %llu: its block checksums do not add up to its CRC-64", (unsigned long long)version);
+            if (offset + n == length && entry != crc) {
+                return fail(SHMB_ERR_CORRUPT, "version %llu: its last block's checksum is not its CRC-64", (unsigned long long)version);
             }
         }
         int verdict = consume(data + offset, n, offset, context);
@@ -531,9 +509,8 @@ static int blocks_attempt(shmb_segment *s, shmb_block_fn consume, void *context,
 
 int shmb_read_blocks(shmb_segment *s, shmb_block_fn consume, void *context, shmb_version_info *info) {
     if (!s || !consume || !info) return fail(SHMB_ERR_INVALID_ARGUMENT, "segment, consumer and info are required");
-    uint64_t full_shift = shift_operator(s->block_size ? s->block_size : 65536);
     for (int tries = 0; tries < 10000; tries++) {
-        int status = blocks_attempt(s, consume, context, info, full_shift);
+        int status = blocks_attempt(s, consume, context, info);
         if (status != 1) return status;
     }
     return fail(SHMB_ERR_CONTENDED, "the writer replaced the version during 10000 attempts");

@@ -56,7 +56,7 @@ func announceReady() { FileHandle.standardError.write(Data("ready\n".utf8)) }
 struct Agent: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Reader processes spawned by the benchmark.", shouldDisplay: false,
-        subcommands: [SegmentLatency.self, SocketLatency.self, SocketRelay.self, SegmentDrain.self, SocketDrain.self])
+        subcommands: [SegmentLatency.self, SocketLatency.self, SocketRelay.self, SegmentDrain.self, SocketDrain.self, BlockDrain.self])
 }
 
 /// Waits on the segment's futex, reads each new version verified, records its one-way latency.

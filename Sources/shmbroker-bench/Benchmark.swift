@@ -23,8 +23,8 @@ struct Run: AsyncParsableCommand {
     @Option(help: "Where to write results.json, results.txt and plot.png.") var output = "shmbroker-bench-results"
     @Flag(help: "Fewer repetitions: a smoke run, not for reporting.") var quick = false
     @Option(help: """
-        Run only these benchmarks (comma-separated: crc, read, latency, throughput, fanout, rate, \
-        scale); the JSON, text and plot then hold only those.
+        Run only these benchmarks (comma-separated: crc, read, latency, throughput, onepass, fanout, \
+        rate, scale); the JSON, text and plot then hold only those.
         """) var only: String?
     @Option(help: """
         Throughput cases to run instead of the standard six, as payloadKiB:readers pairs \
@@ -80,6 +80,7 @@ struct Run: AsyncParsableCommand {
         defer { owner.stop() }
         if selected("latency") { results.latency = try await latencyBenchmark(daemon, owner, &report) }
         if selected("throughput") { results.throughput = try await throughputBenchmark(daemon, owner, &report) }
+        if selected("onepass") { results.onePass = try onePassBenchmark(owner, &report) }
         if selected("fanout") { results.fanOut = try await fanOutBenchmark(daemon, owner, &report) }
         if selected("rate") { results.publishRate = try await publishRateBenchmark(daemon, owner, &report) }
         if selected("scale") { results.scale = try await scaleBenchmark(&report) }

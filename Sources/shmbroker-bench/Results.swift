@@ -13,6 +13,7 @@ struct BenchmarkResults: Encodable {
     var verifiedRead: [String: VerifiedReadRow]?
     var latency: [String: LatencyRow]?
     var throughput: [String: ThroughputRow]?
+    var onePass: [String: OnePassRow]?
     var fanOut: [String: FanOutRow]?
     var publishRate: PublishRateResult?
     var scale: ScaleResult?
@@ -37,6 +38,17 @@ struct Measured: Encodable, Equatable {
         var container = encoder.singleValueContainer()
         if value.isFinite { try container.encode(value) } else { try container.encodeNil() }
     }
+}
+
+/// Large versions with integrity in one pass against the no-integrity floor (MB/s).
+struct OnePassRow: Encodable {
+    var floor: Measured
+    var onePass: Measured
+    var twoPass: Measured
+    var ratioOnePass: Measured
+    var ratioTwoPass: Measured
+    var ratioOnePassPerTrial: [Measured]
+    var cpuCores: [String: CPUShares]
 }
 
 /// One goal's verdict.

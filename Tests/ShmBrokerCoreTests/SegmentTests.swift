@@ -28,14 +28,14 @@ final class SegmentTests: XCTestCase {
         withUnsafeBytes(of: SegmentLayout.magic.littleEndian) { XCTAssertEqual(Array($0), Array("SHMBROKR".utf8)) }
         let layout = SegmentLayout(capacity: 100, slotCount: 3)
         XCTAssertEqual(layout.slotStride, 64 + 128)
-        XCTAssertEqual(layout.checksumBlockSize, 65536)
+        XCTAssertEqual(layout.checksumBlockSize, 16384)
         XCTAssertEqual(layout.checksumTablesOffset, 256 + 3 * 192, "the checksum tables follow the slots")
         XCTAssertEqual(layout.checksumTableStride, 64, "one 8-byte entry, rounded up to a cache line")
         XCTAssertEqual(layout.totalSize, 256 + 3 * 192 + 3 * 64)
         XCTAssertEqual(layout.checksumTableOffset(forVersion: 4), 256 + 3 * 192 + 64)
         XCTAssertEqual(SegmentLayout(capacity: 100, slotCount: 3, checksumBlockSize: 0).totalSize, 256 + 3 * 192,
                        "a layout without tables is the older one")
-        XCTAssertEqual(SegmentLayout(capacity: (1 << 20) + 1, slotCount: 2).checksumTableStride, 17 * 8 + 56)
+        XCTAssertEqual(SegmentLayout(capacity: (1 << 20) + 1, slotCount: 2).checksumTableStride, 65 * 8 + 56)
         XCTAssertEqual(layout.slotOffset(forVersion: 1), 256 + 192)
         XCTAssertEqual(layout.slotOffset(forVersion: 3), 256)
         XCTAssertEqual(SegmentLayout.Header.latestVersion % 8, 0)

@@ -112,7 +112,7 @@ def block_segment(scenario):
     slot = 256 + 1 * stride
     os.pwrite(fd, struct.pack("<QQQQ", 1, len(data), crc64_xz(data), 0), slot)
     os.pwrite(fd, data, slot + 64)
-    entries = [crc64_xz(data[offset:offset + block]) for offset in range(0, len(data), block)]
+    entries = [crc64_xz(data[:offset + block]) for offset in range(0, len(data), block)]  # prefixes
     entries[1] ^= 0x5A  # the second block's entry is wrong
     os.pwrite(fd, struct.pack(f"<{len(entries)}Q", *entries), tables + 1 * table_stride)
     return [fd, memfd(4096)], total - (64 if scenario == "bad-blocks" else 0), capacity

@@ -76,19 +76,21 @@ def test_the_pure_and_the_native_crc_agree(tmp_path):
     data = bytes((index * 131 + 7) & 0xFF for index in range(100_003))
     pure = shmbroker.crc64_xz_pure(data)
     assert shmbroker.crc64_xz(data) == pure
+    assert shmbroker.crc64_xz_pure(data[40_000:], shmbroker.crc64_xz_pure(data[:40_000])) == pure, "a CRC continued"
     if not shutil.which("make") or not shutil.which("cc"):
         pytest.skip("make and cc are needed to build libshmbroker")
     subprocess.run(["make", "-s", "-C", str(ROOT / "Sources" / "libshmbroker"), f"BUILD={tmp_path}"], check=True)
     script = ("import sys, shmbroker\n"
               "assert shmbroker._NATIVE_CRC is not None, 'libshmbroker was not loaded'\n"
               "data = bytes((i * 131 + 7) & 0xFF for i in range(100_003))\n"
-              "print(shmbroker.crc64_xz(data), shmbroker.crc64_xz(memoryview(bytearray(data))[5:]), shmbroker.crc64_xz_pure(data[5:]))\n")
+              "print(shmbroker.crc64_xz(data), shmbroker.crc64_xz(memoryview(bytearray(data))[5:]), shmbroker.crc64_xz_pure(data[5:]),\n"
+              "      shmbroker.crc64_xz(data[9:], shmbroker.crc64_xz(data[:9])))\n")
     environment = dict(os.environ, SHMBROKER_LIBRARY=str(tmp_path / "libshmbroker.so.0"),
                        PYTHONPATH=str(ROOT / "Sources" / "python"))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=60)
     assert result.returncode == 0, result.stderr
-    native, native_slice, pure_slice = map(int, result.stdout.split())
-    assert native == pure and native_slice == pure_slice
+    native, native_slice, pure_slice, native_continued = map(int, result.stdout.split())
+    assert native == pure and native_slice == pure_slice and native_continued == pure
 
 
 def test_read_publish_and_never_published(daemon):
@@ -122,9 +124,9 @@ def test_read_blocks_yields_verified_blocks_in_order(daemon):
     with shmbroker.connect(daemon) as client:
         receipt = client.publish("big", payload)
         with client.open("big") as segment:
-            assert segment.checksum_block_size == 65536
+            assert segment.checksum_block_size == 16384
             blocks = list(segment.read_blocks())
-            assert [block.offset for block in blocks] == [0, 65536, 131072, 196608, 262144]
+            assert [block.offset for block in blocks] == list(range(0, 300_000, 16384))
             assert all(block.version == receipt.version and block.length == len(payload) for block in blocks)
             assert b"".join(block.data for block in blocks) == payload
             client.publish("big", b"")

@@ -351,14 +351,14 @@ public final class OwnedSegment: @unchecked Sendable {
     ///
     /// ```swift
     /// try frames.publish(length: frame.count) { block, offset in
-    ///     decoder.decode(into: block, at: offset)   // 64 KiB at a time
+    ///     decoder.decode(into: block, at: offset)   // 16 KiB at a time
     /// }
     /// ```
     ///
     /// - Parameters:
     ///   - length: the payload's length, checked against the capacity before anything is touched.
     ///   - fill: writes the block it gets, which starts `offset` bytes into the payload (blocks of
-    ///     the segment's checksum block size, 64 KiB; the last may be shorter). If it throws,
+    ///     the segment's checksum block size, 16 KiB; the last may be shorter). If it throws,
     ///     readers keep the previous version and the error is rethrown.
     @discardableResult
     public func publish(length: Int, fillingBlocks fill: (_ block: UnsafeMutableRawBufferPointer, _ offset: Int) throws -> Void) throws -> PublishReceipt {

@@ -60,7 +60,7 @@ enum MemoryBudget {
             switch self {
             case let .insufficient(needed, available, source, largest, largestBytes, slots, capacity):
                 return "the segments reserve \(bytes(needed)) but only \(bytes(available)) can be allocated (\(source)); "
-                    + "the largest is \"\(largest)\": \(bytes(largestBytes)) (\(slots) slots of \(bytes(capacity)) plus headers). "
+                    + "the largest is \"\(largest)\": \(bytes(largestBytes)) (\(slots) slots of \(bytes(capacity)) plus headers and checksum tables). "
                     + "Shrink segments, or set \"reserve\": false on those meant to stay sparse"
             case let .cannotReserve(segment, size, error):
                 return "cannot reserve \(bytes(size)) for segment \"\(segment)\": \(error)"

@@ -129,7 +129,7 @@ typedef int (*shmb_block_fn)(const void *block, size_t length, uint64_t offset, 
  *  SHMB_ERR_CORRUPT for a block or version that fails its check; SHMB_ERR_NEVER_PUBLISHED.
  *  A segment without tables is verified whole before the first block. Thread-safe. */
 int shmb_read_blocks(shmb_segment *segment, shmb_block_fn consume, void *context, shmb_version_info *info);
-/** Bytes per checksummed block (64 KiB from shmbrokerd), or 0 for a segment without tables. */
+/** Bytes per checksummed block (16 KiB from shmbrokerd), or 0 for a segment without tables. */
 uint64_t shmb_checksum_block_size(const shmb_segment *segment);
 /** Whether the slot still holds the version `info` describes (see shmb_read_borrowed). */
 int shmb_still_current(const shmb_segment *segment, const shmb_version_info *info);
@@ -166,6 +166,9 @@ void shmb_ring_close(shmb_ring *ring);
 
 /** CRC-64/XZ of `length` bytes (the project's CRC, with the CPU's widest carry-less multiply). */
 uint64_t shmb_crc64(const void *data, size_t length);
+/** Continues a CRC-64/XZ: given `crc` of some bytes, the CRC of those bytes followed by these
+ *  (`crc` 0 starts afresh; like zlib's crc32()). */
+uint64_t shmb_crc64_update(uint64_t crc, const void *data, size_t length);
 
 #ifdef __cplusplus
 }

@@ -106,16 +106,16 @@ _WIDE_TABLE: List[int] = []
 
 
 def _native_crc():
-    """libshmbroker's ``shmb_crc64`` (carry-less multiply, GB/s) when the C library is installed."""
+    """libshmbroker's ``shmb_crc64_update`` (carry-less multiply, GB/s) when the C library is installed."""
     for name in (os.environ.get("SHMBROKER_LIBRARY"), "libshmbroker.so.0", ctypes.util.find_library("shmbroker")):
         if not name:
             continue
         try:
-            function = ctypes.CDLL(name).shmb_crc64
+            function = ctypes.CDLL(name).shmb_crc64_update
         except (OSError, AttributeError):
             continue
         function.restype = ctypes.c_uint64
-        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        function.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t]
         return function
     return None
 
@@ -123,53 +123,31 @@ def _native_crc():
 _NATIVE_CRC = _native_crc()
 
 
-def crc64_xz(data) -> int:
+def crc64_xz(data, crc: int = 0) -> int:
     """CRC-64/XZ of a bytes-like object (check value: ``crc64_xz(b"123456789") == 0x995DC9BBDF1939FA``).
+    Given ``crc``, the CRC of earlier bytes, it continues it: the CRC of those bytes followed by
+    ``data`` (like ``zlib.crc32``).
 
     Uses libshmbroker when it is installed (or named by ``SHMBROKER_LIBRARY``), else pure Python."""
     if _NATIVE_CRC is not None:
         view = memoryview(data).cast("B")
         if len(view) == 0:
-            return 0
+            return crc
         if view.readonly:
             buffer = (ctypes.c_char * len(view)).from_buffer_copy(view) if not isinstance(data, bytes) else data
-            return _NATIVE_CRC(buffer, len(view))
-        return _NATIVE_CRC((ctypes.c_char * len(view)).from_buffer(view), len(view))
-    return crc64_xz_pure(data)
+            return _NATIVE_CRC(crc, buffer, len(view))
+        return _NATIVE_CRC(crc, (ctypes.c_char * len(view)).from_buffer(view), len(view))
+    return crc64_xz_pure(data, crc)
 
 
-def _multiply_mod_p(a: int, b: int) -> int:
-    """The product of two polynomials modulo the CRC-64/XZ polynomial, in reflected order."""
-    product = 0
-    while a:
-        if a & (1 << 63):
-            product ^= b
-        a = (a << 1) & 0xFFFFFFFFFFFFFFFF
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-    return product
-
-
-def _shift_operator(length: int) -> int:
-    """x^(8 * length) modulo the polynomial: moves a CRC past ``length`` bytes (to combine
-    the CRCs of pieces: crc(a + b) = _multiply_mod_p(_shift_operator(len(b)), crc(a)) ^ crc(b))."""
-    product, power = 1 << 63, 1 << 62
-    for _ in range(3):
-        power = _multiply_mod_p(power, power)
-    while length:
-        if length & 1:
-            product = _multiply_mod_p(power, product)
-        power = _multiply_mod_p(power, power)
-        length >>= 1
-    return product
-
-
-def crc64_xz_pure(data) -> int:
-    """CRC-64/XZ in pure Python (a 64 Ki-entry table, two bytes per step)."""
+def crc64_xz_pure(data, crc: int = 0) -> int:
+    """CRC-64/XZ in pure Python (a 64 Ki-entry table, two bytes per step); ``crc`` continues
+    an earlier CRC, as in ``crc64_xz``."""
     global _BYTE_TABLE, _WIDE_TABLE
     if not _BYTE_TABLE:
         _BYTE_TABLE, _WIDE_TABLE = _tables()
     view = memoryview(data).cast("B")
-    crc = 0xFFFFFFFFFFFFFFFF
+    crc ^= 0xFFFFFFFFFFFFFFFF
     wide, byte = _WIDE_TABLE, _BYTE_TABLE
     pairs = len(view) // 2
     if pairs:
@@ -440,8 +418,7 @@ class Segment:
         offset 0 again, so reset what you accumulate when ``block.offset == 0``. Yields nothing if
         nothing was ever published. A segment without tables is verified whole first."""
         memory = self._memory
-        size = self.checksum_block_size or 65536
-        full_shift = _shift_operator(size)
+        size = self.checksum_block_size or 16384
         for _ in range(attempts):
             version = memory.u64(W.SEG_LATEST_VERSION)
             if version == 0:
@@ -458,20 +435,19 @@ class Segment:
                 whole = self._attempt(copy=False)
                 if whole is None or whole == "never" or whole[0] != version:
                     continue
-            combined, overtaken = 0, False
+            running, overtaken = 0, False
             for index, offset in enumerate(range(0, length, size)):
                 entry = memory.u64(table + index * 8) if table is not None else None
                 data = bytes(memory.view[start + offset: start + min(length, offset + size)])
                 if memory.u64(slot) != version:  # the writer reused the slot meanwhile
                     overtaken = True
                     break
-                if table is not None:
-                    computed = crc64_xz(data)
-                    if computed != entry:
-                        raise ShmBrokerError(CORRUPT, f"segment {self.name!r} version {version} block {index}: CRC {computed:016x}, stored {entry:016x}")
-                    combined = computed if index == 0 else _multiply_mod_p(full_shift if len(data) == size else _shift_operator(len(data)), combined) ^ computed
-                    if offset + len(data) == length and combined != crc:
-                        raise ShmBrokerError(CORRUPT, f"segment {self.name!r} version {version}: its block checksums do not add up to its CRC-64")
+                if table is not None:  # entry k: the CRC of everything up to the end of block k
+                    running = crc64_xz(data, running)
+                    if running != entry:
+                        raise ShmBrokerError(CORRUPT, f"segment {self.name!r} version {version} block {index}: CRC {running:016x}, stored {entry:016x}")
+                    if offset + len(data) == length and entry != crc:
+                        raise ShmBrokerError(CORRUPT, f"segment {self.name!r} version {version}: its last block's checksum is not its CRC-64")
                 yield Block(version, offset, data, length)
             if not overtaken:
                 return
