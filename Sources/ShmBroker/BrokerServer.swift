@@ -131,6 +131,7 @@ public final class BrokerServer {
             self.drainActiveRings()
             return self.rings.hasActive
         }
+        loop.poll("spinning on publish rings") { [unowned self] in self.spinOnRings() }
         let watchdog = notifier.watchdogIntervalMicroseconds().map { $0 * 1000 }
         try registerJobs(watchdogNanoseconds: watchdog)
         loop.acceptWork()  // from here on, work posted by other threads goes to the loop

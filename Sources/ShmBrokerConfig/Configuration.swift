@@ -97,6 +97,23 @@ public struct PersistenceSettings: Sendable, Equatable {
     }
 }
 
+/// How the daemon consumes publish rings (`"publishRings"`).
+public struct PublishRingSettings: Sendable, Equatable {
+    /// "A core for latency": after a ring delivered an entry, the daemon keeps polling its rings
+    /// for this many microseconds instead of sleeping until a producer rings its doorbell, so a
+    /// version that follows within the window is published without any wake-up (neither the
+    /// producer's `write` to the doorbell nor the daemon's return from `epoll_wait`). The cost: the
+    /// daemon's loop keeps one core busy for as long as producers publish at least this often,
+    /// and for one window after the last entry. 0 (the default) sleeps at once.
+    public var spinMicroseconds: Int
+    /// The longest window accepted: a second.
+    public static let maximumSpinMicroseconds = 1_000_000
+
+    public init(spinMicroseconds: Int = 0) {
+        self.spinMicroseconds = spinMicroseconds
+    }
+}
+
 /// Where the metrics are also written for node_exporter's textfile collector (`"metrics"`).
 public struct MetricsSettings: Sendable, Equatable {
     /// The `.prom` file, rewritten atomically every ``intervalSeconds``; nil: not written.
@@ -193,6 +210,8 @@ public struct BrokerConfiguration: Sendable, Equatable {
     public var persistence = PersistenceSettings()
     /// Whether and where the metrics are written to a file.
     public var metrics = MetricsSettings()
+    /// How publish rings are consumed: whether the daemon spins on them.
+    public var publishRings = PublishRingSettings()
 
     /// A configuration built in code. ``validated()`` checks it with the rules and messages of a
     /// config file; ``ShmBrokerOwner`` does so before it uses one.
@@ -253,7 +272,7 @@ public struct BrokerConfiguration: Sendable, Equatable {
 /// The daemon configuration's own sections, checked with the generic walk of ``ConfigurationChecker``.
 extension ConfigurationChecker {
     mutating func configuration(_ root: JSONValue) -> BrokerConfiguration? {
-        guard let top = members(root, at: "$", allowed: ["$schema", "socket", "limits", "segments", "persistence", "metrics"],
+        guard let top = members(root, at: "$", allowed: ["$schema", "socket", "limits", "segments", "persistence", "metrics", "publishRings"],
                                 required: ["socket", "segments"]) else {
             return nil
         }
@@ -265,7 +284,21 @@ extension ConfigurationChecker {
         var configuration = BrokerConfiguration(socket: socket, limits: limits, segments: segments)
         configuration.persistence = persistence
         configuration.metrics = metricsSettings(top["metrics"], at: "$.metrics")
+        configuration.publishRings = publishRingSettings(top["publishRings"], at: "$.publishRings")
         return configuration
+    }
+
+    mutating func publishRingSettings(_ value: JSONValue?, at path: String) -> PublishRingSettings {
+        var settings = PublishRingSettings()
+        guard let value, let fields = members(value, at: path, allowed: ["spinMicroseconds"]) else { return settings }
+        if let spin = fields["spinMicroseconds"] {
+            if case .number(let text) = spin, let microseconds = Int(text), (0...PublishRingSettings.maximumSpinMicroseconds).contains(microseconds) {
+                settings.spinMicroseconds = microseconds
+            } else {
+                problem("\(path).spinMicroseconds", "expected a whole number of microseconds in [0, \(PublishRingSettings.maximumSpinMicroseconds)]")
+            }
+        }
+        return settings
     }
 
     mutating func metricsSettings(_ value: JSONValue?, at path: String) -> MetricsSettings {

@@ -351,19 +351,30 @@ public final class PublishRingConsumer {
 
     /// The daemon is about to consume: producers need not signal until it reports idle again.
     public func markAwake() {
-        memory.consumerIdle.store(0, ordering: .sequentiallyConsistent)
+        // Only when set: a daemon polling the ring calls this on every turn, and a store would
+        // take the line from the producer each time.
+        if memory.consumerIdle.load(ordering: .relaxed) != 0 {
+            memory.consumerIdle.store(0, ordering: .sequentiallyConsistent)
+        }
     }
 
     /// Consumes up to `maximumEntries` entries, handing each payload to `publish`.
     ///
-    /// - Parameter publish: publishes one payload (the bytes stay the producer's to change: copy
+    /// - Parameters:
+    ///   - maximumEntries: the most entries consumed before returning ``DrainOutcome/more``.
+    ///   - staysAwake: when the ring is empty, leave the idle flag clear (a daemon that keeps
+    ///     polling: producers then append without ringing the doorbell). The last drain before
+    ///     the poller sleeps must not stay awake, or the next entry would go unnoticed.
+    ///   - publish: publishes one payload (the bytes stay the producer's to change: copy
     ///   them once, checksumming the copy) and returns its receipt, or the error code of a refusal.
-    public func drain(maximumEntries: Int, publish: (UnsafeRawBufferPointer) -> Result<PublishReceipt, RingRefusal>) -> DrainOutcome {
+    public func drain(maximumEntries: Int, staysAwake: Bool = false,
+                      publish: (UnsafeRawBufferPointer) -> Result<PublishReceipt, RingRefusal>) -> DrainOutcome {
         let dataSize = UInt64(memory.dataSize)
         var tail = memory.tail.load(ordering: .relaxed)
         var consumed = 0
         while consumed < maximumEntries {
             var head = memory.head.load(ordering: .acquiring)
+            if head == tail && staysAwake { return .idle }
             if head == tail {
                 // Empty: ask for a signal, then look once more (the producer may have appended
                 // before it could see the flag).

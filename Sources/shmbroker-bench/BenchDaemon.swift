@@ -29,7 +29,11 @@ final class BenchDaemon {
         try self.init(segments: (0..<segmentCount).map { ["name": "s\($0)", "size": 4096] })
     }
 
-    init(segments: [[String: Any]]) throws {
+    /// - Parameters:
+    ///   - segments: the config's segments (readable by everyone).
+    ///   - publishRingSpinMicroseconds: the config's `publishRings.spinMicroseconds` (0: the
+    ///     daemon sleeps between ring entries).
+    init(segments: [[String: Any]], publishRingSpinMicroseconds: Int = 0) throws {
         directory = NSTemporaryDirectory() + "shmbroker-bench-\(getpid())-\(UUID().uuidString.prefix(6))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         socketPath = directory + "/control.sock"
@@ -37,6 +41,7 @@ final class BenchDaemon {
             "socket": ["path": socketPath, "mode": "0600"],
             "limits": ["maxClients": 4096, "subscriberStallTimeoutSeconds": 30],
             "segments": segments.map { $0.merging(["readers": ["users": ["*"]]]) { a, _ in a } },
+            "publishRings": ["spinMicroseconds": publishRingSpinMicroseconds],
         ]
         let configPath = directory + "/config.json"
         try JSONSerialization.data(withJSONObject: config).write(to: URL(fileURLWithPath: configPath))

@@ -15,12 +15,23 @@ extension Run {
 
     /// One producer publish per round, spaced so each is read alone; vs the same payload over a
     /// raw Unix stream socket between two processes.
+    /// The spinning daemon's window (`publishRings.spinMicroseconds`): longer than the 200 µs
+    /// between the latency run's publishes, so it never sleeps during the run.
+    static let daemonSpinMicroseconds = 1000
+
     func latencyBenchmark(_ daemon: BenchDaemon, _ owner: BenchOwner, _ report: inout Report) async throws -> [String: LatencyRow] {
         let rounds: UInt64 = quick ? 300 : 3000
         report.section("End-to-end latency, publish call -> reader holds the verified version (µs; \(rounds) rounds; "
                        + "the owner-spin reader's thread pinned to CPU \(Self.spinningReaderCPU))")
         report.row(["payload", "path", "shm p50", "p99", "p99.9", "socket p50", "p99", "p99.9", "p50 ratio"])
         let client = try await daemon.connect()
+        // A second daemon told to spin on its rings ("a core for latency") for longer than the
+        // 200 µs between publishes: it polls its rings throughout the run.
+        let spinning = try BenchDaemon(segments: [["name": "lat64", "size": 64], ["name": "lat4k", "size": 4096]],
+                                       publishRingSpinMicroseconds: Self.daemonSpinMicroseconds)
+        defer { spinning.stop() }
+        let spinningClient = try await spinning.connect()
+        report.text += "(ring-spin: a daemon with publishRings.spinMicroseconds = \(Self.daemonSpinMicroseconds), which polls its rings instead of sleeping; its CPU is printed)\n"
         var rows: [String: LatencyRow] = [:]
         for (size, segment) in [(64, "lat64"), (4096, "lat4k")] {
             let socket = LatencySummary(try socketLatency(size: size, rounds: rounds, readers: 1).perRound)
@@ -29,11 +40,12 @@ extension Run {
             let relayed = LatencySummary(try socketLatency(size: size, rounds: rounds, readers: 1, relayed: true).perRound)
             var row = LatencyRow(socket: socket, socketRelay: relayed)
             report.latencyRow(size: size, path: "socket-relay", relayed, against: socket)
-            for path in [ProducerPath.requests, .ring] {
-                let agent = try AgentProcess(["segment-latency", "--socket", daemon.socketPath, "--segment", segment, "--rounds", "\(rounds)"])
+            for (name, path, target) in [("requests", ProducerPath.requests, daemon), ("ring", .ring, daemon), ("ring-spin", .ring, spinning)] {
+                let agent = try AgentProcess(["segment-latency", "--socket", target.socketPath, "--segment", segment, "--rounds", "\(rounds)"])
                 try agent.waitUntilReady()
                 var payload = [UInt8](repeating: 0xA5, count: size)
-                let publisher = path == .ring ? try await client.openPublisher(segment) : nil
+                let publisher = path == .ring ? try await (target === spinning ? spinningClient : client).openPublisher(segment) : nil
+                let daemonCPU = cpuNanoseconds(ofProcess: target.pid), began = Clock.monotonicNanoseconds()
                 for round in 0..<rounds {
                     Stamp.write(&payload, sentAt: Clock.monotonicNanoseconds(), round: round)
                     if let publisher {
@@ -43,16 +55,22 @@ extension Run {
                     }
                     usleep(200)
                 }
+                let daemonCores = Double(cpuNanoseconds(ofProcess: target.pid) - daemonCPU) / Double(Clock.monotonicNanoseconds() - began)
                 await publisher?.close()
                 let measured = try agent.latencyResult()
                 let shm = LatencySummary(Array(measured.latencies.values))
                 let split = (toDaemon: Double(measured.toDaemon) / 1000, toReader: Double(measured.toReader) / 1000)
-                let name = path == .ring ? "ring" : "requests"
                 row.paths[name] = LatencyPath(shm: shm, p50Ratio: Measured(shm.p50 / socket.p50),
-                                              producerToDaemon: Measured(split.toDaemon), daemonToReader: Measured(split.toReader))
+                                              producerToDaemon: Measured(split.toDaemon), daemonToReader: Measured(split.toReader),
+                                              daemonCores: Measured(daemonCores))
                 report.latencyRow(size: size, path: name, shm, against: socket)
-                report.text += "   split (medians): producer call -> daemon publish \(fmt(split.toDaemon)) µs, daemon publish -> reader holds it \(fmt(split.toReader)) µs\n"
-                if path == .ring {
+                report.text += "   split (medians): producer call -> daemon publish \(fmt(split.toDaemon)) µs, daemon publish -> reader holds it \(fmt(split.toReader)) µs; "
+                    + "daemon CPU \(fmt(daemonCores)) cores\n"
+                if name == "ring-spin" {
+                    report.goal("daemon ring with spinning enabled: p50 <= 1.5x raw socket one-way p50 (\(sizeName(size)))",
+                                value: shm.p50 / socket.p50, target: 1.5, lowerIsBetter: true)
+                }
+                if name == "ring" {
                     row.ringOverRelay = Measured(shm.p50 / relayed.p50)
                     report.text += "   against the socket relay (two hops through a third process, same run): \(fmt(shm.p50 / relayed.p50))x its p50\n"
                     report.goal("end-to-end p50 <= 2x raw socket one-way p50 (\(sizeName(size)), publish ring)",

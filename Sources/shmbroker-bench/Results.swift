@@ -128,11 +128,13 @@ struct LatencyPath: Encodable {
     var p50Ratio: Measured
     var producerToDaemon, daemonToReader: Measured?
     var publishCall, afterCall: Measured?
+    /// CPU the daemon used during the run, in cores (a spinning daemon's cost).
+    var daemonCores: Measured?
 
     enum CodingKeys: String, CodingKey {
         case shm, p50Ratio = "p50_ratio", producerToDaemon = "median_producer_to_daemon_us",
              daemonToReader = "median_daemon_to_reader_us", publishCall = "median_publish_call_us",
-             afterCall = "median_after_call_us"
+             afterCall = "median_after_call_us", daemonCores = "daemon_cpu_cores"
     }
 }
 

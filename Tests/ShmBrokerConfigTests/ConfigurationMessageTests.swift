@@ -51,6 +51,21 @@ final class ConfigurationMessageTests: XCTestCase {
         XCTAssertTrue(found.last?.contains("\(4999 - ConfigurationError.maximumReported) more problems not listed") == true, found.last ?? "")
     }
 
+    func testPublishRingSpinningIsAWholeNumberOfMicrosecondsUpToASecond() throws {
+        let config = try BrokerConfiguration.parse(Array(#"""
+            {"socket": {"path": "/s"}, "publishRings": {"spinMicroseconds": 250}, "segments": [{"name": "a", "size": 64}]}
+            """#.utf8), file: "t", environment: [:])
+        XCTAssertEqual(config.publishRings.spinMicroseconds, 250)
+        XCTAssertEqual(try BrokerConfiguration.parse(Array(#"{"socket": {"path": "/s"}, "segments": []}"#.utf8), file: "t", environment: [:])
+            .publishRings.spinMicroseconds, 0, "off unless asked for")
+        for bad in ["-1", "1000001", "2.5", "\"fast\""] {
+            let found = problems(#"{"socket": {"path": "/s"}, "publishRings": {"spinMicroseconds": \#(bad)}, "segments": []}"#)
+            XCTAssertTrue(found.contains { $0.contains("$.publishRings.spinMicroseconds") }, "\(bad): \(found)")
+        }
+        let unknown = problems(#"{"socket": {"path": "/s"}, "publishRings": {"spin": true}, "segments": []}"#)
+        XCTAssertTrue(unknown.contains { $0.contains("spin") }, "\(unknown)")
+    }
+
     func testReserveIsABooleanAndDefaultsToTrue() throws {
         let config = try BrokerConfiguration.parse(Array(#"""
             {"socket": {"path": "/s"}, "segments": [{"name": "a", "size": 64}, {"name": "b", "size": 64, "reserve": false}]}

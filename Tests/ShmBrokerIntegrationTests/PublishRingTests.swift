@@ -44,6 +44,49 @@ final class PublishRingTests: XCTestCase {
         XCTAssertEqual(try handle.read()?.version, UInt64(count))
     }
 
+    /// The CPU time a process has used (user and system, from /proc; 10 ms resolution).
+    func cpuSeconds(of pid: Int32) throws -> Double {
+        let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
+        let fields = stat[stat.range(of: ")")!.upperBound...].split(separator: " ")
+        return (Double(fields[11])! + Double(fields[12])!) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    /// Issue 20, item 4: a daemon told to spin on its rings ("a core for latency") polls them for
+    /// the configured window after an entry, spending a core, then sleeps again; versions
+    /// published inside and after the window all arrive. Without the setting it sleeps at once.
+    func testADaemonThatSpinsOnItsRingsSpendsACoreForTheWindowOnlyAndLosesNothing() async throws {
+        for spinning in [true, false] {
+            let daemon = try TestDaemon(segments: [segment("hot", size: 64)],
+                                        extraConfig: spinning ? ["publishRings": ["spinMicroseconds": 400_000]] : [:])
+            defer { daemon.stop() }
+            let client = try await daemon.connect()
+            let publisher = try await client.openPublisher("hot")
+            let handle = try await client.open("hot")
+            try publisher.publish([1])
+            _ = try publisher.flush()
+            let afterFirst = try cpuSeconds(of: daemon.pid)
+            usleep(300_000)                                    // inside the window
+            let inWindow = try cpuSeconds(of: daemon.pid) - afterFirst
+            try publisher.publish([2])
+            XCTAssertEqual(try publisher.flush().lastVersion, 2)
+            usleep(600_000)                                    // the window closes 400 ms after version 2
+            let settled = try cpuSeconds(of: daemon.pid)
+            usleep(500_000)
+            let afterWindow = try cpuSeconds(of: daemon.pid) - settled
+            if spinning {
+                XCTAssertGreaterThan(inWindow, 0.15, "the daemon polled its rings during the window")
+            } else {
+                XCTAssertLessThan(inWindow, 0.1, "without the setting, the daemon sleeps between entries")
+            }
+            XCTAssertLessThan(afterWindow, 0.1, "after the window the daemon sleeps (spinning: \(spinning))")
+            // The doorbell works again once the daemon sleeps.
+            try publisher.publish([3])
+            XCTAssertEqual(try publisher.flush(timeoutNanoseconds: 5_000_000_000).lastVersion, 3)
+            XCTAssertEqual(try handle.read()?.bytes, [3])
+            await publisher.close()
+        }
+    }
+
     /// Oversize payloads are refused before anything is appended; closing publishes what is left;
     /// a second publisher for the same segment on one client is refused with a reason.
     func testOversizeRefusedDuplicateRefusedAndCloseDrains() async throws {

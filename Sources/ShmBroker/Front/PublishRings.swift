@@ -161,7 +161,9 @@ extension BrokerServer {
     /// segment is gone or whose producer may no longer publish is detached with the reason.
     func drain(_ ring: AttachedRing, maximumEntries: Int = BrokerServer.ringBatch) {
         guard let segment = currentSegment(of: ring) else { return }
-        let outcome = ring.consumer.drain(maximumEntries: maximumEntries) { payload in
+        var delivered = false
+        let outcome = ring.consumer.drain(maximumEntries: maximumEntries, staysAwake: rings.isSpinning) { payload in
+            delivered = true
             do throws(ProtocolError) {
                 return .success(try pipeline.commit(to: segment, origin: .ring) { try $0.publish(payload) })
             } catch {
@@ -169,6 +171,7 @@ extension BrokerServer {
                 return .failure(RingRefusal(code: UInt32(error.code.rawValue)))
             }
         }
+        if delivered && configuration.publishRings.spinMicroseconds > 0 { rings.lastEntryAt = Clock.monotonicNanoseconds() }
         switch outcome {
         case .idle:
             break
@@ -182,6 +185,34 @@ extension BrokerServer {
             counters.malformedRequests += 1
             removeRing(ring, detachCode: .invalidRing)
         }
+    }
+
+    /// "A core for latency" (`publishRings.spinMicroseconds`): for that long after a ring last
+    /// delivered an entry, the loop polls every ring on each turn instead of sleeping in
+    /// `epoll_wait`, and leaves the rings' idle flags clear, so producers append without ringing
+    /// their doorbells and the next version is published with no wake-up at either end. When the
+    /// window closes, each ring is drained once more the usual way (idle flag set, head
+    /// re-checked), so an entry appended at that moment still rings the doorbell.
+    ///
+    /// - Returns: whether the loop should look again at once (it is spinning).
+    func spinOnRings() -> Bool {
+        let window = UInt64(configuration.publishRings.spinMicroseconds) * 1000
+        guard window > 0 || rings.isSpinning, !rings.isEmpty else {
+            rings.isSpinning = false
+            return false
+        }
+        if Clock.monotonicNanoseconds() &- rings.lastEntryAt < window {
+            rings.isSpinning = true
+            for ring in Array(rings.values) {
+                ring.consumer.markAwake()
+                drain(ring)
+            }
+            return true
+        }
+        guard rings.isSpinning else { return false }
+        rings.isSpinning = false
+        for ring in Array(rings.values) { drain(ring) }
+        return Clock.monotonicNanoseconds() &- rings.lastEntryAt < window
     }
 
     /// Publishes everything the ring holds before it is dropped: at most one ring's worth of

@@ -9,6 +9,13 @@ final class RingSet {
     var values: Dictionary<UInt64, AttachedRing>.Values { byID.values }
     /// Whether a ring has entries left after its last batch.
     var hasActive: Bool { !active.isEmpty }
+    /// When a ring last delivered an entry (monotonic ns): a daemon configured to spin on its
+    /// rings keeps polling them for `publishRings.spinMicroseconds` after it.
+    var lastEntryAt: UInt64 = 0
+    /// Whether the loop is polling the rings (their idle flags stay clear meanwhile).
+    var isSpinning = false
+    /// Whether no ring is attached.
+    var isEmpty: Bool { byID.isEmpty }
 
     /// The id the next ring gets.
     func takeID() -> UInt64 {

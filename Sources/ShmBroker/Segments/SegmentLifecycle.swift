@@ -187,6 +187,7 @@ extension BrokerServer {
         segments.reorder(plan.order)
         configuration.limits = newConfiguration.limits
         configuration.segments = newConfiguration.segments
+        configuration.publishRings = newConfiguration.publishRings
         // Rings of removed segments (or of producers no longer allowed) are detached now, with
         // the reason; the others learn their segment's capacity, which may have changed.
         for ring in Array(rings.values) { _ = currentSegment(of: ring) }
