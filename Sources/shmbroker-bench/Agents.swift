@@ -1,3 +1,4 @@
+import Atomics
 import ArgumentParser
 import Foundation
 import Glibc
@@ -56,7 +57,7 @@ func announceReady() { FileHandle.standardError.write(Data("ready\n".utf8)) }
 struct Agent: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Reader processes spawned by the benchmark.", shouldDisplay: false,
-        subcommands: [SegmentLatency.self, SocketLatency.self, SocketRelay.self, SegmentDrain.self, SocketDrain.self, BlockDrain.self])
+        subcommands: [SegmentLatency.self, SocketLatency.self, SocketRelay.self, SegmentDrain.self, SocketDrain.self, BlockDrain.self, FutexWaiter.self])
 }
 
 /// Waits on the segment's futex, reads each new version verified, records its one-way latency.
@@ -325,3 +326,35 @@ enum RawStream {
         }
     }
 }
+
+/// One process of the fan-out floor: waits on the first word of a shared memfd with
+/// `FUTEX_WAIT` and, each time it runs again, notes the monotonic time for the round it sees.
+struct FutexWaiter: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "futex-waiter")
+    @Option(help: "The shared memory file (a /proc/PID/fd path).") var memoryFile: String
+    @Option var index: Int
+    @Option var rounds: UInt64
+
+    func run() throws {
+        let file = try FileDescriptor.open(memoryFile, .readWrite)
+        let size = 64 + (index + 1) * Int(rounds) * 8
+        let region = try MappedRegion(mapping: file, length: try file.fileSize(), writable: true)
+        precondition(region.length >= size)
+        let word = UnsafePointer(region.base.assumingMemoryBound(to: UInt32.self))
+        let stamps = (region.base + 64).assumingMemoryBound(to: UInt64.self) + index * Int(rounds)
+        let atomicWord = UnsafeAtomic<UInt32>(at: region.base.assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
+        var seen: UInt32 = 0
+        announceReady()
+        while UInt64(seen) < rounds {
+            let current = atomicWord.load(ordering: .acquiring)
+            if current == seen {
+                if case .timedOut = Futex.wait(on: word, whileEqualTo: seen, timeoutNanoseconds: 10_000_000_000) { break }
+                continue
+            }
+            stamps[Int(current) - 1] = Clock.monotonicNanoseconds()
+            seen = current
+        }
+        AgentReport().emit()
+    }
+}
+

@@ -161,10 +161,14 @@ struct ThroughputRow: Encodable {
 /// Fan-out to N readers: the last reader's latency through a ring, from the owner, and by socket.
 struct FanOutRow: Encodable {
     var shm, owner, socket: LatencySummary
+    /// The floor: a bare futex wake-all of as many processes.
+    var futexFloor: LatencySummary
     var p50Ratio, ownerP50Ratio: Measured
+    var ownerOverFloor: Measured
 
     enum CodingKeys: String, CodingKey {
-        case shm, owner, socket, p50Ratio = "p50_ratio", ownerP50Ratio = "owner_p50_ratio"
+        case shm, owner, socket, futexFloor = "futex_floor", p50Ratio = "p50_ratio", ownerP50Ratio = "owner_p50_ratio",
+             ownerOverFloor = "owner_over_futex_floor_p50"
     }
 }
 
