@@ -74,6 +74,7 @@ final class LifecycleTests: XCTestCase {
         let notify = try XCTUnwrap(daemon.notify)
         let client = try await daemon.connect()
         let kept = try await client.publish("keep", bytes: Array("survives reload".utf8))
+        try await client.publish("grow", bytes: Array("first".utf8))
         try await client.publish("grow", bytes: Array("small".utf8))
         let dropHandle = try await client.open("drop")
         let dropEvents = try await client.subscribe("drop")
@@ -93,7 +94,9 @@ final class LifecycleTests: XCTestCase {
         XCTAssertEqual(snapshot.bytes, Array("survives reload".utf8))
         let grown = try await client.open("grow")
         XCTAssertEqual(grown.capacity, 4096)
-        XCTAssertEqual(try grown.read()?.bytes, Array("small".utf8), "a resized segment carries its content over")
+        let carried = try XCTUnwrap(try grown.read())
+        XCTAssertEqual(carried.bytes, Array("small".utf8), "a resized segment carries its content over")
+        XCTAssertEqual(carried.version, 2, "under its own version number, not as a new version 1")
         try await client.publish("new", bytes: [1])
 
         XCTAssertTrue(dropHandle.isRetired, "readers of a removed segment see it retired in shared memory")

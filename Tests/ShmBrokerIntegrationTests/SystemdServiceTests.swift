@@ -136,6 +136,36 @@ final class SystemdServiceTests: XCTestCase {
         }
     }
 
+    /// An upgrade from a daemon whose segments had no block checksum tables (issue 20): the
+    /// restarted daemon finds such a segment in the fd store, re-creates it with tables and carries
+    /// its latest version over under the same number, so readers lose nothing.
+    func testASegmentFromAWriterWithoutChecksumTablesIsCarriedOverAfterRestart() throws {
+        try withSandbox { sandbox in
+            XCTAssertEqual(try sandbox.systemctl("start", "shmbroker.socket", "shmbroker.service").status, 0)
+            XCTAssertEqual(try publish(sandbox, "state", "older"), 1)
+            XCTAssertEqual(try publish(sandbox, "state", "kept across the upgrade"), 2)
+            // Root turns the stored segment into what an older writer left: the header's
+            // blockChecksums flag (bit 3 of the flags word at 0x1C) and block size (0x30) cleared.
+            let pid = try sandbox.mainPID()
+            let downgrade = try sandbox.inside(["/bin/sh", "-c", """
+                for fd in /proc/\(pid)/fd/*; do
+                  case "$(readlink "$fd")" in *memfd:shmbroker:state*)
+                    printf '\\002\\000\\000\\000' | dd of="$fd" bs=1 seek=28 conv=notrunc status=none
+                    printf '\\000\\000\\000\\000' | dd of="$fd" bs=1 seek=48 conv=notrunc status=none; exit 0;;
+                  esac
+                done; exit 1
+                """])
+            XCTAssertEqual(downgrade.status, 0, downgrade.stderr)
+            XCTAssertEqual(try sandbox.systemctl("restart", "shmbroker.service").status, 0)
+            let journal = try sandbox.journal()
+            XCTAssertTrue(journal.contains("stored segment resized per the config") && journal.contains("no block checksums"), journal)
+            let read = try read(sandbox, "state")
+            XCTAssertEqual(read.stdout, "kept across the upgrade")
+            XCTAssertTrue(read.stderr.contains("version 2"), read.stderr)
+            XCTAssertEqual(try publish(sandbox, "state", "after"), 3, "versions carry on from the carried-over one")
+        }
+    }
+
     /// Data survives `systemctl restart`, fifty `kill -9`s and a watchdog kill, with a producer,
     /// a mapped reader and a subscriber running throughout.
     func testRestartCrashesAndWatchdogKillLoseNoData() throws {

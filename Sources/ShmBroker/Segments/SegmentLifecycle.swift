@@ -196,10 +196,19 @@ extension BrokerServer {
         logger.notice("reloaded", metadata: ["segments": "\(segments.count)"])
     }
 
-    /// A resized segment starts over, keeping the old content as its first version when it fits.
+    /// A resized segment (or one a writer without block checksum tables left in the fd store)
+    /// starts over, keeping the old content, version number and publish time when it fits.
     func carryOver(from old: SegmentWriter, to new: ManagedSegment) {
         let reader = try? SegmentReader(region: old.region)
         guard let snapshot = try? reader?.read(), snapshot.bytes.count <= new.definition.capacity else { return }
-        _ = try? pipeline.commit(to: new, origin: .carryOver) { try $0.publish(snapshot.bytes) }
+        // Under its own number and time: a reader that reopens sees the version it had, not a 1.
+        _ = try? pipeline.commit(to: new, origin: .carryOver) { writer throws(SegmentError) in
+            try snapshot.bytes.withUnsafeBytes { bytes in
+                Result { () throws(SegmentError) in
+                    try writer.restore(bytes, version: snapshot.version, expectedCRC: snapshot.crc64,
+                                       publishedAtNanoseconds: snapshot.publishedAtNanoseconds)
+                }
+            }.get()
+        }
     }
 }
