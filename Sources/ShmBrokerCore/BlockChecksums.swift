@@ -61,23 +61,15 @@ struct BlockChecksummer {
 
     /// Feeds bytes the caller has just written (at offset ``covered``), in place.
     mutating func absorb(_ bytes: UnsafeRawBufferPointer) {
-        var offset = 0
-        while offset < bytes.count {
-            let take = min(bytes.count - offset, roomInBlock)
-            crc.update(UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + take]))
-            advance(by: take)
-            offset += take
+        inPieces(bytes.count) { checksummer, offset, take in
+            checksummer.crc.update(UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + take]))
         }
     }
 
     /// Copies `source` to `destination` (the slot at offset ``covered``), checksumming as it goes.
     mutating func copy(from source: UnsafeRawBufferPointer, to destination: UnsafeMutableRawPointer) {
-        var offset = 0
-        while offset < source.count {
-            let take = min(source.count - offset, roomInBlock)
-            crc.copyAndUpdate(from: UnsafeRawBufferPointer(rebasing: source[offset..<offset + take]), to: destination + offset)
-            advance(by: take)
-            offset += take
+        inPieces(source.count) { checksummer, offset, take in
+            checksummer.crc.copyAndUpdate(from: UnsafeRawBufferPointer(rebasing: source[offset..<offset + take]), to: destination + offset)
         }
     }
 
@@ -85,11 +77,22 @@ struct BlockChecksummer {
     /// another core just wrote, whose lines a fused pass would wait on (see
     /// ``CRC64/copyThenChecksum(from:to:)``); each block is still in cache when it is read back.
     mutating func copyThenAbsorb(from source: UnsafeRawBufferPointer, to destination: UnsafeMutableRawPointer) {
-        var offset = 0
-        while offset < source.count {
-            let take = min(source.count - offset, roomInBlock)
+        inPieces(source.count) { checksummer, offset, take in
             (destination + offset).copyMemory(from: source.baseAddress! + offset, byteCount: take)
-            absorb(UnsafeRawBufferPointer(start: destination + offset, count: take))
+            checksummer.crc.update(UnsafeRawBufferPointer(start: destination + offset, count: take))
+        }
+    }
+
+    /// Feeds `count` bytes in pieces that end at block boundaries: `feed` updates the CRC with
+    /// the piece at `offset` (relative to the call) of `take` bytes, then its block's entry is
+    /// recorded if the piece completed it.
+    @inline(__always)
+    private mutating func inPieces(_ count: Int, _ feed: (inout BlockChecksummer, _ offset: Int, _ take: Int) -> Void) {
+        var offset = 0
+        while offset < count {
+            let take = min(count - offset, roomInBlock)
+            feed(&self, offset, take)
+            advance(by: take)
             offset += take
         }
     }

@@ -41,25 +41,18 @@ extension SegmentReader {
     public func readBlocks(maximumAttempts: Int = 10_000, _ consume: (VerifiedBlock) throws -> Void) throws -> CopiedVersion? {
         let blockSize = layout.hasBlockChecksums ? layout.checksumBlockSize : SegmentLayout.defaultChecksumBlockSize
         for _ in 0..<maximumAttempts {
-            let version = memory.latestVersion.load(ordering: .acquiring)
-            if version == 0 { return nil }
-            let slot = layout.slotOffset(forVersion: version)
-            let sequence = memory.slotSequence(slot)
-            guard sequence.load(ordering: .acquiring) == version else { continue }
-            let length = Int(memory.load(UInt64.self, at: slot + SegmentLayout.Slot.length))
-            let stored = memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64)
-            let publishedAt = memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt)
-            guard length <= layout.capacity else { continue }
-            let content = UnsafeRawBufferPointer(start: memory.slotData(slot), count: length)
-            func stillCurrent() -> Bool {
-                atomicMemoryFence(ordering: .acquiring)
-                return sequence.load(ordering: .relaxed) == version
+            var neverPublished = false
+            guard let latest = latestSlot(neverPublished: &neverPublished) else {
+                if neverPublished { return nil }
+                continue
             }
+            let (version, length, stored) = (latest.version, latest.length, latest.crc64)
+            let content = UnsafeRawBufferPointer(start: memory.slotData(latest.slot), count: length)
             let table = memory.checksumTable(forVersion: version)
             if table == nil {
                 // No table: the whole version is verified before any block is handed on.
                 let computed = CRC64.checksum(content)
-                guard stillCurrent() else { continue }
+                guard latest.isStillCurrent else { continue }
                 guard computed == stored else { throw SegmentError.checksumMismatch(version: version, stored: stored, computed: computed) }
             }
             var offset = 0, index = 0, running = CRC64(), overtaken = false
@@ -68,7 +61,7 @@ extension SegmentReader {
                 if let table {
                     let entry = UInt64(littleEndian: table.load(fromByteOffset: index * 8, as: UInt64.self))
                     running.update(block)
-                    guard stillCurrent() else { overtaken = true; break }
+                    guard latest.isStillCurrent else { overtaken = true; break }
                     guard running.value == entry else {
                         throw SegmentError.blockChecksumMismatch(version: version, block: index, stored: entry, computed: running.value)
                     }
@@ -78,13 +71,13 @@ extension SegmentReader {
                     }
                 }
                 try consume(VerifiedBlock(version: version, offset: offset, bytes: block, length: length))
-                guard stillCurrent() else { overtaken = true; break }
+                guard latest.isStillCurrent else { overtaken = true; break }
                 offset += block.count
                 index += 1
             }
             if overtaken { continue }
             if length == 0 && stored != 0 { throw SegmentError.checksumMismatch(version: version, stored: stored, computed: 0) }
-            return CopiedVersion(version: version, length: length, crc64: stored, publishedAtNanoseconds: publishedAt)
+            return CopiedVersion(version: version, length: length, crc64: stored, publishedAtNanoseconds: latest.publishedAtNanoseconds)
         }
         throw SegmentError.contended(attempts: maximumAttempts)
     }

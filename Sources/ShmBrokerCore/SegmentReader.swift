@@ -103,32 +103,57 @@ public final class SegmentReader: @unchecked Sendable {
         }
     }
 
+    /// What the header says of the latest version's slot, read as LAYOUT.md's read begins.
+    struct LatestSlot {
+        let version: UInt64
+        let slot: Int
+        let sequence: UnsafeAtomic<UInt64>
+        let length: Int
+        let crc64: UInt64
+        let publishedAtNanoseconds: UInt64
+
+        /// Whether the slot still holds this version (an acquire fence, then the sequence).
+        var isStillCurrent: Bool {
+            atomicMemoryFence(ordering: .acquiring)
+            return sequence.load(ordering: .relaxed) == version
+        }
+    }
+
+    /// The latest version's slot: nil with `neverPublished` set if nothing was published, nil
+    /// otherwise if the writer is rewriting it (retry).
+    func latestSlot(neverPublished: inout Bool) -> LatestSlot? {
+        let version = memory.latestVersion.load(ordering: .acquiring)
+        neverPublished = version == 0
+        if version == 0 { return nil }
+        let slot = layout.slotOffset(forVersion: version)
+        let sequence = memory.slotSequence(slot)
+        guard sequence.load(ordering: .acquiring) == version else { return nil }
+        let length = Int(memory.load(UInt64.self, at: slot + SegmentLayout.Slot.length))
+        guard length <= layout.capacity else { return nil }  // a torn header read
+        return LatestSlot(version: version, slot: slot, sequence: sequence, length: length,
+                          crc64: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64),
+                          publishedAtNanoseconds: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt))
+    }
+
     /// The seqlock read shared by every copying read: `provide` receives the length and a function
     /// that copies (and checksums) the content into the buffer it is given.
     private func copyLatest(
         _ provide: (Int, (UnsafeMutableRawBufferPointer) -> Void) throws(SegmentError) -> Void
     ) throws(SegmentError) -> CopyAttempt {
-        let version = memory.latestVersion.load(ordering: .acquiring)
-        if version == 0 { return .neverPublished }
-        let slot = layout.slotOffset(forVersion: version)
-        let sequence = memory.slotSequence(slot)
-        guard sequence.load(ordering: .acquiring) == version else { return .retry }
-        let length = Int(memory.load(UInt64.self, at: slot + SegmentLayout.Slot.length))
-        let storedCRC = memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64)
-        let publishedAt = memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt)
-        guard length <= layout.capacity else { return .retry }
+        var neverPublished = false
+        guard let latest = latestSlot(neverPublished: &neverPublished) else { return neverPublished ? .neverPublished : .retry }
         // Copy-out and CRC in one pass; the CRC covers exactly the bytes copied.
         var computed: UInt64 = 0
-        let source = UnsafeRawBufferPointer(start: memory.slotData(slot), count: length)
-        try provide(length) { destination in
+        let source = UnsafeRawBufferPointer(start: memory.slotData(latest.slot), count: latest.length)
+        try provide(latest.length) { destination in
             computed = CRC64.copyAndChecksum(from: source, to: destination.baseAddress!)
         }
-        atomicMemoryFence(ordering: .acquiring)
-        guard sequence.load(ordering: .relaxed) == version else { return .retry }
-        guard computed == storedCRC else {
-            throw .checksumMismatch(version: version, stored: storedCRC, computed: computed)
+        guard latest.isStillCurrent else { return .retry }
+        guard computed == latest.crc64 else {
+            throw .checksumMismatch(version: latest.version, stored: latest.crc64, computed: computed)
         }
-        return .copied(CopiedVersion(version: version, length: length, crc64: storedCRC, publishedAtNanoseconds: publishedAt))
+        return .copied(CopiedVersion(version: latest.version, length: latest.length, crc64: latest.crc64,
+                                     publishedAtNanoseconds: latest.publishedAtNanoseconds))
     }
 
     /// Reads the latest version, retrying while the writer races the copy.
@@ -178,18 +203,15 @@ public final class SegmentReader: @unchecked Sendable {
         verifyingChecksum: Bool = true, maximumAttempts: Int = 10_000, _ body: (BorrowedVersion) throws -> R
     ) throws -> R? {
         for _ in 0..<maximumAttempts {
-            let version = memory.latestVersion.load(ordering: .acquiring)
-            if version == 0 { return nil }
-            let slot = layout.slotOffset(forVersion: version)
-            let sequence = memory.slotSequence(slot)
-            guard sequence.load(ordering: .acquiring) == version else { continue }
-            let length = Int(memory.load(UInt64.self, at: slot + SegmentLayout.Slot.length))
-            guard length <= layout.capacity else { continue }
+            var neverPublished = false
+            guard let latest = latestSlot(neverPublished: &neverPublished) else {
+                if neverPublished { return nil }
+                continue
+            }
+            let version = latest.version
             let borrowed = BorrowedVersion(
-                version: version, bytes: UnsafeRawBufferPointer(start: memory.slotData(slot), count: length),
-                crc64: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64),
-                publishedAtNanoseconds: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt),
-                sequence: sequence)
+                version: version, bytes: UnsafeRawBufferPointer(start: memory.slotData(latest.slot), count: latest.length),
+                crc64: latest.crc64, publishedAtNanoseconds: latest.publishedAtNanoseconds, sequence: latest.sequence)
             if verifyingChecksum {
                 let computed = CRC64.checksum(borrowed.bytes)
                 guard borrowed.isStillCurrent else { continue }

@@ -417,8 +417,9 @@ int shmb_stale(const shmb_segment *s) { return (load32(s->base + WIRE_SEG_FLAGS)
 
 static const uint8_t *slot_of(const shmb_segment *s, uint64_t version) { return s->base + WIRE_SEGMENT_HEADER_SIZE + (version % s->slots) * s->stride; }
 
-/* One attempt of LAYOUT.md's read: 0 = done, 1 = retry, else an error. `buffer` NULL: in place. */
-static int attempt(shmb_segment *s, void *buffer, size_t size, const void **borrowed, shmb_version_info *info) {
+/* The start of LAYOUT.md's read: the latest version's slot and its header in `info`. 0 = found,
+ * 1 = retry (the writer is rewriting it), else an error. */
+static int latest_slot(shmb_segment *s, const uint8_t **slot_out, shmb_version_info *info) {
     uint64_t version = load64(s->base + WIRE_SEG_LATEST_VERSION);
     if (version == 0) return fail(SHMB_ERR_NEVER_PUBLISHED, "nothing was ever published");
     const uint8_t *slot = slot_of(s, version);
@@ -426,6 +427,16 @@ static int attempt(shmb_segment *s, void *buffer, size_t size, const void **borr
     uint64_t length = load64(slot + 8), crc = load64(slot + 16), published = load64(slot + 24);
     if (length > s->capacity) return 1;
     info->version = version; info->length = length; info->crc64 = crc; info->published_at_ns = published;
+    *slot_out = slot;
+    return 0;
+}
+
+/* One attempt of LAYOUT.md's read: 0 = done, 1 = retry, else an error. `buffer` NULL: in place. */
+static int attempt(shmb_segment *s, void *buffer, size_t size, const void **borrowed, shmb_version_info *info) {
+    const uint8_t *slot;
+    int found = latest_slot(s, &slot, info);
+    if (found) return found;
+    uint64_t version = info->version, length = info->length, crc = info->crc64;
     uint64_t computed;
     if (buffer) {
         if (length > size) {
@@ -467,13 +478,10 @@ int shmb_read_borrowed(shmb_segment *s, const void **data, shmb_version_info *in
 
 /* One attempt of a block read: 0 = done, 1 = retry, else an error or the consumer's value. */
 static int blocks_attempt(shmb_segment *s, shmb_block_fn consume, void *context, shmb_version_info *info) {
-    uint64_t version = load64(s->base + WIRE_SEG_LATEST_VERSION);
-    if (version == 0) return fail(SHMB_ERR_NEVER_PUBLISHED, "nothing was ever published");
-    const uint8_t *slot = slot_of(s, version);
-    if (load64(slot) != version) return 1;
-    uint64_t length = load64(slot + 8), crc = load64(slot + 16), published = load64(slot + 24);
-    if (length > s->capacity) return 1;
-    info->version = version; info->length = length; info->crc64 = crc; info->published_at_ns = published;
+    const uint8_t *slot;
+    int found = latest_slot(s, &slot, info);
+    if (found) return found;
+    uint64_t version = info->version, length = info->length, crc = info->crc64;
     const uint8_t *data = slot + WIRE_SLOT_DATA;
     uint64_t block = s->block_size ? s->block_size : 16384;
     const uint8_t *table = s->block_size ? s->base + s->tables + (version % s->slots) * s->table_stride : NULL;

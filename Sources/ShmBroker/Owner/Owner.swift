@@ -325,23 +325,11 @@ public final class OwnedSegment: @unchecked Sendable {
     ///     the previous version and the error is rethrown.
     @discardableResult
     public func publish(length: Int, _ fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws -> PublishReceipt {
-        let writer = try enter()
-        defer { leave() }
-        let outcome = writer._withUnsafeGuaranteedRef { writer -> Result<PublishReceipt, any Error> in
-            do throws(PublishFailure<AnyFillError>) {
-                return .success(try writer.publish(length: length) { (buffer: UnsafeMutableRawBufferPointer) throws(AnyFillError) in
-                    do { try fill(buffer) } catch { throw AnyFillError(error: error) }
-                })
-            } catch {
-                switch error {
-                case .segment: return .failure(OwnerError.payloadTooLarge(segment: name, length: length, capacity: writer.layout.capacity))
-                case .fill(let failure): return .failure(failure.error)
-                }
+        try publishFilling(length: length) { writer throws(PublishFailure<AnyFillError>) in
+            try writer.publish(length: length) { (buffer: UnsafeMutableRawBufferPointer) throws(AnyFillError) in
+                do { try fill(buffer) } catch { throw AnyFillError(error: error) }
             }
         }
-        let receipt = try outcome.get()
-        announce(length: receipt.length)
-        return receipt
     }
 
     /// Publishes the next version by letting `fill` write it into the slot one block at a time,
@@ -362,13 +350,24 @@ public final class OwnedSegment: @unchecked Sendable {
     ///     readers keep the previous version and the error is rethrown.
     @discardableResult
     public func publish(length: Int, fillingBlocks fill: (_ block: UnsafeMutableRawBufferPointer, _ offset: Int) throws -> Void) throws -> PublishReceipt {
+        try publishFilling(length: length) { writer throws(PublishFailure<AnyFillError>) in
+            try writer.publish(length: length, fillingBlocks: { (block: UnsafeMutableRawBufferPointer, offset: Int) throws(AnyFillError) in
+                do { try fill(block, offset) } catch { throw AnyFillError(error: error) }
+            })
+        }
+    }
+
+    /// The frame of the publishes whose caller fills the slot: holds the segment, runs `publish`
+    /// on the writer, maps a refusal to ``OwnerError`` and rethrows the fill's own error, then
+    /// announces the version.
+    private func publishFilling(
+        length: Int, _ publish: (SegmentWriter) throws(PublishFailure<AnyFillError>) -> PublishReceipt
+    ) throws -> PublishReceipt {
         let writer = try enter()
         defer { leave() }
         let outcome = writer._withUnsafeGuaranteedRef { writer -> Result<PublishReceipt, any Error> in
             do throws(PublishFailure<AnyFillError>) {
-                return .success(try writer.publish(length: length, fillingBlocks: { (block: UnsafeMutableRawBufferPointer, offset: Int) throws(AnyFillError) in
-                    do { try fill(block, offset) } catch { throw AnyFillError(error: error) }
-                }))
+                return .success(try publish(writer))
             } catch {
                 switch error {
                 case .segment: return .failure(OwnerError.payloadTooLarge(segment: name, length: length, capacity: writer.layout.capacity))
