@@ -38,8 +38,9 @@ public final class SegmentHandle: Sendable {
 
     /// Reads the latest version block by block in place, handing each block to `consume` right
     /// after verifying it against its checksum: a large version (a camera frame, a tensor) costs
-    /// one pass over memory and is never copied. See ``SegmentReader/readBlocks(maximumAttempts:_:)``
-    /// for what happens when the writer overtakes the read (it starts over at offset 0).
+    /// one pass over memory and is never copied. When the writer overtakes the read (possible only
+    /// after `slotCount - 1` further publishes), the read starts over at offset 0 on the newer
+    /// version: a consumer that accumulates state resets it when it is handed offset 0.
     ///
     /// - Parameter consume: gets each verified block in order (16 KiB, the last may be shorter);
     ///   it must not keep the pointer.

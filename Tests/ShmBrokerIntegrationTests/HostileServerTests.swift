@@ -27,7 +27,7 @@ final class HostileServerTests: XCTestCase {
     }
 
     func testHostileSegmentDescriptorsAreRefusedNotMapped() throws {
-        for scenario in ["short-file", "short-sealed", "huge-capacity", "unsealed", "short-board", "pipe"] {
+        for scenario in ["short-file", "short-sealed", "huge-capacity", "unsealed", "short-board", "pipe", "bad-blocks"] {
             try withHostileServer(scenario) { socketPath in
                 let read = try runToCompletion(Binaries.ctl, ["read", "hostile", "--socket", socketPath], timeout: 60)
                 XCTAssertLessThan(read.status, 128, "\(scenario): the reader died of signal \(read.status - 128): \(read.stderr)")
