@@ -18,15 +18,11 @@ extension CRC64 {
     }
 }
 
-/// The block size a segment's versions are checksummed in.
-struct BlockGeometry: Sendable {
-    let size: Int
-
-    /// The layout's block size, or for a segment without tables the default one (a writer still
-    /// checksums in cache-sized pieces; it just has nowhere to store them).
-    init(_ layout: SegmentLayout) {
-        size = layout.hasBlockChecksums ? layout.checksumBlockSize : SegmentLayout.defaultChecksumBlockSize
-    }
+extension SegmentLayout {
+    /// The block size versions are checksummed and read in: the layout's, or for a segment
+    /// without tables the default one (a writer still checksums in cache-sized pieces; it just
+    /// has nowhere to store them).
+    var checksummingBlockSize: Int { hasBlockChecksums ? checksumBlockSize : SegmentLayout.defaultChecksumBlockSize }
 }
 
 /// Checksums a version block by block as it is written, each block while it is still in cache:
@@ -48,11 +44,11 @@ struct BlockChecksummer {
     private var crc = CRC64()
 
     /// - Parameters:
-    ///   - blocks: the block size (a power of two).
+    ///   - blockSize: the block size (a power of two).
     ///   - table: where the CRC of blocks `0...k` goes (at `8k`), or nil to keep only the whole's.
-    init(blocks: BlockGeometry, table: UnsafeMutableRawPointer?) {
-        blockMask = blocks.size - 1
-        blockShift = blocks.size.trailingZeroBitCount
+    init(blockSize: Int, table: UnsafeMutableRawPointer?) {
+        blockMask = blockSize - 1
+        blockShift = blockSize.trailingZeroBitCount
         self.table = table
     }
 

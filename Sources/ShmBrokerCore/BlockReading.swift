@@ -39,7 +39,7 @@ extension SegmentReader {
     ///   that fails its check (corruption, not a race), or what `consume` throws.
     @discardableResult
     public func readBlocks(maximumAttempts: Int = 10_000, _ consume: (VerifiedBlock) throws -> Void) throws -> CopiedVersion? {
-        let blockSize = layout.hasBlockChecksums ? layout.checksumBlockSize : SegmentLayout.defaultChecksumBlockSize
+        let blockSize = layout.checksummingBlockSize
         for _ in 0..<maximumAttempts {
             var neverPublished = false
             guard let latest = latestSlot(neverPublished: &neverPublished) else {

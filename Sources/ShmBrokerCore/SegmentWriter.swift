@@ -15,8 +15,8 @@ public final class SegmentWriter: @unchecked Sendable {
     /// The wait board's mapping and its sleeper count; without one, every publish wakes.
     public let board: MappedRegion?
     private let sleepers: UnsafeAtomic<UInt32>?
-    /// The block size versions are checksummed in.
-    private let blocks: BlockGeometry
+    /// The block size versions are checksummed in (`SegmentLayout.checksummingBlockSize`).
+    private let blockSize: Int
 
     /// The segment's layout.
     public var layout: SegmentLayout { memory.layout }
@@ -36,7 +36,7 @@ public final class SegmentWriter: @unchecked Sendable {
         memory = SegmentMemory(region: region, layout: layout)
         self.board = board
         sleepers = board.map(Self.sleeperCount)
-        blocks = BlockGeometry(layout)
+        blockSize = layout.checksummingBlockSize
         memory.store(SegmentLayout.layoutVersion, at: SegmentLayout.Header.layoutVersion)
         memory.store(UInt32(SegmentLayout.headerSize), at: SegmentLayout.Header.headerSize)
         memory.store(UInt64(layout.capacity), at: SegmentLayout.Header.capacity)
@@ -68,7 +68,7 @@ public final class SegmentWriter: @unchecked Sendable {
         memory = SegmentMemory(region: region, layout: layout)
         self.board = board
         sleepers = board.map(Self.sleeperCount)
-        blocks = BlockGeometry(layout)
+        blockSize = layout.checksummingBlockSize
         let version = memory.latestVersion.load(ordering: .acquiring)
         if version > 0 {
             let slot = layout.slotOffset(forVersion: version)
@@ -83,15 +83,15 @@ public final class SegmentWriter: @unchecked Sendable {
             let stored = memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64)
             // Recomputed block by block into a scratch table, so that both the whole CRC and
             // every block's table entry are checked.
-            var scratch = [UInt64](repeating: 0, count: max((length + blocks.size - 1) / blocks.size, 1))
+            var scratch = [UInt64](repeating: 0, count: max((length + blockSize - 1) / blockSize, 1))
             let computed = scratch.withUnsafeMutableBytes { table in
-                var checksummer = BlockChecksummer(blocks: blocks, table: table.baseAddress)
+                var checksummer = BlockChecksummer(blockSize: blockSize, table: table.baseAddress)
                 checksummer.absorb(UnsafeRawBufferPointer(start: memory.slotData(slot), count: length))
                 return checksummer.finish()
             }
             guard stored == computed else { throw .checksumMismatch(version: version, stored: stored, computed: computed) }
             if let table = memory.checksumTable(forVersion: version) {
-                for block in 0..<(length + blocks.size - 1) / blocks.size {
+                for block in 0..<(length + blockSize - 1) / blockSize {
                     let entry = UInt64(littleEndian: table.load(fromByteOffset: block * 8, as: UInt64.self))
                     guard entry == scratch[block] else {
                         throw .inconsistentHeader("version \(version): checksum of block \(block) is \(String(entry, radix: 16)), its bytes give \(String(scratch[block], radix: 16))")
@@ -163,7 +163,7 @@ public final class SegmentWriter: @unchecked Sendable {
         let (version, slot) = beginWrite()
         // Copy and checksum a block at a time: in one pass, or for mid sizes copy then checksum
         // each block while it is in cache (see CRC64.copyThenChecksum).
-        var checksummer = BlockChecksummer(blocks: blocks, table: memory.checksumTable(forVersion: version))
+        var checksummer = BlockChecksummer(blockSize: blockSize, table: memory.checksumTable(forVersion: version))
         if source == .writtenByAnotherCore && CRC64.isHardwareAccelerated && CRC64.twoPassPublishSizes.contains(bytes.count) {
             checksummer.copyThenAbsorb(from: bytes, to: memory.slotData(slot))
         } else {
@@ -222,7 +222,7 @@ public final class SegmentWriter: @unchecked Sendable {
         }
         var offset = 0
         while offset < length {
-            let block = UnsafeMutableRawBufferPointer(rebasing: reservation.buffer[offset..<min(length, offset + blocks.size)])
+            let block = UnsafeMutableRawBufferPointer(rebasing: reservation.buffer[offset..<min(length, offset + blockSize)])
             do {
                 try fill(block, offset)
             } catch {
@@ -280,7 +280,7 @@ public final class SegmentWriter: @unchecked Sendable {
         let (version, slot) = beginWrite()
         return SlotReservation(version: version, slot: slot,
                                buffer: UnsafeMutableRawBufferPointer(start: memory.slotData(slot), count: length),
-                               checksummer: BlockChecksummer(blocks: blocks, table: memory.checksumTable(forVersion: version)))
+                               checksummer: BlockChecksummer(blockSize: blockSize, table: memory.checksumTable(forVersion: version)))
     }
 
     /// Makes a reservation's bytes the latest version: checksums in place those not yet
@@ -349,7 +349,7 @@ public final class SegmentWriter: @unchecked Sendable {
         }
         memory.slotSequence(slot).store(0, ordering: .relaxed)
         atomicMemoryFence(ordering: .releasing)
-        var checksummer = BlockChecksummer(blocks: blocks, table: memory.checksumTable(forVersion: version))
+        var checksummer = BlockChecksummer(blockSize: blockSize, table: memory.checksumTable(forVersion: version))
         checksummer.copy(from: bytes, to: memory.slotData(slot))
         let crc = checksummer.finish()
         guard crc == expectedCRC else { throw .checksumMismatch(version: version, stored: expectedCRC, computed: crc) }

@@ -83,14 +83,16 @@ import matplotlib.pyplot as plt
 r = json.load(open(sys.argv[1]))
 if not all(k in r for k in ("latency", "throughput", "fanOut")):
     sys.exit("the plot needs the latency, throughput and fanout results (run without --only)")
-fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+one_pass = r.get("onePass")
+fig, axes = plt.subplots(1, 4 if one_pass else 3, figsize=(21 if one_pass else 16, 5))
 
 ax = axes[0]
 labels = []
 series = {"owner, spinning reader": [], "owner, futex reader": [], "daemon, publish ring": [],
-          "daemon, PUBLISH request": [], "raw Unix socket, one way": []}
+          "daemon, ring, daemon spinning": [], "daemon, PUBLISH request": [], "raw Unix socket, one way": []}
 keys = {"owner, spinning reader": "owner-spin", "owner, futex reader": "owner-futex",
-        "daemon, publish ring": "ring", "daemon, PUBLISH request": "requests"}
+        "daemon, publish ring": "ring", "daemon, ring, daemon spinning": "ring-spin", "daemon, PUBLISH request": "requests"}
+series = {name: values for name, values in series.items() if name.startswith("raw") or keys[name] in r["latency"]["64B"]}
 for size in ("64B", "4KiB"):
     for p in ("p50_us", "p99_us", "p999_us"):
         labels.append(f"{size}\n{p[:-3]}")
@@ -98,9 +100,9 @@ for size in ("64B", "4KiB"):
             row = r["latency"][size]["socket"] if name.startswith("raw") else r["latency"][size][keys[name]]["shm"]
             values.append(row[p])
 x = range(len(labels))
-w = 0.16
+w = 0.8 / len(series)
 for k, (name, values) in enumerate(series.items()):
-    ax.bar([i + (k - 2) * w for i in x], values, w, label=name)
+    ax.bar([i + (k - (len(series) - 1) / 2) * w for i in x], values, w, label=name)
 ax.set_xticks(list(x)); ax.set_xticklabels(labels); ax.set_yscale("log")
 ax.set_ylabel("latency (µs)"); ax.set_title("End-to-end latency: publish -> verified read"); ax.legend(fontsize=8)
 
@@ -122,8 +124,20 @@ readers = sorted(r["fanOut"].keys(), key=int)
 ax.plot([int(n) for n in readers], [r["fanOut"][n]["owner"]["p50_us"] for n in readers], "^-", label="owner (futex wake-all)")
 ax.plot([int(n) for n in readers], [r["fanOut"][n]["shm"]["p50_us"] for n in readers], "o-", label="daemon, ring producer")
 ax.plot([int(n) for n in readers], [r["fanOut"][n]["socket"]["p50_us"] for n in readers], "s-", label="one socket message per reader")
+if all("futex_floor" in r["fanOut"][n] for n in readers):
+    ax.plot([int(n) for n in readers], [r["fanOut"][n]["futex_floor"]["p50_us"] for n in readers], "k:", label="floor: bare futex wake-all")
 ax.set_xscale("log", base=2); ax.set_yscale("log")
 ax.set_xlabel("readers"); ax.set_ylabel("p50 until the last reader has it (µs)"); ax.set_title("Fan-out"); ax.legend(fontsize=8)
+
+if one_pass:
+    ax = axes[3]
+    cases = [c for c in ("1MiB", "16MiB") if c in one_pass]
+    x = range(len(cases))
+    w = 0.25
+    for k, (key, name) in enumerate([("floor", "floor: no checksum"), ("onePass", "integrity in one pass"), ("twoPass", "integrity in two passes")]):
+        ax.bar([i + (k - 1) * w for i in x], [one_pass[c].get(key) or 0 for c in cases], w, label=name)
+    ax.set_xticks(list(x)); ax.set_xticklabels([c + ", 1 reader" for c in cases])
+    ax.set_ylabel("MB/s delivered"); ax.set_title("Large versions: owner -> spinning reader"); ax.legend(fontsize=8)
 
 fig.suptitle(f"shmbroker-bench on {r['machine']}")
 fig.tight_layout()

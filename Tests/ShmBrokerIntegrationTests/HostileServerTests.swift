@@ -1,5 +1,7 @@
 import Foundation
 import Glibc
+import ShmBrokerClient
+import ShmBrokerCore
 import XCTest
 
 /// The Swift client against a hostile owner (Tests/hostile/server.py; issue 17, items 4 and 5):
@@ -36,6 +38,35 @@ final class HostileServerTests: XCTestCase {
                               "\(scenario): \(read.stderr)")
             }
         }
+    }
+
+    /// Issue 20: a segment whose second block does not match its checksum table (the whole CRC is
+    /// right): a block read reports block 1 and hands on only block 0; a whole read succeeds.
+    func testABlockReadReportsACorruptBlockBeforeHandingItOn() async throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") else { throw XCTSkip("needs python3") }
+        let directory = "/tmp/shmbroker-hostile-\(getpid())-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socketPath = directory + "/control.sock"
+        let server = try ChildProcess("/usr/bin/python3", [Self.server, socketPath, "corrupt-block"])
+        defer {
+            server.signal(SIGKILL)
+            _ = server.finish(timeout: 10)
+        }
+        let deadline = Date().addingTimeInterval(20)
+        while server.stdoutLineCount == 0 && Date() < deadline { usleep(20_000) }
+        let client = try await ShmBrokerClient.connect(socketPath: socketPath, clientName: "blocks")
+        defer { client.close() }
+        let handle = try await client.open("hostile")
+        XCTAssertEqual(handle.reader.layout.checksumBlockSize, 4096)
+        var handed: [Int] = []
+        XCTAssertThrowsError(try handle.readBlocks { handed.append($0.offset) }) { error in
+            guard case .segment(.blockChecksumMismatch(version: 1, block: 1, _, _))? = error as? ShmBrokerClientError else {
+                return XCTFail("\(error)")
+            }
+        }
+        XCTAssertEqual(handed, [0], "the corrupt block and the one after it never reached the consumer")
+        XCTAssertEqual(try handle.read()?.bytes.count, 8192 + 100, "the whole CRC is right, so a whole read succeeds")
     }
 
     func testAStatusFileShorterThanAnnouncedIsRefused() throws {
