@@ -161,10 +161,20 @@ public final class SegmentWriter: @unchecked Sendable {
             throw .payloadTooLarge(length: bytes.count, capacity: layout.capacity)
         }
         let (version, slot) = beginWrite()
+        let twoPass = source == .writtenByAnotherCore && CRC64.isHardwareAccelerated && CRC64.twoPassPublishSizes.contains(bytes.count)
+        if bytes.count <= blockSize {
+            // One block (most versions): its table entry is the version's CRC; no block loop.
+            let crc = twoPass ? CRC64.copyThenChecksum(from: bytes, to: memory.slotData(slot))
+                              : CRC64.copyAndChecksum(from: bytes, to: memory.slotData(slot))
+            if bytes.count > 0, let table = memory.checksumTable(forVersion: version) {
+                table.storeBytes(of: crc.littleEndian, as: UInt64.self)
+            }
+            return commit(version: version, slot: slot, length: bytes.count, crc: crc)
+        }
         // Copy and checksum a block at a time: in one pass, or for mid sizes copy then checksum
         // each block while it is in cache (see CRC64.copyThenChecksum).
         var checksummer = BlockChecksummer(blockSize: blockSize, table: memory.checksumTable(forVersion: version))
-        if source == .writtenByAnotherCore && CRC64.isHardwareAccelerated && CRC64.twoPassPublishSizes.contains(bytes.count) {
+        if twoPass {
             checksummer.copyThenAbsorb(from: bytes, to: memory.slotData(slot))
         } else {
             checksummer.copy(from: bytes, to: memory.slotData(slot))
@@ -289,7 +299,16 @@ public final class SegmentWriter: @unchecked Sendable {
     @discardableResult
     public func commit(_ reservation: consuming SlotReservation) -> PublishReceipt {
         precondition(reservation.version == latestVersion &+ 1, "another version was published during the reservation")
-        reservation.markWritten(through: reservation.buffer.count)
+        let length = reservation.buffer.count
+        if reservation.written == 0 && length <= blockSize {
+            // One block, filled in place (most versions): its entry is the version's CRC.
+            let crc = CRC64.checksum(UnsafeRawBufferPointer(reservation.buffer))
+            if length > 0, let table = memory.checksumTable(forVersion: reservation.version) {
+                table.storeBytes(of: crc.littleEndian, as: UInt64.self)
+            }
+            return commit(version: reservation.version, slot: reservation.slot, length: length, crc: crc)
+        }
+        reservation.markWritten(through: length)
         return commit(version: reservation.version, slot: reservation.slot, length: reservation.buffer.count,
                       crc: reservation.checksummer.finish())
     }

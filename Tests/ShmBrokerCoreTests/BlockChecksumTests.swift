@@ -88,6 +88,24 @@ final class BlockChecksumTests: XCTestCase {
         }
     }
 
+    func testASingleBlockVersionHasItsCRCAsItsOnlyEntry() throws {
+        let segment = try makeSegment(capacity: 8192, blockSize: 4096)
+        defer { segment.file.closeQuietly() }
+        for (index, length) in [100, 4096].enumerated() {
+            let bytes = payload(length, seed: UInt64(20 + index))
+            let copied = try bytes.withUnsafeBytes { try segment.writer.publish($0, source: .local) }
+            XCTAssertEqual(tableEntry(segment, version: copied.version, block: 0), CRC64.checksum(bytes), "copied, \(length) bytes")
+            let reservation = try segment.writer.reserve(length: length)
+            bytes.withUnsafeBytes { reservation.buffer.copyMemory(from: $0) }
+            let filled = segment.writer.commit(reservation)
+            XCTAssertEqual(filled.crc64, CRC64.checksum(bytes))
+            XCTAssertEqual(tableEntry(segment, version: filled.version, block: 0), filled.crc64, "filled in place, \(length) bytes")
+            var blocks = 0
+            try segment.reader.readBlocks { _ in blocks += 1 }
+            XCTAssertEqual(blocks, 1)
+        }
+    }
+
     func testBlockReadHandsOnVerifiedBlocksInOrder() throws {
         let blockSize = 4096
         let segment = try makeSegment(capacity: 10 * blockSize, blockSize: blockSize)
