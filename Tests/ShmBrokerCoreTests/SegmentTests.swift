@@ -36,6 +36,8 @@ final class SegmentTests: XCTestCase {
         XCTAssertEqual(SegmentLayout(capacity: 100, slotCount: 3, checksumBlockSize: 0).totalSize, 256 + 3 * 192,
                        "a layout without tables is the older one")
         XCTAssertEqual(SegmentLayout(capacity: (1 << 20) + 1, slotCount: 2).checksumTableStride, 65 * 8 + 56)
+        // The segment of docs/PROTOCOL.md's OPENED and STATUS examples (DocumentedExamplesTests).
+        XCTAssertEqual(SegmentLayout(capacity: 65536, slotCount: 3).totalSize, 197_248)
         XCTAssertEqual(layout.slotOffset(forVersion: 1), 256 + 192)
         XCTAssertEqual(layout.slotOffset(forVersion: 3), 256)
         XCTAssertEqual(SegmentLayout.Header.latestVersion % 8, 0)

@@ -43,7 +43,7 @@ final class DocumentedExamplesTests: XCTestCase {
             Request.hello(protocolVersion: 1, clientName: "reader").encode(requestID: 1),
             ServerMessage.helloOK(protocolVersion: 1, maximumFrameSize: 65536, daemonVersion: "shmbrokerd 0.2.0").encode(requestID: 1),
             Request.open(segment: "telemetry").encode(requestID: 2),
-            ServerMessage.opened(OpenedSegment(capacity: 65536, slotCount: 3, layoutVersion: 2, mappingSize: 197_056, latestVersion: 7))
+            ServerMessage.opened(OpenedSegment(capacity: 65536, slotCount: 3, layoutVersion: 2, mappingSize: 197_248, latestVersion: 7))
                 .encode(requestID: 2),
             Request.subscribe(segment: "telemetry").encode(requestID: 3),
             ServerMessage.subscribed(info).encode(requestID: 3),
