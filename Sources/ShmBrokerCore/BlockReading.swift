@@ -41,10 +41,11 @@ extension SegmentReader {
     public func readBlocks(maximumAttempts: Int = 10_000, _ consume: (VerifiedBlock) throws -> Void) throws -> CopiedVersion? {
         let blockSize = layout.checksummingBlockSize
         for _ in 0..<maximumAttempts {
-            var neverPublished = false
-            guard let latest = latestSlot(neverPublished: &neverPublished) else {
-                if neverPublished { return nil }
-                continue
+            let latest: LatestSlot
+            switch latestSlot() {
+            case .found(let found): latest = found
+            case .neverPublished: return nil
+            case .retry: continue
             }
             let (version, length, stored) = (latest.version, latest.length, latest.crc64)
             let content = UnsafeRawBufferPointer(start: memory.slotData(latest.slot), count: length)

@@ -11,6 +11,17 @@ import ShmBrokerPlatform
 struct SegmentMemory: @unchecked Sendable {
     let region: MappedRegion
     let layout: SegmentLayout
+    /// Slot 0's checksum table (nil without tables) and the distance from one table to the next,
+    /// worked out once: every publish looks its version's table up.
+    private let tables: UnsafeMutableRawPointer?
+    private let tableStride: Int
+
+    init(region: MappedRegion, layout: SegmentLayout) {
+        self.region = region
+        self.layout = layout
+        tables = layout.hasBlockChecksums ? region.base + layout.checksumTablesOffset : nil
+        tableStride = layout.checksumTableStride
+    }
 
     var base: UnsafeMutableRawPointer { region.base }
 
@@ -42,9 +53,16 @@ struct SegmentMemory: @unchecked Sendable {
 
     func slotData(_ slot: Int) -> UnsafeMutableRawPointer { base + slot + SegmentLayout.Slot.data }
 
+    /// The offset of the slot that holds `version`, and that slot's checksum table (nil for a
+    /// segment without tables), from one division.
+    func slotAndTable(forVersion version: UInt64) -> (slot: Int, table: UnsafeMutableRawPointer?) {
+        let index = Int(version % UInt64(layout.slotCount))
+        return (SegmentLayout.headerSize + index * layout.slotStride, tables.map { $0 + index * tableStride })
+    }
+
     /// The checksum table of the slot that holds `version`, or nil for a segment without tables.
     func checksumTable(forVersion version: UInt64) -> UnsafeMutableRawPointer? {
-        layout.hasBlockChecksums ? base + layout.checksumTableOffset(forVersion: version) : nil
+        slotAndTable(forVersion: version).table
     }
 
     /// The segment name stored in the header.

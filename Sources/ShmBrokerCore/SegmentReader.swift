@@ -119,20 +119,27 @@ public final class SegmentReader: @unchecked Sendable {
         }
     }
 
-    /// The latest version's slot: nil with `neverPublished` set if nothing was published, nil
-    /// otherwise if the writer is rewriting it (retry).
-    func latestSlot(neverPublished: inout Bool) -> LatestSlot? {
+    /// What looking up the latest version's slot found.
+    enum SlotLookup {
+        case found(LatestSlot)
+        /// Nothing was ever published.
+        case neverPublished
+        /// The writer is rewriting the slot (or the header was read torn): look again.
+        case retry
+    }
+
+    /// Looks up the latest version's slot, as every read begins.
+    func latestSlot() -> SlotLookup {
         let version = memory.latestVersion.load(ordering: .acquiring)
-        neverPublished = version == 0
-        if version == 0 { return nil }
+        if version == 0 { return .neverPublished }
         let slot = layout.slotOffset(forVersion: version)
         let sequence = memory.slotSequence(slot)
-        guard sequence.load(ordering: .acquiring) == version else { return nil }
+        guard sequence.load(ordering: .acquiring) == version else { return .retry }
         let length = Int(memory.load(UInt64.self, at: slot + SegmentLayout.Slot.length))
-        guard length <= layout.capacity else { return nil }  // a torn header read
-        return LatestSlot(version: version, slot: slot, sequence: sequence, length: length,
+        guard length <= layout.capacity else { return .retry }  // a torn header read
+        return .found(LatestSlot(version: version, slot: slot, sequence: sequence, length: length,
                           crc64: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.crc64),
-                          publishedAtNanoseconds: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt))
+                          publishedAtNanoseconds: memory.load(UInt64.self, at: slot + SegmentLayout.Slot.publishedAt)))
     }
 
     /// The seqlock read shared by every copying read: `provide` receives the length and a function
@@ -140,8 +147,12 @@ public final class SegmentReader: @unchecked Sendable {
     private func copyLatest(
         _ provide: (Int, (UnsafeMutableRawBufferPointer) -> Void) throws(SegmentError) -> Void
     ) throws(SegmentError) -> CopyAttempt {
-        var neverPublished = false
-        guard let latest = latestSlot(neverPublished: &neverPublished) else { return neverPublished ? .neverPublished : .retry }
+        let latest: LatestSlot
+        switch latestSlot() {
+        case .found(let found): latest = found
+        case .neverPublished: return .neverPublished
+        case .retry: return .retry
+        }
         // Copy-out and CRC in one pass; the CRC covers exactly the bytes copied.
         var computed: UInt64 = 0
         let source = UnsafeRawBufferPointer(start: memory.slotData(latest.slot), count: latest.length)
@@ -203,10 +214,11 @@ public final class SegmentReader: @unchecked Sendable {
         verifyingChecksum: Bool = true, maximumAttempts: Int = 10_000, _ body: (BorrowedVersion) throws -> R
     ) throws -> R? {
         for _ in 0..<maximumAttempts {
-            var neverPublished = false
-            guard let latest = latestSlot(neverPublished: &neverPublished) else {
-                if neverPublished { return nil }
-                continue
+            let latest: LatestSlot
+            switch latestSlot() {
+            case .found(let found): latest = found
+            case .neverPublished: return nil
+            case .retry: continue
             }
             let version = latest.version
             let borrowed = BorrowedVersion(

@@ -160,20 +160,17 @@ public final class SegmentWriter: @unchecked Sendable {
         guard bytes.count <= layout.capacity else {
             throw .payloadTooLarge(length: bytes.count, capacity: layout.capacity)
         }
-        let (version, slot) = beginWrite()
+        let (version, slot, table) = beginWrite()
         let twoPass = source == .writtenByAnotherCore && CRC64.isHardwareAccelerated && CRC64.twoPassPublishSizes.contains(bytes.count)
         if bytes.count <= blockSize {
-            // One block (most versions): its table entry is the version's CRC; no block loop.
+            // One block (most versions): no block loop.
             let crc = twoPass ? CRC64.copyThenChecksum(from: bytes, to: memory.slotData(slot))
                               : CRC64.copyAndChecksum(from: bytes, to: memory.slotData(slot))
-            if bytes.count > 0, let table = memory.checksumTable(forVersion: version) {
-                table.storeBytes(of: crc.littleEndian, as: UInt64.self)
-            }
-            return commit(version: version, slot: slot, length: bytes.count, crc: crc)
+            return commitSingleBlock(version: version, slot: slot, table: table, length: bytes.count, crc: crc)
         }
         // Copy and checksum a block at a time: in one pass, or for mid sizes copy then checksum
         // each block while it is in cache (see CRC64.copyThenChecksum).
-        var checksummer = BlockChecksummer(blockSize: blockSize, table: memory.checksumTable(forVersion: version))
+        var checksummer = BlockChecksummer(blockSize: blockSize, table: table)
         if twoPass {
             checksummer.copyThenAbsorb(from: bytes, to: memory.slotData(slot))
         } else {
@@ -255,6 +252,7 @@ public final class SegmentWriter: @unchecked Sendable {
     public struct SlotReservation {
         let version: UInt64
         let slot: Int
+        let table: UnsafeMutableRawPointer?
         /// Where the payload goes: exactly the length reserved.
         public let buffer: UnsafeMutableRawBufferPointer
         var checksummer: BlockChecksummer
@@ -287,10 +285,10 @@ public final class SegmentWriter: @unchecked Sendable {
     /// - Throws: ``SegmentError/payloadTooLarge(length:capacity:)`` (nothing touched) if it does not fit.
     public func reserve(length: Int) throws(SegmentError) -> SlotReservation {
         guard length >= 0, length <= layout.capacity else { throw .payloadTooLarge(length: length, capacity: layout.capacity) }
-        let (version, slot) = beginWrite()
-        return SlotReservation(version: version, slot: slot,
+        let (version, slot, table) = beginWrite()
+        return SlotReservation(version: version, slot: slot, table: table,
                                buffer: UnsafeMutableRawBufferPointer(start: memory.slotData(slot), count: length),
-                               checksummer: BlockChecksummer(blockSize: blockSize, table: memory.checksumTable(forVersion: version)))
+                               checksummer: BlockChecksummer(blockSize: blockSize, table: table))
     }
 
     /// Makes a reservation's bytes the latest version: checksums in place those not yet
@@ -301,25 +299,27 @@ public final class SegmentWriter: @unchecked Sendable {
         precondition(reservation.version == latestVersion &+ 1, "another version was published during the reservation")
         let length = reservation.buffer.count
         if reservation.written == 0 && length <= blockSize {
-            // One block, filled in place (most versions): its entry is the version's CRC.
-            let crc = CRC64.checksum(UnsafeRawBufferPointer(reservation.buffer))
-            if length > 0, let table = memory.checksumTable(forVersion: reservation.version) {
-                table.storeBytes(of: crc.littleEndian, as: UInt64.self)
-            }
-            return commit(version: reservation.version, slot: reservation.slot, length: length, crc: crc)
+            // One block, filled in place (most versions): no block loop.
+            return commitSingleBlock(version: reservation.version, slot: reservation.slot, table: reservation.table,
+                                     length: length, crc: CRC64.checksum(UnsafeRawBufferPointer(reservation.buffer)))
         }
         reservation.markWritten(through: length)
-        return commit(version: reservation.version, slot: reservation.slot, length: reservation.buffer.count,
-                      crc: reservation.checksummer.finish())
+        return commit(version: reservation.version, slot: reservation.slot, length: length, crc: reservation.checksummer.finish())
+    }
+
+    /// Commits a version of at most one block, whose only table entry is its CRC.
+    private func commitSingleBlock(version: UInt64, slot: Int, table: UnsafeMutableRawPointer?, length: Int, crc: UInt64) -> PublishReceipt {
+        if length > 0, let table { table.storeBytes(of: crc.littleEndian, as: UInt64.self) }
+        return commit(version: version, slot: slot, length: length, crc: crc)
     }
 
     /// Claims the slot of the next version: its sequence is cleared before any byte changes.
-    private func beginWrite() -> (version: UInt64, slot: Int) {
+    private func beginWrite() -> (version: UInt64, slot: Int, table: UnsafeMutableRawPointer?) {
         let version = latestVersion &+ 1
-        let slot = layout.slotOffset(forVersion: version)
+        let (slot, table) = memory.slotAndTable(forVersion: version)
         memory.slotSequence(slot).store(0, ordering: .relaxed)
         atomicMemoryFence(ordering: .releasing)
-        return (version, slot)
+        return (version, slot, table)
     }
 
     /// Publishes `bytes` as version `version` of a segment that holds no version yet: how a
@@ -361,14 +361,14 @@ public final class SegmentWriter: @unchecked Sendable {
         let latest = latestVersion
         guard version > latest else { throw .versionNotAfterLatest(version: version, latest: latest) }
         guard bytes.count <= layout.capacity else { throw .payloadTooLarge(length: bytes.count, capacity: layout.capacity) }
-        let slot = layout.slotOffset(forVersion: version)
+        let (slot, table) = memory.slotAndTable(forVersion: version)
         if latest != 0, slot == layout.slotOffset(forVersion: latest) {
             let crc = CRC64.checksum(bytes)
             guard crc == expectedCRC else { throw .checksumMismatch(version: version, stored: expectedCRC, computed: crc) }
         }
         memory.slotSequence(slot).store(0, ordering: .relaxed)
         atomicMemoryFence(ordering: .releasing)
-        var checksummer = BlockChecksummer(blockSize: blockSize, table: memory.checksumTable(forVersion: version))
+        var checksummer = BlockChecksummer(blockSize: blockSize, table: table)
         checksummer.copy(from: bytes, to: memory.slotData(slot))
         let crc = checksummer.finish()
         guard crc == expectedCRC else { throw .checksumMismatch(version: version, stored: expectedCRC, computed: crc) }

@@ -61,14 +61,11 @@ const char *shmb_error_name(int code) {
     return "unknown-error";
 }
 
-uint64_t shmb_crc64(const void *data, size_t length) {
-    int path = shmb_crc64_best_path();
-    return ~shmb_crc64_update_path(path, ~0ull, data, length);
-}
-
 uint64_t shmb_crc64_update(uint64_t crc, const void *data, size_t length) {
     return ~shmb_crc64_update_path(shmb_crc64_best_path(), ~crc, data, length);
 }
+
+uint64_t shmb_crc64(const void *data, size_t length) { return shmb_crc64_update(0, data, length); }
 
 /* ---- little-endian fields and atomics (LAYOUT.md: one aligned load per 8-byte field) ------ */
 
@@ -483,7 +480,7 @@ static int blocks_attempt(shmb_segment *s, shmb_block_fn consume, void *context,
     if (found) return found;
     uint64_t version = info->version, length = info->length, crc = info->crc64;
     const uint8_t *data = slot + WIRE_SLOT_DATA;
-    uint64_t block = s->block_size ? s->block_size : 16384;
+    uint64_t block = s->block_size ? s->block_size : WIRE_SEGMENT_DEFAULT_CHECKSUM_BLOCK;
     const uint8_t *table = s->block_size ? s->base + s->tables + (version % s->slots) * s->table_stride : NULL;
     if (!table) {  /* no table: the whole version is verified before its first block is handed on */
         uint64_t computed = shmb_crc64(data, (size_t)length);

@@ -34,6 +34,7 @@ final class WireConformanceTests: XCTestCase {
                 c("SEGMENT_MAX_NAME", SegmentLayout.maximumNameLength, hex: false),
                 c("SEGMENT_MIN_SLOTS", SegmentLayout.slotCountRange.lowerBound, hex: false),
                 c("SEGMENT_MAX_SLOTS", SegmentLayout.slotCountRange.upperBound, hex: false),
+                c("SEGMENT_DEFAULT_CHECKSUM_BLOCK", SegmentLayout.defaultChecksumBlockSize, hex: false),
                 c("SEGMENT_MIN_CHECKSUM_BLOCK", SegmentLayout.checksumBlockSizeRange.lowerBound, hex: false),
                 c("SEGMENT_MAX_CHECKSUM_BLOCK", SegmentLayout.checksumBlockSizeRange.upperBound, hex: false),
                 c("SEG_MAGIC", H.magic), c("SEG_LAYOUT_VERSION", H.layoutVersion), c("SEG_HEADER_SIZE", H.headerSize),

@@ -378,7 +378,9 @@ class Segment:
     def _slot(self, version: int) -> int:
         return self._HEADER_SIZE + (version % self.slot_count) * self._stride
 
-    def _attempt(self, copy: bool):
+    def _latest_slot(self):
+        """How every read begins (LAYOUT.md): ``(version, slot, length, crc, published)`` of the
+        latest version, ``"never"`` if nothing was published, ``None`` to look again."""
         memory = self._memory
         version = memory.u64(W.SEG_LATEST_VERSION)
         if version == 0:
@@ -387,8 +389,16 @@ class Segment:
         if memory.u64(slot) != version:
             return None
         length, crc, published = memory.u64(slot + 8), memory.u64(slot + 16), memory.u64(slot + 24)
-        if length > self.capacity:
+        if length > self.capacity:  # a torn header read
             return None
+        return version, slot, length, crc, published
+
+    def _attempt(self, copy: bool):
+        memory = self._memory
+        latest = self._latest_slot()
+        if latest is None or latest == "never":
+            return latest
+        version, slot, length, crc, published = latest
         start = slot + self._SLOT_HEADER
         data = memory.view[start: start + length]
         if copy:
@@ -418,17 +428,14 @@ class Segment:
         offset 0 again, so reset what you accumulate when ``block.offset == 0``. Yields nothing if
         nothing was ever published. A segment without tables is verified whole first."""
         memory = self._memory
-        size = self.checksum_block_size or 16384
+        size = self.checksum_block_size or W.SEGMENT_DEFAULT_CHECKSUM_BLOCK
         for _ in range(attempts):
-            version = memory.u64(W.SEG_LATEST_VERSION)
-            if version == 0:
+            latest = self._latest_slot()
+            if latest == "never":
                 return
-            slot = self._slot(version)
-            if memory.u64(slot) != version:
+            if latest is None:
                 continue
-            length, crc = memory.u64(slot + 8), memory.u64(slot + 16)
-            if length > self.capacity:
-                continue
+            version, slot, length, crc, _ = latest
             start = slot + self._SLOT_HEADER
             table = self._tables + (version % self.slot_count) * self._table_stride if self.checksum_block_size else None
             if table is None:
